@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench install clean
+.PHONY: test bench bench-ops install clean
 
 install: $(STAMP)
 
@@ -19,7 +19,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/train_step_ratio.py
+	$(VENV)/bin/vapt-bench $(BENCH_ARGS)
+
+bench-ops: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,ops
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -344,19 +344,23 @@ class VAPTBlock(Block):
         attn = self.attn
         B, T, _ = h.shape
         heads, head_dim = attn.num_heads, attn.head_dim
+        attn_dim = heads * head_dim
         qkv = attn.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         # Prompt rows only need keys and values: the K/V rows of the block's own QKV projection.
-        kv_weight = attn.qkv.weight[attn.attn_dim :]
-        kv_bias = attn.qkv.bias[attn.attn_dim :] if attn.qkv.bias is not None else None
+        kv_weight = attn.qkv.weight[attn_dim:]
+        kv_bias = attn.qkv.bias[attn_dim:] if attn.qkv.bias is not None else None
         kv_p = F.linear(self.norm1(p), kv_weight, kv_bias)
         kv_p = kv_p.reshape(p.shape[0], p.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         k_p, v_p = kv_p.unbind(0)
         k_p = attn.k_norm(k_p)
         o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
-        o = o.transpose(1, 2).reshape(B, T, attn.attn_dim)
-        o = attn.norm(o)
-        if attn.gate is not None:
-            o = o * attn.gate(h).sigmoid()
+        o = o.transpose(1, 2).reshape(B, T, attn_dim)
+        norm = getattr(attn, "norm", None)  # timm's optional scale_norm
+        if norm is not None:
+            o = norm(o)
+        gate = getattr(attn, "gate", None)  # timm's optional gated attention
+        if gate is not None:
+            o = o * gate(h).sigmoid()
         return attn.proj_drop(attn.proj(o))

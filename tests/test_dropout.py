@@ -1,0 +1,53 @@
+"""Dropout where the official code puts it, at the official rates."""
+
+from __future__ import annotations
+
+import torch
+
+import vapt_kernels as vk
+from conftest import randomize_prompts, tiny_vit
+
+
+def block_input(batch=64, seed=0):
+    return torch.randn(batch, 17, 24, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_conv_dropout_drops_whole_channels_per_sample():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=4, feature_projector=False, conv_dropout=0.3)
+    randomize_prompts(model)
+    for gen in model.vapt.generators:
+        torch.nn.init.zeros_(gen.token_proj.bias)
+    x = block_input()
+    for block in model.blocks[1:]:
+        model.eval()
+        _, clean = block._norm_and_prompt(x)
+        model.train()
+        _, dropped = block._norm_and_prompt(x)
+        ratio = dropped / clean  # (B, Np, d): 0 or 1 / (1 - p), the same for every prompt of a channel
+        kept = ratio[:, 0, :] != 0
+        assert torch.allclose(ratio, kept.unsqueeze(1).double() / 0.7, rtol=1e-12, atol=0)
+        assert abs(1 - kept.double().mean().item() - 0.3) < 0.05
+
+
+def test_projector_dropout_rate():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=4, activation="sigmoid", mlp_dropout=0.25, conv_dropout=0.0)
+    randomize_prompts(model)
+    seen = []
+    model.vapt.projectors[0].fc2.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.train()
+    model.blocks[1]._norm_and_prompt(block_input())
+    zeros = (seen[0] == 0).double().mean().item()  # sigmoid is never 0: zeros come from dropout
+    assert abs(zeros - 0.25) < 0.03
+    model.eval()
+    model.blocks[1]._norm_and_prompt(block_input())
+    assert (seen[1] == 0).sum() == 0
+
+
+def test_static_prompt_dropout_is_per_sample():
+    model = vk.apply_vpt(tiny_vit(), num_prompts=8, prompt_dropout=0.4).train()
+    p = model.vapt.static_prompt(0, batch=64)
+    zeros = p == 0
+    assert abs(zeros.double().mean().item() - 0.4) < 0.03
+    assert not torch.equal(zeros[0], zeros[1])  # independent masks per sample, as after expand()
+    model.eval()
+    assert model.vapt.static_prompt(0, batch=64).shape[0] == 1

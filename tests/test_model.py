@@ -1,0 +1,154 @@
+"""The torch backend against the literal official formulation (reference backend), float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vapt_kernels as vk
+from conftest import assert_backends_agree, images, randomize_prompts, tiny_vit
+
+CONFIGS = {
+    "default": {},
+    "one-prompt": dict(num_prompts=1),
+    "kernel3-pad1": dict(kernel_size=3, padding=1),
+    "kernel1": dict(kernel_size=1),
+    "kernel3-pad2": dict(kernel_size=3, padding=2),
+    "kernel4-whole-grid": dict(kernel_size=4),
+    "per-channel-kernel": dict(shared_kernel=False, kernel_size=3),
+    "no-conv": dict(conv=False),
+    "no-projector": dict(feature_projector=False),
+    "unshared-projector": dict(share_projector=False),
+    "learnable-scale": dict(learnable_scale=True),
+    "gelu": dict(activation="gelu"),
+    "sigmoid": dict(activation="sigmoid"),
+    "attention": dict(activation="attention"),
+    "identity": dict(activation="identity"),
+    "vpt-depth-2": dict(vpt_depth=2),
+    "vpt-deep": dict(vpt_depth=3),
+    "no-conv-unshared-scale": dict(conv=False, share_projector=False, learnable_scale=True, num_prompts=4),
+}
+
+
+@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
+def test_torch_matches_reference_for_every_option(options):
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3).replace(**options), backend="torch")
+    randomize_prompts(model)
+    assert_backends_agree(model, images(model), "torch")
+
+
+MODELS = {
+    "cls-token": dict(),
+    "no-cls-avg": dict(class_token=False, global_pool="avg"),
+    "registers-avg": dict(reg_tokens=2, global_pool="avg"),
+    "registers-cls": dict(reg_tokens=3),
+    "avgmax": dict(class_token=False, global_pool="avgmax"),
+    "max": dict(global_pool="max"),
+    "map": dict(global_pool="map"),
+    "no-embed-class": dict(no_embed_class=True, reg_tokens=1),
+    "layer-scale": dict(init_values=0.1),
+    "qk-norm": dict(qk_norm=True),
+    "no-qkv-bias": dict(qkv_bias=False),
+    "pre-norm-fc-norm": dict(pre_norm=True, fc_norm=True),
+    "non-square": dict(img_size=(32, 48)),
+    "no-pos-embed": dict(pos_embed="none"),
+}
+
+
+@pytest.mark.parametrize("kwargs", MODELS.values(), ids=MODELS.keys())
+def test_torch_matches_reference_on_timm_variants(kwargs):
+    model = vk.apply_vapt(tiny_vit(**kwargs), num_prompts=3, kernel_size=3, padding=1)
+    randomize_prompts(model)
+    assert_backends_agree(model, images(model), "torch")
+
+
+def test_distilled_vit():
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5
+    ).double().eval()
+    vk.apply_vapt(model, num_prompts=2)
+    randomize_prompts(model)
+    assert model.blocks[0].num_prefix_tokens == 2
+    assert all(p.requires_grad for p in model.head_dist.parameters())
+    assert_backends_agree(model, images(model), "torch")
+
+
+@pytest.mark.parametrize("options", [{}, dict(shared_kernel=False, prompt_dropout=0.2, vpt_depth=2)])
+def test_training_mode_with_dropout_matches_mask_for_mask(options):
+    """Seeded training steps draw the same dropout masks in both backends (same RNG order)."""
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, conv_dropout=0.3, mlp_dropout=0.3, **options))
+    randomize_prompts(model)
+    model.train()
+    assert_backends_agree(model, images(model, batch=3), "torch", seed=123)
+
+
+def test_dynamic_image_size_takes_grid_from_input():
+    model = vk.apply_vapt(tiny_vit(dynamic_img_size=True), num_prompts=3)
+    randomize_prompts(model)
+    # The built grid (exact, no resampling), a non-square grid and a larger one (resampled projector).
+    for size in [(32, 32), (32, 48), (48, 40)]:
+        x = images(model, size=size)
+        assert_backends_agree(model, x, "torch")
+        assert model.vapt.grid == (size[0] // 8, size[1] // 8)
+
+
+def test_dynamic_image_pad():
+    model = vk.apply_vapt(tiny_vit(dynamic_img_size=True, dynamic_img_pad=True), num_prompts=2)
+    randomize_prompts(model)
+    x = images(model, size=(30, 45))
+    assert_backends_agree(model, x, "torch")
+    assert model.vapt.grid == (4, 6)
+
+
+def test_gradient_checkpointing_and_forward_intermediates():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    randomize_prompts(model)
+    x = images(model)
+    expected = model(x)
+    model.set_grad_checkpointing(True)
+    assert_backends_agree(model, x, "torch")
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 3 and inter[0].shape == (2, 24, 4, 4)
+    torch.testing.assert_close(model.forward_head(final), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_prompt_path_gradcheck():
+    """float64 gradcheck of logits with respect to every kind of prompt parameter."""
+    model = vk.apply_vapt(
+        tiny_vit(embed_dim=8, depth=2, img_size=24), vk.VAPTConfig(num_prompts=2, learnable_scale=True), backend="torch"
+    )
+    randomize_prompts(model)
+    x = images(model, batch=1)
+    names = ["vapt.prompt", "vapt.generators.0.kernel", "vapt.generators.0.token_proj.weight",
+             "vapt.generators.0.norm.weight", "vapt.projectors.0.fc1.weight", "vapt.projectors.0.scale"]
+    params = dict(model.named_parameters())
+
+    def logits(*values):
+        return torch.func.functional_call(model, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(logits, tuple(params[n].detach().clone().requires_grad_() for n in names))
+
+
+def test_switching_backend_changes_no_parameter():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3, backend="reference")
+    before = copy.deepcopy(model.state_dict())
+    vk.set_backend(model, "torch")
+    vk.set_backend(model, "auto")
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {b.backend for b in model.blocks} == {"torch"}
+
+
+def test_deepcopy_keeps_its_own_grid():
+    model = vk.apply_vapt(tiny_vit(dynamic_img_size=True), num_prompts=2)
+    twin = copy.deepcopy(model)
+    twin(images(twin, size=(32, 48)))
+    assert twin.vapt.grid == (4, 6) and model.vapt.grid == (4, 4)
+    assert all(b.vapt_prompts is twin.vapt for b in twin.blocks)
