@@ -187,8 +187,9 @@ def build_providers(cfg: BenchConfig, base: torch.nn.Module) -> dict[str, object
                 models[name] = vk.apply_vpt(copy.deepcopy(base), num_prompts=cfg.prompts, backend="reference")
             else:
                 backend = "reference" if name == "vapt-official" else name.removeprefix("vapt-")
-                if backend != "reference" and reasons.get(backend, f"backend {backend!r} is not part of this build"):
-                    raise Unavailable(reasons.get(backend) or f"backend {backend!r} is not part of this build")
+                reason = reasons.get(backend, f"backend {backend!r} is not part of this build")
+                if reason:
+                    raise Unavailable(reason)
                 if vapt is None:  # one set of prompt parameters, copied to every VAPT provider
                     vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
                 model = copy.deepcopy(vapt)
@@ -265,16 +266,23 @@ class Progress:
     """One status line on stderr: what runs now and how much is left."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.live = sys.stderr.isatty()
+        self.last_mode = None
 
     def tick(self, text: str) -> None:
         self.done += 1
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.live:
             sys.stderr.write(f"\r\033[K[{self.done}/{self.total}] {text}")
-            sys.stderr.flush()
+        elif text.split()[0] != self.last_mode:  # a log, not a terminal: one line per mode
+            self.last_mode = text.split()[0]
+            sys.stderr.write(f"[{self.done}/{self.total}] {self.last_mode} ...\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.live:
             sys.stderr.write("\r\033[K")
 
 
@@ -441,7 +449,7 @@ def plot(runs: list[dict], out_dir: Path) -> list[Path]:
         sweep = runs[0]["sweep"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode in MODES:
-            for provider in {r["provider"] for run in runs for r in run["rows"] if r["status"] == "ok" and r["mode"] == mode}:
+            for provider in sorted({r["provider"] for run in runs for r in run["rows"] if r["status"] == "ok" and r["mode"] == mode}):
                 pts = [(run["config"][sweep], r["ratio_to_floor"]) for run in runs for r in run["rows"]
                        if r["provider"] == provider and r["mode"] == mode and r["status"] == "ok"]
                 ax.plot(*zip(*sorted(pts)), marker="o", label=f"{provider} ({mode})")

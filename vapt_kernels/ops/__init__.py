@@ -5,9 +5,10 @@
 * ``prefix_attention``: token queries over prompt keys/values prepended to the token ones
   (DESIGN §2.1).
 
-Backends: ``reference`` runs the literal official formulation at block level (see
-:mod:`vapt_kernels.reference`) and uses the composite ops only where a block asks for them;
-``torch`` is the composite path; ``auto`` picks the best backend available for the device.
+Backends: a block on ``reference`` runs the literal official formulation (see
+:mod:`vapt_kernels.reference`) and never calls these ops; at op level ``reference`` names the plain
+unfused versions (the oracle of the op tests). ``torch`` is the composite path; ``auto`` picks the
+best backend available for the device.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import torch
 from . import composite
 
 BACKENDS = ("auto", "reference", "torch")
+
+# Concrete backend -> op implementation. At op level `reference` is the plain, unfused version.
+_NORM_AND_PROJECT = {"reference": composite.norm_and_project_reference, "torch": composite.norm_and_project}
+_PREFIX_ATTENTION = {"reference": composite.prefix_attention_reference, "torch": composite.prefix_attention}
 
 
 def available_backends() -> dict[str, Optional[str]]:
@@ -55,7 +60,7 @@ def norm_and_project(
     backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`vapt_kernels.ops.composite.norm_and_project` for shapes; ``backend`` selects the kernel."""
-    return composite.norm_and_project(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    return _NORM_AND_PROJECT[backend](x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
 
 
 def prefix_attention(
@@ -68,4 +73,4 @@ def prefix_attention(
     backend: str = "torch",
 ) -> torch.Tensor:
     """See :func:`vapt_kernels.ops.composite.prefix_attention` for shapes; ``backend`` selects the kernel."""
-    return composite.prefix_attention(q, k, v, k_prefix, v_prefix, scale)
+    return _PREFIX_ATTENTION[backend](q, k, v, k_prefix, v_prefix, scale)
