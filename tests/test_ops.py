@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_close_rel, max_rel_err
 from vapt_kernels.ops import composite as C
@@ -137,3 +139,35 @@ def test_norm_and_project_low_precision(dtype):
     else:
         plain = [max_rel_err(o.double(), e) for o, e in zip(C.norm_and_project_reference(*low), exact)]
         assert all(e <= 2 * p for e, p in zip(errs, plain)), (errs, plain)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3), T=st.integers(1, 40), H=st.integers(1, 3), D=st.integers(1, 24),
+    Np=st.integers(1, 12), broadcast=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_prefix_attention_random_shapes(B, T, H, D, Np, broadcast, seed):
+    qkv, (q, k, v) = qkv_views(B, T, H, D, torch.float64, seed)
+    kp, vp = prefix_kv(1 if broadcast else B, H, Np, D, torch.float64, seed + 1)
+    out = C.prefix_attention(q, k, v, kp, vp, D**-0.5)
+    ref = C.prefix_attention_reference(q, k, v, kp, vp, D**-0.5)
+    assert_close_rel(out, ref, 1e-12, "out")
+    grads = torch.autograd.grad(out.square().sum(), (qkv, kp, vp))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qkv, kp, vp))
+    for a, b in zip(grads, ref_grads):
+        assert_close_rel(a, b, 1e-12, "grad")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3), P=st.integers(0, 3), N=st.integers(1, 30), d=st.integers(2, 20),
+    Np=st.integers(1, 12), per_channel=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_norm_and_project_random_shapes(B, P, N, d, Np, per_channel, seed):
+    args = project_inputs(B, P, N, d, Np, per_channel, torch.float64, seed)
+    out, ref = C.norm_and_project(*args), C.norm_and_project_reference(*args)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    grads = torch.autograd.grad(out[0].square().sum() + out[1].square().sum(), tensors)
+    ref_grads = torch.autograd.grad(ref[0].square().sum() + ref[1].square().sum(), tensors)
+    for a, b in zip([*out, *grads], [*ref, *ref_grads]):
+        assert_close_rel(a, b, 1e-10)

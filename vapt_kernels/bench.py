@@ -477,7 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size (default: 8 on CPU, 128 on CUDA)")
     p.add_argument("--prompts", type=int, default=10, help="prompts per block (default: 10)")
     p.add_argument("--dtype", choices=list(DTYPES), help="fp32, or autocast bf16/fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--steps", type=int, help="timed steps per provider (default: 11 on CPU, 30 on CUDA)")
+    p.add_argument("--steps", type=int, help="timed steps per provider (default: 15 on CPU, 30 on CUDA)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (default: 2)")
     p.add_argument("--providers", help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all)")
     p.add_argument("--modes", default="train,infer", help="train, infer or both (default: train,infer)")
@@ -496,7 +496,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model = args.model or ("vit_base_patch16_224" if on_cuda else "vit_small_patch16_224")
     args.batch = args.batch or (128 if on_cuda else 8)
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    args.steps = args.steps or (30 if on_cuda else 11)
+    args.steps = args.steps or (30 if on_cuda else 15)
     providers = tuple(args.providers.split(",")) if args.providers else PROVIDERS
     unknown = [n for n in providers if n not in PROVIDERS]
     if unknown:
