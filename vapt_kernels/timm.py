@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch.nn as nn
@@ -138,7 +138,7 @@ def apply_vapt(
     model.patch_embed.register_forward_pre_hook(vapt.record_grid)
     for i, block in enumerate(list(model.blocks)):
         model.blocks[i] = VAPTBlock(block, i, vapt, model.num_prefix_tokens, backend)
-    model.train = types.MethodType(_vapt_train, model)
+    model.train = functools.partial(_vapt_train, model)  # a partial, unlike a bound method, pickles
     model.train(model.training)
     return model
 
