@@ -152,3 +152,24 @@ def test_deepcopy_keeps_its_own_grid():
     twin(images(twin, size=(32, 48)))
     assert twin.vapt.grid == (4, 6) and model.vapt.grid == (4, 4)
     assert all(b.vapt_prompts is twin.vapt for b in twin.blocks)
+
+
+def test_bfloat16_autocast_training_step():
+    """Under CPU bf16 autocast the torch path trains and stays as close to float32 as the
+    official formulation does."""
+    model = vk.apply_vapt(tiny_vit().float(), num_prompts=3)
+    randomize_prompts(model)
+    x = images(model).float()
+    vk.set_backend(model, "reference")
+    exact = model(x).double()
+    errors = {}
+    for backend in ("reference", "torch"):
+        vk.set_backend(model, backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        model.zero_grad(set_to_none=True)
+        errors[backend] = (out.double() - exact).abs().max().item() / exact.abs().max().item()
+    assert errors["torch"] <= 2 * errors["reference"], errors

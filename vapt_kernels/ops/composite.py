@@ -56,9 +56,13 @@ class _NormAndProject(torch.autograd.Function):
     def forward(ctx, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix):
         d = x.shape[-1]
         mix_t = _pad_prefix(mix.to(x.dtype), num_prefix)
-        h, mean1, rstd1 = torch.native_layer_norm(x, (d,), w1, b1, eps1)
-        xn, mean_g, rstd_g = torch.native_layer_norm(x, (d,), wg, bg, eps_g)
-        g = _mix_rows(mix_t, xn)
+        # Computed in the input's precision whatever the autocast state: under autocast the
+        # matmul would otherwise return a lower-precision g whose gradient the backward (which
+        # runs outside autocast) could not combine with the float32 mix.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h, mean1, rstd1 = torch.native_layer_norm(x, (d,), w1, b1, eps1)
+            xn, mean_g, rstd_g = torch.native_layer_norm(x, (d,), wg, bg, eps_g)
+            g = _mix_rows(mix_t, xn)
         ctx.save_for_backward(x, mean1, rstd1, mean_g, rstd_g, xn, mix_t, w1, b1, wg, bg)
         ctx.num_prefix = num_prefix
         ctx.mix_dtype = mix.dtype
