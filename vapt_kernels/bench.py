@@ -13,6 +13,8 @@ Providers:
     vapt-official   VAPT, official formulation (the ``reference`` backend).
     vapt-<backend>  VAPT on a fast backend (torch, triton, native); unavailable ones are reported
                     as ``n/a (reason)``.
+    <name>+compile  with ``--compile``: ``torch.compile`` of the floor, of vapt-official and of the
+                    last available fast backend (ratios stay relative to the eager floor).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the growth
 of the peak resident set size during two steps, measured in a fresh subprocess per provider and
@@ -199,7 +201,7 @@ def build_providers(cfg: BenchConfig, base: torch.nn.Module) -> dict[str, object
             models[name] = err
     if cfg.compile:
         fast = [n for n in cfg.providers if n.startswith("vapt-") and n != "vapt-official" and not isinstance(models.get(n), Exception)]
-        for name in ["vapt-official"] + fast[-1:]:
+        for name in ["floor", "vapt-official"] + fast[-1:]:
             if isinstance(models.get(name), torch.nn.Module):
                 models[f"{name}+compile"] = torch.compile(copy.deepcopy(models[name]))
     return models
@@ -482,7 +484,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--providers", help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all)")
     p.add_argument("--modes", default="train,infer", help="train, infer or both (default: train,infer)")
     p.add_argument("--sweep", choices=list(SWEEPS), help="repeat over prompts (1,10,50,100) or batch sizes")
-    p.add_argument("--compile", action="store_true", help="also torch.compile the official and the fastest VAPT path")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the floor, the official and the fastest VAPT path")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", default="benchmarks/results", help="folder for results.csv, summary.json, plots")
     p.add_argument("--plot", action="store_true", help="write PNG charts (needs matplotlib)")
