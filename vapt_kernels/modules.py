@@ -90,6 +90,7 @@ class PromptGenerator(nn.Module):
     def __init__(self, dim: int, num_prompts: int, grid: Grid, config: VAPTConfig, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        self.config = config
         self.grid = tuple(grid)
         self.conv_grid = config.conv_grid(self.grid)
         self.kernel_size = config.kernel_size
@@ -127,9 +128,7 @@ class PromptGenerator(nn.Module):
         return resized.reshape(weight.shape[0], -1) * area
 
     def _conv_out_grid(self, grid: Grid) -> Grid:
-        if self.kernel is None:
-            return tuple(grid)
-        out = tuple(g + 2 * self.padding - self.kernel_size + 1 for g in grid)
+        out = self.config.conv_grid(tuple(grid))
         if min(out) < 1:
             raise ValueError(
                 f"a {grid[0]}x{grid[1]} patch grid is too small for a {self.kernel_size}x{self.kernel_size} "
