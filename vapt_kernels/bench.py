@@ -24,6 +24,7 @@ mode (Linux ``VmHWM`` after resetting it with ``/proc/self/clear_refs``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import ctypes
@@ -48,6 +49,7 @@ from vapt_kernels.ops import available_backends
 FAST_BACKENDS = ("torch", "triton", "native")
 PROVIDERS = ("floor", "vpt-deep", "vapt-official") + tuple(f"vapt-{b}" for b in FAST_BACKENDS)
 MODES = ("train", "infer")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SWEEPS = {"prompts": (1, 10, 50, 100), "batch": (1, 8, 32)}
 CSV_FIELDS = [
     "timestamp", "git_commit", "device", "torch", "triton", "timm", "vapt_kernels", "model", "img_size",
@@ -209,32 +211,24 @@ def build_providers(cfg: BenchConfig, base: torch.nn.Module) -> dict[str, object
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, cfg: BenchConfig) -> Callable[[], None]:
     """One training step (forward, loss, backward, gradients cleared) or one inference forward."""
-    autocast = torch.autocast(device_type=x.device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else None
+    if cfg.dtype == "fp32":
+        autocast = contextlib.nullcontext()
+    else:
+        autocast = torch.autocast(device_type=x.device.type, dtype=DTYPES[cfg.dtype])
     params = [p for p in model.parameters() if p.requires_grad]
 
     def train_step() -> None:
-        with autocast or _null():
+        with autocast:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         for p in params:
             p.grad = None
 
     def infer_step() -> None:
-        with torch.no_grad(), autocast or _null():
+        with torch.no_grad(), autocast:
             model(x)
 
     return train_step if mode == "train" else infer_step
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inputs(cfg: BenchConfig, base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -514,11 +508,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(cfg: BenchConfig, out_dir: Path, sweep: Optional[str] = None, show_progress: bool = True) -> dict:
     """Benchmark one configuration; returns its summary (rows included) after writing results."""
+    library_versions = versions()
     meta = {
         "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "device": device_name(cfg.device),
-        **versions(),
+        **library_versions,
         "mem_method": "cuda max_memory_allocated" if cfg.device.startswith("cuda") else "cpu peak RSS growth, subprocess",
     }
     base = build_backbone(cfg)
@@ -539,7 +534,7 @@ def run(cfg: BenchConfig, out_dir: Path, sweep: Optional[str] = None, show_progr
             elif "+compile" not in r.provider:
                 r.peak_mem_mb = measure_cpu_memory(cfg, r.provider, r.mode)
     rows = result_rows(cfg, results, meta)
-    summary = {"device": meta["device"], "versions": versions(), "git_commit": meta["git_commit"],
+    summary = {"device": meta["device"], "versions": library_versions, "git_commit": meta["git_commit"],
                "config": asdict(cfg), "sweep": sweep, "rows": rows}
     write_results(rows, out_dir, summary)
     return summary
