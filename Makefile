@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints-dev.txt
+# The extension is rebuilt (incrementally, by ninja) whenever a kernel source changes.
+$(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints-dev.txt torch triton timm
-	$(PY) -m pip install -q -c constraints-dev.txt --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q -c constraints-dev.txt torch triton timm ninja
+	$(PY) -m pip install -c constraints-dev.txt --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,5 +1,8 @@
 """Op-level pytest-benchmark suite (``make bench-ops``): each backend's ops against the unfused
-PyTorch they replace. ViT-S/16 shapes at batch 8 on CPU, ViT-B/16 at batch 128 on CUDA."""
+PyTorch they replace. ViT-S/16 shapes at batch 8 in float32 on CPU, ViT-B/16 at batch 128 on CUDA
+(attention in bfloat16, as under autocast; the residual stream that ``norm_and_project`` reads
+stays float32 there). ``benchmarks/ops_summary.py`` turns the JSON of a run into the target ratios
+(``extra_info`` carries the bytes each op must move)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from vapt_kernels.modules import PromptGenerator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, D = (128, 12, 64) if DEVICE == "cuda" else (8, 6, 64)
+ATTN_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 N, P, NP, K = 196, 1, 10, 2
 d = H * D
 BACKENDS = [b for b, reason in ops.available_backends().items() if reason is None and b != "reference"]
@@ -23,15 +27,15 @@ def _sync():
 
 
 def attention_inputs():
-    qkv = torch.randn(B, P + N, 3, H, D, device=DEVICE, requires_grad=True)
-    kvp = torch.randn(2, B, H, NP, D, device=DEVICE, requires_grad=True)
+    qkv = torch.randn(B, P + N, 3, H, D, device=DEVICE, dtype=ATTN_DTYPE, requires_grad=True)
+    kvp = torch.randn(2, B, H, NP, D, device=DEVICE, dtype=ATTN_DTYPE, requires_grad=True)
     return qkv, kvp
 
 
 @pytest.mark.parametrize("impl", ["cat+sdpa", *BACKENDS])
 def test_prefix_attention_fwd_bwd(benchmark, impl):
     qkv, kvp = attention_inputs()
-    dout = torch.randn(B, H, P + N, D, device=DEVICE)
+    dout = torch.randn(B, H, P + N, D, device=DEVICE, dtype=ATTN_DTYPE)
 
     def step():
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -46,10 +50,24 @@ def test_prefix_attention_fwd_bwd(benchmark, impl):
     benchmark(step)
 
 
+def test_preconcatenated_attention_fwd_bwd(benchmark):
+    """The target for prefix attention: SDPA over keys/values already concatenated (N + Np long,
+    contiguous), the concatenation itself not timed."""
+    q = torch.randn(B, H, P + N, D, device=DEVICE, dtype=ATTN_DTYPE, requires_grad=True)
+    k, v = (torch.randn(B, H, NP + P + N, D, device=DEVICE, dtype=ATTN_DTYPE, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v).backward(dout)
+        _sync()
+
+    benchmark(step)
+
+
 def test_token_attention_alone_fwd_bwd(benchmark):
     """The floor for prefix attention: SDPA over the token keys only."""
     qkv, _ = attention_inputs()
-    dout = torch.randn(B, H, P + N, D, device=DEVICE)
+    dout = torch.randn(B, H, P + N, D, device=DEVICE, dtype=ATTN_DTYPE)
 
     def step():
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -77,6 +95,35 @@ def test_prompt_projection_unfused(benchmark):
         y = F.conv2d(xn, gen.kernel.expand(d, 1, K, K), groups=d)
         g = F.linear(y.reshape(B, d, -1), gen.token_proj.weight)
         (h.sum() + g.sum()).backward()
+        _sync()
+
+    benchmark(step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_and_project_fwd_bwd(benchmark, backend):
+    """The op alone, gradients given: x and dh read, h and dx written once each at best."""
+    x, norm, gen = projection_inputs()
+    mix = gen.mix_matrix((14, 14)).detach().requires_grad_()
+    dh, dg = torch.randn_like(x), torch.randn(B, NP, d, device=DEVICE)
+    benchmark.extra_info["bytes"] = 5 * x.numel() * x.element_size()
+
+    def step():
+        h, g = ops.norm_and_project(x, *norm, 1e-6, gen.norm.weight, gen.norm.bias, 1e-5, mix, P, backend=backend)
+        torch.autograd.backward((h, g), (dh, dg))
+        _sync()
+
+    benchmark(step)
+
+
+def test_copy(benchmark):
+    """Memory bandwidth reference: a device-to-device copy of a block input."""
+    x = torch.randn(B, P + N, d, device=DEVICE)
+    y = torch.empty_like(x)
+    benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()
+
+    def step():
+        y.copy_(x)
         _sync()
 
     benchmark(step)

@@ -1,12 +1,78 @@
-"""Shared helpers: tiny timm ViTs, deterministic non-trivial prompts, error reporting."""
+"""Shared helpers: tiny timm ViTs, deterministic non-trivial prompts, op inputs, kernel backends
+per device, error reporting."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-import vapt_kernels as vk
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU tensors only through the interpreter, which must be switched on
+    # before they are imported; on a GPU machine they run compiled on CUDA tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+import vapt_kernels as vk  # noqa: E402
+from vapt_kernels import ops  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_BACKENDS = ("native", "triton")
+
+
+def kernel_cases(*backends: str):
+    """``(backend, device)`` parameters for the kernel backends on every device of this machine;
+    a pair that cannot run here is skipped with the reason (``test_kernels`` asserts that CI runs
+    the CPU ones)."""
+    cases = []
+    for backend in backends or KERNEL_BACKENDS:
+        for device in DEVICES:
+            reason = ops._reason(backend, device)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return cases
+
+
+@pytest.fixture
+def poison_uninitialized():
+    """Every tensor allocated uninitialised (``torch.empty``, ``at::empty``) is filled with NaN, so
+    a kernel that leaves part of its output unwritten fails the comparison."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def qkv_views(B, T, H, D, dtype, seed=0, device="cpu"):
+    """q, k, v as they come out of timm's reshaped QKV projection: strided views of one tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, generator=gen, dtype=dtype).to(device).requires_grad_()
+    return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def prefix_kv(batch, H, Np, D, dtype, seed=1, device="cpu"):
+    """Prompt keys and values ``(batch, H, Np, D)``, as the unbound halves of one K/V projection."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(batch, Np, 2, H, D, generator=gen, dtype=dtype).to(device).requires_grad_()
+    kp, vp = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return kv, kp, vp
+
+
+def project_inputs(B, P, N, d, Np, per_channel, dtype, seed=0, device="cpu"):
+    """``norm_and_project`` arguments: x (B, P+N, d), both LayerNorms' affines, mix (Np, N[, d])."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=dtype).to(device).requires_grad_()
+
+    x = r(B, P + N, d)
+    mix = r(Np, N, d) if per_channel else r(Np, N)
+    return [x, r(d), r(d), 1e-6, r(d), r(d), 1e-5, mix, P]
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:
@@ -59,10 +125,11 @@ def forward_and_grads(model, x: torch.Tensor, backend: str):
     vk.set_backend(model, backend)
     x = x.clone().requires_grad_()
     out = model(x)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad((out * weights).sum(), [x, *params])
-    names = ["input"] + [n for n, p in model.named_parameters() if p.requires_grad]
+    module = getattr(model, "_orig_mod", model)  # names without torch.compile's wrapper prefix
+    names = ["input"] + [n for n, p in module.named_parameters() if p.requires_grad]
     return out.detach(), dict(zip(names, grads))
 
 

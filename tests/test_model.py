@@ -1,4 +1,5 @@
-"""The torch backend against the literal official formulation (reference backend), float64."""
+"""The fast backends against the literal official formulation (reference backend): float64 for
+``torch`` and ``native``, float32 for ``triton`` (its kernels take no float64)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ import pytest
 import torch
 
 import vapt_kernels as vk
-from conftest import assert_backends_agree, images, randomize_prompts, tiny_vit
+from conftest import (
+    assert_backends_agree,
+    assert_close_rel,
+    forward_and_grads,
+    images,
+    kernel_cases,
+    randomize_prompts,
+    tiny_vit,
+)
+
+# float64 backends on CPU tensors: the composite path and the native C++ kernels.
+FLOAT64_BACKENDS = [pytest.param("torch", id="torch")] + [
+    pytest.param(*p.values[:1], marks=p.marks, id=p.values[0]) for p in kernel_cases("native") if p.values[1] == "cpu"
+]
 
 CONFIGS = {
     "default": {},
@@ -32,11 +46,12 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_torch_matches_reference_for_every_option(options):
-    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3).replace(**options), backend="torch")
+def test_fast_backend_matches_reference_for_every_option(options, backend):
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3).replace(**options), backend=backend)
     randomize_prompts(model)
-    assert_backends_agree(model, images(model), "torch")
+    assert_backends_agree(model, images(model), backend)
 
 
 MODELS = {
@@ -57,11 +72,36 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("kwargs", MODELS.values(), ids=MODELS.keys())
-def test_torch_matches_reference_on_timm_variants(kwargs):
+def test_fast_backend_matches_reference_on_timm_variants(kwargs, backend):
     model = vk.apply_vapt(tiny_vit(**kwargs), num_prompts=3, kernel_size=3, padding=1)
     randomize_prompts(model)
-    assert_backends_agree(model, images(model), "torch")
+    assert_backends_agree(model, images(model), backend)
+
+
+KERNEL_CONFIGS = {
+    "default": {},
+    "per-channel-kernel": dict(shared_kernel=False, kernel_size=3, padding=1),
+    "vpt-deep": dict(vpt_depth=3),
+}
+KERNEL_MODELS = {"cls-token": {}, "registers-avg": dict(class_token=False, reg_tokens=2, global_pool="avg")}
+
+
+@pytest.mark.parametrize("backend, device", kernel_cases())
+@pytest.mark.parametrize("kwargs", KERNEL_MODELS.values(), ids=KERNEL_MODELS.keys())
+@pytest.mark.parametrize("options", KERNEL_CONFIGS.values(), ids=KERNEL_CONFIGS.keys())
+def test_kernel_backend_float32_matches_reference(backend, device, kwargs, options):
+    """float32 logits and gradients of a kernel backend against the reference in float64."""
+    model = vk.apply_vapt(tiny_vit(**kwargs), vk.VAPTConfig(num_prompts=3).replace(**options))
+    randomize_prompts(model)
+    x = images(model)
+    exact_out, exact_grads = forward_and_grads(model, x, "reference")
+    model.float().to(device)
+    out, grads = forward_and_grads(model, x.float().to(device), backend)
+    assert_close_rel(out.double().cpu(), exact_out, 1e-5, "logits")
+    for name, exact in exact_grads.items():
+        assert_close_rel(grads[name].double().cpu(), exact, 1e-5, f"grad of {name}")
 
 
 def test_distilled_vit():
@@ -104,13 +144,14 @@ def test_dynamic_image_pad():
     assert model.vapt.grid == (4, 6)
 
 
-def test_gradient_checkpointing_and_forward_intermediates():
-    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_gradient_checkpointing_and_forward_intermediates(backend):
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3, backend=backend)
     randomize_prompts(model)
     x = images(model)
     expected = model(x)
     model.set_grad_checkpointing(True)
-    assert_backends_agree(model, x, "torch")
+    assert_backends_agree(model, x, backend)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     final, inter = model.forward_intermediates(x)
     assert len(inter) == 3 and inter[0].shape == (2, 24, 4, 4)
@@ -143,7 +184,7 @@ def test_switching_backend_changes_no_parameter():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert {b.backend for b in model.blocks} == {"torch"}
+    assert {b.backend for b in model.blocks} == {"auto"}
 
 
 def test_deepcopy_keeps_its_own_grid():
@@ -173,3 +214,20 @@ def test_bfloat16_autocast_training_step():
         model.zero_grad(set_to_none=True)
         errors[backend] = (out.double() - exact).abs().max().item() / exact.abs().max().item()
     assert errors["torch"] <= 2 * errors["reference"], errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, device", kernel_cases())
+def test_kernel_backend_compiles_without_graph_breaks(backend, device):
+    """``torch.compile(fullgraph=True)`` traces a VAPT model through the registered ops (their
+    fakes) and computes what eager mode computes, backward included."""
+    model = vk.apply_vapt(tiny_vit().float(), num_prompts=3, backend=backend).to(device)
+    randomize_prompts(model)
+    x = images(model).float().to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out, eager_grads = forward_and_grads(model, x, backend)
+    out, grads = forward_and_grads(compiled, x, backend)
+    assert_close_rel(out, eager_out, 1e-5, "logits")
+    for name, g in eager_grads.items():
+        assert_close_rel(grads[name], g, 1e-5, f"grad of {name}")

@@ -7,22 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close_rel, max_rel_err
+from conftest import assert_close_rel, max_rel_err, prefix_kv, project_inputs, qkv_views
 from vapt_kernels.ops import composite as C
-
-
-def qkv_views(B, T, H, D, dtype, seed=0):
-    """q, k, v as they come out of timm's reshaped QKV projection: strided views of one tensor."""
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T, 3, H, D, generator=gen, dtype=dtype).requires_grad_()
-    return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def prefix_kv(batch, H, Np, D, dtype, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    kp = torch.randn(batch, H, Np, D, generator=gen, dtype=dtype).requires_grad_()
-    vp = torch.randn(batch, H, Np, D, generator=gen, dtype=dtype).requires_grad_()
-    return kp, vp
 
 
 ATTENTION_SHAPES = [  # B, T, H, D, Np, prefix batch
@@ -36,7 +22,7 @@ ATTENTION_SHAPES = [  # B, T, H, D, Np, prefix batch
 @pytest.mark.parametrize("B, T, H, D, Np, pb", ATTENTION_SHAPES)
 def test_prefix_attention_float64(B, T, H, D, Np, pb):
     qkv, (q, k, v) = qkv_views(B, T, H, D, torch.float64)
-    kp, vp = prefix_kv(pb, H, Np, D, torch.float64)
+    _, kp, vp = prefix_kv(pb, H, Np, D, torch.float64)
     out = C.prefix_attention(q, k, v, kp, vp, D**-0.5)
     ref = C.prefix_attention_reference(q, k, v, kp, vp, D**-0.5)
     assert_close_rel(out, ref, 1e-12, "out")
@@ -51,7 +37,7 @@ def test_prefix_attention_float64(B, T, H, D, Np, pb):
 def test_prefix_attention_gradcheck(pb):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    kp, vp = prefix_kv(pb, 2, 3, 5, torch.float64)
+    kp, vp = (t.detach().requires_grad_() for t in prefix_kv(pb, 2, 3, 5, torch.float64)[1:])
     assert torch.autograd.gradcheck(lambda *a: C.prefix_attention(*a, 0.4), (q, k, v, kp, vp))
 
 
@@ -68,7 +54,7 @@ def test_prefix_attention_non_contiguous_inputs():
 def test_prefix_attention_low_precision(dtype):
     """fp32 within 1e-5; bf16 no worse than twice the plain PyTorch path in bf16 (both vs fp32)."""
     qkv, (q, k, v) = qkv_views(2, 197, 2, 64, torch.float32)
-    kp, vp = prefix_kv(2, 2, 10, 64, torch.float32)
+    _, kp, vp = prefix_kv(2, 2, 10, 64, torch.float32)
     exact = C.prefix_attention_reference(*(t.double() for t in (q, k, v, kp, vp)), 0.125)
     low = [t.detach().to(dtype) for t in (q, k, v, kp, vp)]
     err = max_rel_err(C.prefix_attention(*low, 0.125).double(), exact)
@@ -76,14 +62,6 @@ def test_prefix_attention_low_precision(dtype):
         assert err < 1e-5
     else:
         assert err <= 2 * max_rel_err(C.prefix_attention_reference(*low, 0.125).double(), exact)
-
-
-def project_inputs(B, P, N, d, Np, per_channel, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).requires_grad_()  # noqa: E731
-    x = r(B, P + N, d)
-    mix = r(Np, N, d) if per_channel else r(Np, N)
-    return [x, r(d), r(d), 1e-6, r(d), r(d), 1e-5, mix, P]
 
 
 PROJECT_SHAPES = [(2, 1, 196, 24, 10), (1, 0, 35, 16, 1), (3, 4, 12, 8, 50), (2, 2, 9, 33, 7)]
@@ -148,7 +126,7 @@ def test_norm_and_project_low_precision(dtype):
 )
 def test_prefix_attention_random_shapes(B, T, H, D, Np, broadcast, seed):
     qkv, (q, k, v) = qkv_views(B, T, H, D, torch.float64, seed)
-    kp, vp = prefix_kv(1 if broadcast else B, H, Np, D, torch.float64, seed + 1)
+    _, kp, vp = prefix_kv(1 if broadcast else B, H, Np, D, torch.float64, seed + 1)
     out = C.prefix_attention(q, k, v, kp, vp, D**-0.5)
     ref = C.prefix_attention_reference(q, k, v, kp, vp, D**-0.5)
     assert_close_rel(out, ref, 1e-12, "out")

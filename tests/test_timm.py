@@ -11,7 +11,8 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, ResPostBlock
 
 import vapt_kernels as vk
-from conftest import images, tiny_vit
+from conftest import assert_backends_agree, images, randomize_prompts, tiny_vit
+from vapt_kernels import ops
 
 
 def test_apply_keeps_backbone_keys_and_freezes_it():
@@ -137,7 +138,7 @@ def test_set_backend_errors():
     model = vk.apply_vapt(tiny_vit())
     with pytest.raises(ValueError, match="unknown VAPT backend"):
         vk.set_backend(model, "fastest")
-    assert {b.backend for b in model.blocks} == {"torch"}
+    assert {b.backend for b in model.blocks} == {"auto"}
 
 
 def test_masks_and_raw_tokens_are_refused():
@@ -155,7 +156,11 @@ def test_too_small_dynamic_grid_is_explained():
         model(images(model, size=(8, 32)))
 
 
-def test_auto_backend_on_cpu_is_torch():
+def test_auto_backend_is_chosen_per_device():
     model = vk.apply_vapt(tiny_vit(), backend="auto")
-    assert {b.backend for b in model.blocks} == {"torch"}
+    randomize_prompts(model)
+    assert {b.backend for b in model.blocks} == {"auto"}
     assert vk.available_backends()["torch"] is None
+    expected = "native" if vk.available_backends()["native"] is None else "torch"
+    assert ops.backend_for("auto", "cpu") == expected
+    assert_backends_agree(model, images(model), "auto")

@@ -5,46 +5,150 @@
 * ``prefix_attention``: token queries over prompt keys/values prepended to the token ones
   (DESIGN §2.1).
 
-Backends: a block on ``reference`` runs the literal official formulation (see
-:mod:`vapt_kernels.reference`) and never calls these ops; at op level ``reference`` names the plain
-unfused versions (the oracle of the op tests). ``torch`` is the composite path; ``auto`` picks the
-best backend available for the device.
+Backends:
+
+* ``reference``: a block runs the literal official formulation (:mod:`vapt_kernels.reference`) and
+  never calls these ops; at op level it names the plain unfused versions (the op tests' oracle).
+* ``torch``: composite PyTorch (:mod:`.composite`), runs anywhere.
+* ``triton``: fused Triton kernels (:mod:`.triton`) on CUDA tensors; on CPU tensors only under
+  Triton's interpreter (``TRITON_INTERPRET=1`` set before the first use), which is for tests.
+* ``native``: the compiled extension (:mod:`.native`, ``csrc/``): C++ kernels for CPU tensors, CUDA
+  kernels for GPU tensors when it was built with a CUDA toolkit.
+* ``auto``: chosen per call from the tensors' device, among the backends that can run there, in the
+  order of :data:`AUTO_PREFERENCE` (decided by the benchmarks, see the README). Never fails.
+
+An explicitly requested backend is checked twice: when it is set on a model
+(:func:`resolve_backend`: is it installed at all?) and when a tensor reaches it (can it run on that
+device and dtype?), each time with an error that says what to do.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib.util
+import os
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import composite
 
-BACKENDS = ("auto", "reference", "torch")
+BACKENDS = ("auto", "reference", "torch", "triton", "native")
 
-# Concrete backend -> op implementation. At op level `reference` is the plain, unfused version.
-_NORM_AND_PROJECT = {"reference": composite.norm_and_project_reference, "torch": composite.norm_and_project}
-_PREFIX_ATTENTION = {"reference": composite.prefix_attention_reference, "torch": composite.prefix_attention}
+# Device type -> concrete backends `auto` tries, fastest first (by the benchmarks in the README).
+AUTO_PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+
+
+class _Impl(NamedTuple):
+    norm_and_project: Callable
+    prefix_attention: Callable
+
+
+_COMPOSITE = {
+    "reference": _Impl(composite.norm_and_project_reference, composite.prefix_attention_reference),
+    "torch": _Impl(composite.norm_and_project, composite.prefix_attention),
+}
+# (backend, device type) -> implementation, or the error message saying why it cannot run there.
+_RESOLVED: dict[tuple[str, str], _Impl | str] = {}
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device_type: Optional[str] = None) -> Optional[str]:
+    """Why the Triton backend cannot run (on ``device_type``, or on this machine at all), or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: pip install 'vapt_kernels[triton]' (needs a CUDA GPU)"
+    on_cpu = "on CPU tensors it needs Triton's interpreter: set TRITON_INTERPRET=1 before importing vapt_kernels (slow; for tests), or use backend='torch' or 'native'"
+    if device_type == "cpu" and not _triton_interpreting():
+        return "the Triton backend runs on CUDA tensors; " + on_cpu
+    if device_type is None and not torch.cuda.is_available() and not _triton_interpreting():
+        return "no CUDA device; " + on_cpu
+    if device_type not in (None, "cpu", "cuda"):
+        return f"the Triton backend runs on CUDA tensors, not {device_type}"
+    return None
+
+
+def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
+    """Why the native backend cannot run (on ``device_type``, or at all), or None."""
+    from . import native
+
+    if native.LOAD_ERROR is not None:
+        return native.LOAD_ERROR
+    if device_type is not None and not native.has_device_kernels(device_type):
+        if device_type == "cuda":
+            return (
+                "the compiled extension was built without CUDA kernels (no CUDA toolkit at build time); "
+                "rebuild it with one, e.g. `FORCE_CUDA=1 pip install --no-build-isolation .`"
+            )
+        return f"the compiled extension has no kernels for {device_type} tensors"
+    return None
+
+
+def _reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
+    if backend == "triton":
+        return _triton_reason(device_type)
+    if backend == "native":
+        return _native_reason(device_type)
+    return None
 
 
 def available_backends() -> dict[str, Optional[str]]:
-    """Each concrete backend mapped to None when it can run here, or to the reason it cannot."""
-    return {"reference": None, "torch": None}
+    """Each concrete backend mapped to None when it can run on this machine, or to the reason it
+    cannot (``triton`` needs a CUDA GPU or the interpreter; ``native`` the compiled extension)."""
+    return {name: _reason(name) for name in BACKENDS if name != "auto"}
 
 
 def resolve_backend(backend: str) -> str:
-    """Validate a backend name and turn ``auto`` into the concrete backend it stands for.
+    """Validate a backend name for a model; explicit backends must be able to run on this machine.
+
+    ``auto`` stays ``auto``: it is resolved per call, from the device of the tensors.
 
     Raises:
         ValueError: unknown name. RuntimeError: a known backend that cannot run here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown VAPT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "torch"
-    reason = available_backends()[backend]
-    if reason is not None:
-        raise RuntimeError(f"VAPT backend {backend!r} is not available: {reason}")
+    if backend != "auto":
+        reason = _reason(backend)
+        if reason is not None:
+            raise RuntimeError(f"VAPT backend {backend!r} is not available: {reason}")
     return backend
+
+
+def backend_for(backend: str, device_type: str) -> str:
+    """The concrete backend that ``backend`` runs as on ``device_type`` tensors."""
+    if backend != "auto":
+        return backend
+    for candidate in AUTO_PREFERENCE.get(device_type, ("torch",)):
+        if _reason(candidate, device_type) is None:
+            return candidate
+    return "torch"
+
+
+def _implementation(backend: str, device_type: str) -> _Impl:
+    key = (backend, device_type)
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _resolve(backend, device_type)
+        _RESOLVED[key] = impl
+    if isinstance(impl, str):
+        raise RuntimeError(impl)
+    return impl
+
+
+def _resolve(backend: str, device_type: str) -> _Impl | str:
+    concrete = backend_for(backend, device_type)
+    if concrete in _COMPOSITE:
+        return _COMPOSITE[concrete]
+    reason = _reason(concrete, device_type)
+    if reason is not None:
+        return f"VAPT backend {concrete!r} cannot run on {device_type} tensors: {reason}"
+    if concrete == "triton":
+        from .triton import OPS
+    else:
+        from .native import OPS
+    return _Impl(OPS.norm_and_project, OPS.prefix_attention)
 
 
 def norm_and_project(
@@ -60,7 +164,8 @@ def norm_and_project(
     backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`vapt_kernels.ops.composite.norm_and_project` for shapes; ``backend`` selects the kernel."""
-    return _NORM_AND_PROJECT[backend](x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    impl = _implementation(backend, x.device.type)
+    return impl.norm_and_project(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
 
 
 def prefix_attention(
@@ -73,4 +178,5 @@ def prefix_attention(
     backend: str = "torch",
 ) -> torch.Tensor:
     """See :func:`vapt_kernels.ops.composite.prefix_attention` for shapes; ``backend`` selects the kernel."""
-    return _PREFIX_ATTENTION[backend](q, k, v, k_prefix, v_prefix, scale)
+    impl = _implementation(backend, q.device.type)
+    return impl.prefix_attention(q, k, v, k_prefix, v_prefix, scale)

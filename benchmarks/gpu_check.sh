@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with a CUDA GPU and no network: builds the extension (CPU + CUDA kernels)
+# in place, runs the test suite (kernel backends on CUDA tensors too), the op benchmarks with their
+# target ratios, and the model benchmark. Everything lands in $OUT (default ./gpu_check):
+#   build.log       machine, versions, build configuration and compiler output
+#   tests.log       pytest
+#   bench_ops.log   pytest-benchmark table; ops.json its raw data; ops_summary.txt the target ratios
+#   bench_model.log vapt-bench table; model/results.csv, model/summary.json
+# Installs nothing; uses $PYTHON (default python3) with torch, triton, timm, pytest, pytest-benchmark
+# and hypothesis already there. Exits non-zero when a step failed, after running the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/model"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step build
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)"
+    FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+} >"$OUT/build.log" 2>&1 || { status=1; echo "build failed:"; tail -n 40 "$OUT/build.log"; }
+"$PY" -c "from vapt_kernels.ops import available_backends as a; print(a())" | tee -a "$OUT/build.log"
+
+step tests
+"$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || status=1
+tail -n 15 "$OUT/tests.log"
+
+step "op benchmarks"
+"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only \
+    --benchmark-columns=median,iqr,ops --benchmark-json="$OUT/ops.json" >"$OUT/bench_ops.log" 2>&1 || status=1
+"$PY" benchmarks/ops_summary.py "$OUT/ops.json" | tee "$OUT/ops_summary.txt" || status=1
+
+step "model benchmark"
+"$PY" -m vapt_kernels.bench --device cuda --out "$OUT/model" >"$OUT/bench_model.log" 2>&1 || status=1
+cat "$OUT/bench_model.log" | grep -v '^\[' | tail -n 30
+
+step "done, status $status"
+exit $status

@@ -1,0 +1,80 @@
+"""Native backend: loads the compiled extension ``vapt_kernels._C`` (``csrc/``), whose
+``TORCH_LIBRARY(vapt)`` defines the four kernel ops with C++ kernels for CPU tensors and, when built
+with a CUDA toolkit, CUDA kernels for GPU tensors. Fakes and autograd come from
+:mod:`vapt_kernels.ops.library`, shared with the Triton backend.
+
+Loading is defensive: when the extension is missing (a ``VAPT_SKIP_EXTENSION=1`` install, a build
+without a compiler) or fails to load (built against another torch), the package and its other
+backends keep working and :data:`LOAD_ERROR` says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import library
+
+NAMESPACE = "vapt"
+_BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
+_log = logging.getLogger(__name__)
+
+
+def _load() -> Optional[str]:
+    """Load the extension's shared library; None on success, else the reason it is unusable."""
+    spec = importlib.util.find_spec("vapt_kernels._C")
+    if spec is None or spec.origin is None:
+        return (
+            "the compiled extension vapt_kernels._C is not installed (pure-Python install or a failed build); "
+            "reinstall with `pip install --no-build-isolation .` and torch already installed"
+        )
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as error:
+        return (
+            f"the compiled extension {spec.origin} failed to load ({error}); it was probably built against "
+            f"another torch than {torch.__version__}: rebuild it"
+        )
+    missing = [name for name in library.OP_NAMES if not hasattr(getattr(torch.ops, NAMESPACE), name)]
+    if missing:
+        return f"the compiled extension {spec.origin} lacks the ops {', '.join(missing)}: rebuild it"
+    return None
+
+
+def build_info() -> dict:
+    """The configuration the extension was built with (see ``setup.py``), or ``{}``."""
+    try:
+        return json.loads(_BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def has_device_kernels(device_type: str) -> bool:
+    """Whether the loaded extension registered kernels for ``device_type`` (``"cpu"``, ``"cuda"``)."""
+    if LOAD_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key) for name in library.OP_NAMES
+    )
+
+
+LOAD_ERROR: Optional[str] = _load()
+if LOAD_ERROR is None:
+    library.register_fakes_and_autograd(NAMESPACE)
+    OPS: Optional[library.KernelOps] = library.KernelOps(
+        NAMESPACE,
+        "native",
+        {
+            "cpu": (torch.float64, torch.float32, torch.bfloat16),
+            "cuda": (torch.float32, torch.float16, torch.bfloat16),
+        },
+    )
+else:
+    _log.info("vapt_kernels native backend unavailable: %s", LOAD_ERROR)
+    OPS = None

@@ -1,0 +1,422 @@
+"""Triton kernels of ``norm_and_project``: the block's LayerNorm and the folded prompt projection
+from one read of the block input (DESIGN §2.3).
+
+Shapes: ``B`` batch, ``T = P + N`` tokens (``P = num_prefix`` prefix tokens, ``N`` patches), ``d``
+channels, ``Np`` prompts. ``mix`` is the folded ``(Np, N)`` matrix ("shared") or its per-channel
+form ``(Np, N, d)``.
+
+Forward, per program one tile of ``BLOCK_T`` rows of one image (grid ``(tiles, B)``): load the
+rows once, compute their mean and variance once, write ``h = LN_1(x)`` and the row statistics,
+normalise again with the prompt LayerNorm (``xg = LN_g(x)``: same statistics, its own eps and
+affine) and project the tile's patch rows, ``mix[:, tile] @ xg[tile]``, into a
+``(B, tiles, Np, d)`` float32 buffer of partial ``g`` that is summed over the tiles afterwards.
+Each program owns its slice of every partial buffer, so there are no atomics and the result does
+not depend on scheduling.
+
+Backward, same grid: recompute ``xhat`` from ``x`` and the saved statistics, form
+``dxg = mix[:, tile]^T dg`` (the gradient reaching ``LN_g``'s output), add the two LayerNorm
+backward terms into ``dx``, and write per-program partial sums of the four weight/bias gradients
+(``(B * tiles, d)``) and the per-image partial ``dmix`` of the tile's columns (``(B, Np, N)`` or
+``(B, Np, N, d)``), both summed afterwards.
+
+All arithmetic is float32 whatever the input dtype; every load is cast to float32 right away
+(Triton's CPU interpreter mishandles bfloat16 arithmetic). The matrix products run on
+``tl.dot`` with float32 operands and accumulation: in IEEE float32 for float32 inputs, in TF32 for
+16-bit inputs (its rounding is finer than the inputs' own, and than the composite PyTorch path,
+which rounds ``mix`` and ``LN_g(x)`` to the input dtype). Under the interpreter, bfloat16 stores
+of ``h`` and ``dx`` truncate instead of rounding to nearest (up to 2**-7 relative error; the GPU
+rounds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Largest BLOCK_T * BLOCK_D (and BLOCK_J * BLOCK_D) tile a program keeps in registers.
+_TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def _norm_and_project_fwd_kernel(
+    x_ptr,  # (B, T, d) block input, contiguous
+    w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
+    b1_ptr,  # (d,) norm1 bias (read only when HAS_B1)
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mix_ptr,  # (Np, N) shared or (Np, N, d) per-channel, float32, contiguous
+    h_ptr,  # (B, T, d) output LN_1(x), x's dtype
+    mean_ptr,  # (B, T) output row means, float32
+    rstd1_ptr,  # (B, T) output 1 / sqrt(var + eps1), float32
+    rstdg_ptr,  # (B, T) output 1 / sqrt(var + eps_g), float32
+    gpart_ptr,  # (B, tiles, Np, d) output partial g of each row tile, float32
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (rows t < P have no mix column)
+    eps1,  # norm1 epsilon
+    eps_g,  # prompt LayerNorm epsilon
+    HAS_W1: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d) instead of (Np, N)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
+    BLOCK_T: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next power of two >= d
+    BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
+):
+    tile = tl.program_id(0)
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(1).to(tl.int64)
+    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = b * T * d + rows[:, None] * d + cols[None, :]
+
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / d
+    # Zero the padding columns so they drop out of the variance and of every later sum.
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / d
+    rstd1 = tl.rsqrt(var + eps1)
+    rstd_g = tl.rsqrt(var + eps_g)
+    stat_offs = b * T + rows
+    tl.store(mean_ptr + stat_offs, mean, mask=row_ok)
+    tl.store(rstd1_ptr + stat_offs, rstd1, mask=row_ok)
+    tl.store(rstdg_ptr + stat_offs, rstd_g, mask=row_ok)
+
+    h = xc * rstd1[:, None]
+    if HAS_W1:
+        h = h * tl.load(w1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B1:
+        h = h + tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    xg = xc * rstd_g[:, None]
+    if HAS_WG:
+        xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BG:
+        xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    # Mix column of each row; prefix and padding rows load zero mix entries, so contribute nothing.
+    n = rows - num_prefix
+    n_ok = row_ok & (n >= 0)
+    n = tl.where(n_ok, n, 0)
+    gpart_base = (b * tl.num_programs(0) + tile) * Np * d
+    if PER_CHANNEL:
+        mix_mask = n_ok[:, None] & col_ok[None, :]
+        # Advanced by pointer increments: the offset j * N * d may exceed int32.
+        mix_j = mix_ptr
+        for j in range(0, Np):
+            m = tl.load(mix_j + n[:, None] * d + cols[None, :], mask=mix_mask, other=0.0)
+            g = tl.sum(m * xg, axis=0)
+            tl.store(gpart_ptr + gpart_base + j * d + cols, g, mask=col_ok)
+            mix_j += N * d
+    else:
+        for j0 in range(0, Np, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            j_ok = js < Np
+            m = tl.load(mix_ptr + js[:, None] * N + n[None, :], mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+            g = tl.dot(m, xg, input_precision=DOT_PRECISION)
+            g_offs = gpart_base + js[:, None] * d + cols[None, :]
+            tl.store(gpart_ptr + g_offs, g, mask=j_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _norm_and_project_bwd_kernel(
+    dh_ptr,  # (B, T, d) gradient of h, contiguous
+    dg_ptr,  # (B, Np, d) gradient of g, contiguous
+    x_ptr,  # (B, T, d) block input, contiguous
+    w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mix_ptr,  # (Np, N) shared or (Np, N, d) per-channel, float32, contiguous
+    mean_ptr,  # (B, T) row means, float32
+    rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    dx_ptr,  # (B, T, d) output gradient of x, x's dtype
+    dw1_ptr,  # (B * tiles, d) output partial gradient of norm1 weight, float32
+    db1_ptr,  # (B * tiles, d) output partial gradient of norm1 bias, float32
+    dwg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm weight, float32
+    dbg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm bias, float32
+    dmix_ptr,  # (B, Np, N) or (B, Np, N, d) output per-image partial gradient of mix, float32
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (rows t < P have no mix column)
+    HAS_W1: tl.constexpr,
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d) instead of (Np, N)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
+    BLOCK_T: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next power of two >= d
+    BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
+):
+    tile = tl.program_id(0)
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(1).to(tl.int64)
+    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = b * T * d + rows[:, None] * d + cols[None, :]
+
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    stat_offs = b * T + rows
+    mean = tl.load(mean_ptr + stat_offs, mask=row_ok, other=0.0)
+    # Padding rows get rstd 0, hence xhat 0 and no share in the weight gradients.
+    rstd1 = tl.load(rstd1_ptr + stat_offs, mask=row_ok, other=0.0)
+    rstd_g = tl.load(rstdg_ptr + stat_offs, mask=row_ok, other=0.0)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    xhat1 = xc * rstd1[:, None]
+    xhatg = xc * rstd_g[:, None]
+    if HAS_WG:
+        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        xg = xhatg * wg[None, :]
+    else:
+        xg = xhatg
+    if HAS_BG:
+        xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    # dxg[t] = sum_j mix[j, t - P] dg[j]; the mix-gradient of this tile's columns comes from the
+    # same dg rows: dmix[j, n] = dg[j] . xg[n] (per channel: dg[j, c] * xg[n, c]).
+    n = rows - num_prefix
+    n_ok = row_ok & (n >= 0)
+    n = tl.where(n_ok, n, 0)
+    dg_rows = dg_ptr + b * Np * d
+    dxg = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if PER_CHANNEL:
+        mix_mask = n_ok[:, None] & col_ok[None, :]
+        tile_offs = n[:, None] * d + cols[None, :]
+        # Advanced by pointer increments: the offset j * N * d may exceed int32.
+        mix_j = mix_ptr
+        dmix_j = dmix_ptr + b * Np * N * d
+        for j in range(0, Np):
+            dgj = tl.load(dg_rows + j * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+            m = tl.load(mix_j + tile_offs, mask=mix_mask, other=0.0)
+            dxg += m * dgj[None, :]
+            tl.store(dmix_j + tile_offs, dgj[None, :] * xg, mask=mix_mask)
+            mix_j += N * d
+            dmix_j += N * d
+    else:
+        # Two loops over the prompts, one product each: with both products in one loop the
+        # compiler keeps dg in two register layouts and spills heavily at d >= 512 (ptxas, sm_90).
+        for j0 in range(0, Np, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            j_ok = js < Np
+            dgc = tl.load(dg_rows + js[:, None] * d + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+            # mix[js, n] loaded transposed, (BLOCK_T, BLOCK_J).
+            mix_t_mask = n_ok[:, None] & j_ok[None, :]
+            m_t = tl.load(mix_ptr + js[None, :] * N + n[:, None], mask=mix_t_mask, other=0.0)
+            dxg += tl.dot(m_t, dgc.to(tl.float32), input_precision=DOT_PRECISION)
+        xg_t = tl.trans(xg)
+        for j0 in range(0, Np, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            j_ok = js < Np
+            dgc = tl.load(dg_rows + js[:, None] * d + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+            dm = tl.dot(dgc.to(tl.float32), xg_t, input_precision=DOT_PRECISION)
+            dm_offs = b * Np * N + js[:, None] * N + n[None, :]
+            tl.store(dmix_ptr + dm_offs, dm, mask=j_ok[:, None] & n_ok[None, :])
+
+    # LayerNorm backward of each term: rstd * (dy - mean_c(dy) - xhat * mean_c(dy * xhat)).
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W1:
+        dy1 = dh * tl.load(w1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        dy1 = dh
+    if HAS_WG:
+        dyg = dxg * wg[None, :]
+    else:
+        dyg = dxg
+    c1 = tl.sum(dy1, axis=1) / d
+    c2 = tl.sum(dy1 * xhat1, axis=1) / d
+    cg1 = tl.sum(dyg, axis=1) / d
+    cg2 = tl.sum(dyg * xhatg, axis=1) / d
+    dx = rstd1[:, None] * (dy1 - c1[:, None] - xhat1 * c2[:, None])
+    dx += rstd_g[:, None] * (dyg - cg1[:, None] - xhatg * cg2[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    part_offs = (b * tl.num_programs(0) + tile) * d + cols
+    tl.store(dw1_ptr + part_offs, tl.sum(dh * xhat1, axis=0), mask=col_ok)
+    tl.store(db1_ptr + part_offs, tl.sum(dh, axis=0), mask=col_ok)
+    tl.store(dwg_ptr + part_offs, tl.sum(dxg * xhatg, axis=0), mask=col_ok)
+    tl.store(dbg_ptr + part_offs, tl.sum(dxg, axis=0), mask=col_ok)
+
+
+class _Config(NamedTuple):
+    """Launch configuration shared by the forward and backward kernels."""
+
+    block_t: int
+    block_d: int
+    block_j: int
+    num_warps: int
+
+
+def _config(T: int, d: int, Np: int, per_channel: bool) -> _Config:
+    """Block sizes and warps for ``T`` rows of ``d`` channels and ``Np`` prompts.
+
+    The shared layout's products need every ``tl.dot`` operand dimension to be at least 16, so
+    its tiles have 16 rows or more. Rows per tile otherwise shrink as ``d`` grows so a tile stays
+    near ``_TILE_ELEMENTS`` (half that per channel, where the loop body holds a whole mix tile)
+    to avoid register spills (ptxas, sm_90). Fewer, larger tiles would shrink the partial-``g``
+    buffer; per channel that buffer is small next to the mix reads anyway.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    if per_channel:
+        block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMENTS // 2 // block_d))
+    else:
+        block_t = max(16, min(triton.next_power_of_2(T), _TILE_ELEMENTS // block_d))
+    block_j = max(16, min(triton.next_power_of_2(Np), _TILE_ELEMENTS // block_d))
+    tile = block_t * block_d
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    return _Config(block_t, block_d, block_j, num_warps)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: full float32 for float32 inputs; TF32 (a finer rounding than the
+    inputs' own 16-bit one) otherwise. Operands stay float32 in both cases: the interpreter
+    miscomputes ``tl.dot`` on bfloat16 operands."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_inputs(x: torch.Tensor, mix: torch.Tensor, num_prefix: int) -> None:
+    """Raise a readable error for inputs the kernels do not handle."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"triton norm_and_project supports float32, float16 and bfloat16 x, got {x.dtype}")
+    if x.dim() != 3 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (B, T, d) tensor, got shape {tuple(x.shape)}")
+    _, T, d = x.shape
+    if mix.dtype != torch.float32 or not mix.is_contiguous():
+        raise ValueError(f"mix must be contiguous float32, got {mix.dtype}")
+    if mix.dim() not in (2, 3) or mix.shape[1] != T - num_prefix or (mix.dim() == 3 and mix.shape[2] != d):
+        raise ValueError(f"mix must be (Np, {T - num_prefix}) or (Np, {T - num_prefix}, {d}), got {tuple(mix.shape)}")
+
+
+def _device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU current for the launch (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def norm_and_project_forward(
+    x: torch.Tensor,
+    norm1_weight: Optional[torch.Tensor],
+    norm1_bias: Optional[torch.Tensor],
+    eps1: float,
+    gen_weight: Optional[torch.Tensor],
+    gen_bias: Optional[torch.Tensor],
+    eps_g: float,
+    mix: torch.Tensor,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])`` from one read of ``x``.
+
+    Args:
+        x: block input ``(B, T, d)``, contiguous, float32/float16/bfloat16.
+        norm1_weight: ``(d,)`` in x's dtype, or None for ones.
+        norm1_bias: ``(d,)`` in x's dtype, or None for zeros.
+        eps1: norm1 epsilon.
+        gen_weight: ``(d,)`` prompt LayerNorm weight in x's dtype, or None for ones.
+        gen_bias: ``(d,)`` prompt LayerNorm bias in x's dtype, or None for zeros.
+        eps_g: prompt LayerNorm epsilon.
+        mix: ``(Np, N)`` or per-channel ``(Np, N, d)``, float32, contiguous, ``N = T - num_prefix``.
+        num_prefix: prefix tokens ``P``, left out of the projection.
+
+    Returns:
+        ``h (B, T, d)`` and ``g (B, Np, d)`` in x's dtype, and the float32 row statistics
+        ``mean``, ``rstd1 = 1/sqrt(var + eps1)``, ``rstd_g = 1/sqrt(var + eps_g)``, each ``(B, T)``.
+    """
+    _check_inputs(x, mix, num_prefix)
+    B, T, d = x.shape
+    Np = mix.shape[0]
+    cfg = _config(T, d, Np, mix.dim() == 3)
+    tiles = triton.cdiv(T, cfg.block_t)
+    stats = dict(device=x.device, dtype=torch.float32)
+    h = torch.empty_like(x)
+    mean = torch.empty(B, T, **stats)
+    rstd1 = torch.empty(B, T, **stats)
+    rstd_g = torch.empty(B, T, **stats)
+    g_partial = torch.empty(B, tiles, Np, d, **stats)
+    if x.numel() > 0:
+        with _device_guard(x):
+            _norm_and_project_fwd_kernel[(tiles, B)](
+                x, norm1_weight if norm1_weight is not None else x, norm1_bias if norm1_bias is not None else x,
+                gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
+                mix, h, mean, rstd1, rstd_g, g_partial,
+                T, T - num_prefix, d, Np, num_prefix, eps1, eps_g,
+                HAS_W1=norm1_weight is not None, HAS_B1=norm1_bias is not None,
+                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
+                PER_CHANNEL=mix.dim() == 3, DOT_PRECISION=_dot_precision(x.dtype),
+                BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
+            )
+    g = g_partial.sum(1).to(x.dtype)
+    return h, g, mean, rstd1, rstd_g
+
+
+def norm_and_project_backward(
+    dh: torch.Tensor,
+    dg: torch.Tensor,
+    x: torch.Tensor,
+    norm1_weight: Optional[torch.Tensor],
+    gen_weight: Optional[torch.Tensor],
+    gen_bias: Optional[torch.Tensor],
+    mix: torch.Tensor,
+    mean: torch.Tensor,
+    rstd1: torch.Tensor,
+    rstd_g: torch.Tensor,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`norm_and_project_forward` in one pass over ``x``.
+
+    Args:
+        dh: ``(B, T, d)`` gradient of ``h``, contiguous, x's dtype.
+        dg: ``(B, Np, d)`` gradient of ``g``, contiguous, x's dtype.
+        x: the forward's block input ``(B, T, d)``.
+        norm1_weight: ``(d,)`` or None (ones).
+        gen_weight: ``(d,)`` or None (ones).
+        gen_bias: ``(d,)`` or None (zeros); needed to rebuild ``LN_g(x)`` for ``dmix``.
+        mix: ``(Np, N)`` or ``(Np, N, d)``, float32, contiguous.
+        mean: ``(B, T)`` float32 row means from the forward.
+        rstd1: ``(B, T)`` float32 ``1/sqrt(var + eps1)`` from the forward.
+        rstd_g: ``(B, T)`` float32 ``1/sqrt(var + eps_g)`` from the forward.
+        num_prefix: prefix tokens ``P``.
+
+    Returns:
+        ``dx (B, T, d)`` in x's dtype; float32 ``dnorm1_weight``, ``dnorm1_bias``,
+        ``dgen_weight``, ``dgen_bias`` (each ``(d,)``, computed even for None weights) and
+        ``dmix`` (mix's shape).
+    """
+    _check_inputs(x, mix, num_prefix)
+    B, T, d = x.shape
+    Np = mix.shape[0]
+    cfg = _config(T, d, Np, mix.dim() == 3)
+    tiles = triton.cdiv(T, cfg.block_t)
+    stats = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    weight_partials = [torch.empty(B * tiles, d, **stats) for _ in range(4)]
+    dmix_partial = torch.empty(B, *mix.shape, **stats)
+    if x.numel() > 0:
+        with _device_guard(x):
+            _norm_and_project_bwd_kernel[(tiles, B)](
+                dh, dg, x, norm1_weight if norm1_weight is not None else x,
+                gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
+                mix, mean, rstd1, rstd_g, dx, *weight_partials, dmix_partial,
+                T, T - num_prefix, d, Np, num_prefix,
+                HAS_W1=norm1_weight is not None, HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
+                PER_CHANNEL=mix.dim() == 3, DOT_PRECISION=_dot_precision(x.dtype),
+                BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
+            )
+    dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials)
+    return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix_partial.sum(0)
