@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*.cpp csrc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints-dev.txt torch triton timm ninja
-	$(PY) -m pip install -c constraints-dev.txt --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q -c constraints-dev.txt --no-build-isolation -e ".[test]"
+	@echo "extension build configuration (vapt_kernels/_build_info.json):"; cat vapt_kernels/_build_info.json
 	touch $(STAMP)
 
 test: $(STAMP)

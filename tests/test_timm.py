@@ -7,7 +7,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from timm.models.vision_transformer import Block, ResPostBlock
 
 import vapt_kernels as vk

@@ -59,7 +59,10 @@ def _triton_reason(device_type: Optional[str] = None) -> Optional[str]:
     """Why the Triton backend cannot run (on ``device_type``, or on this machine at all), or None."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed: pip install 'vapt_kernels[triton]' (needs a CUDA GPU)"
-    on_cpu = "on CPU tensors it needs Triton's interpreter: set TRITON_INTERPRET=1 before importing vapt_kernels (slow; for tests), or use backend='torch' or 'native'"
+    on_cpu = (
+        "on CPU tensors it needs Triton's interpreter: set TRITON_INTERPRET=1 before importing vapt_kernels "
+        "(slow; for tests), or use backend='torch' or 'native'"
+    )
     if device_type == "cpu" and not _triton_interpreting():
         return "the Triton backend runs on CUDA tensors; " + on_cpu
     if device_type is None and not torch.cuda.is_available() and not _triton_interpreting():

@@ -51,7 +51,9 @@ def _norm_and_project_bwd(
     rstd_g: Tensor,
     num_prefix: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return norm_and_project_backward(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix)
+    return norm_and_project_backward(
+        dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix
+    )
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.PREFIX_ATTENTION_FWD}", mutates_args=())
