@@ -281,3 +281,16 @@ def test_missing_extension_is_explained(monkeypatch):
 def test_stats_dtype():
     assert library.stats_dtype(torch.bfloat16) == torch.float32
     assert library.stats_dtype(torch.float64) == torch.float64
+
+
+def test_cpu_without_avx2_falls_back(monkeypatch):
+    """On an x86-64 CPU without AVX2 the native CPU kernels are unavailable with a reason, so
+    ``auto`` falls back to ``torch`` instead of failing."""
+    from vapt_kernels.ops import native
+
+    if native.LOAD_ERROR is not None:
+        pytest.skip(native.LOAD_ERROR)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: False)
+    assert "AVX2" in ops._reason("native", "cpu")
+    assert ops.backend_for("auto", "cpu") == "torch"

@@ -78,6 +78,8 @@ def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
 
     if native.LOAD_ERROR is not None:
         return native.LOAD_ERROR
+    if device_type == "cpu" and native.cpu_unsupported_reason() is not None:
+        return native.cpu_unsupported_reason()
     if device_type is not None and not native.has_device_kernels(device_type):
         if device_type == "cuda":
             return (
