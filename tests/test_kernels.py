@@ -44,6 +44,9 @@ ATTENTION_SHAPES = [  # B, T, H, D, Np, prefix batch ("expand": batch stride 0)
     pytest.param(3, 50, 1, 80, 50, 1, id="np50-broadcast"),
     pytest.param(2, 9, 2, 33, 7, "expand", id="odd-dim-expanded"),
     pytest.param(2, 7, 1, 16, 3, 2, id="tiny"),
+    pytest.param(1, 13, 2, 96, 4, 1, id="dim96"),
+    pytest.param(1, 11, 1, 128, 5, 1, id="dim128"),
+    pytest.param(1, 20, 1, 32, 256, 1, id="np256"),
 ]
 
 
