@@ -16,8 +16,13 @@ not depend on scheduling.
 Backward, same grid: recompute ``xhat`` from ``x`` and the saved statistics, form
 ``dxg = mix[:, tile]^T dg`` (the gradient reaching ``LN_g``'s output), add the two LayerNorm
 backward terms into ``dx``, and write per-program partial sums of the four weight/bias gradients
-(``(B * tiles, d)``) and the per-image partial ``dmix`` of the tile's columns (``(B, Np, N)`` or
-``(B, Np, N, d)``), both summed afterwards.
+(``(B * tiles, d)``), summed afterwards. A shared mix's gradient comes from the same pass, as
+per-image partials ``(B, Np, N)`` of the tile's columns summed afterwards. Per channel those
+partials would be ``(B, Np, N, d)`` (3.8 GB at ViT-B, B = 128, Np = 50), so a second kernel computes
+``dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, P + n, c]`` directly: each program owns a block
+of prompts, patches and channels (grid ``(d / BLOCK_C, N / BLOCK_N, Np / BLOCK_J)``), rebuilds
+``LN_g(x)`` from ``x`` and the saved statistics, and accumulates over the images in float32
+registers.
 
 All arithmetic is float32 whatever the input dtype; every load is cast to float32 right away
 (Triton's CPU interpreter mishandles bfloat16 arithmetic). The matrix products run on
@@ -139,7 +144,7 @@ def _norm_and_project_bwd_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
     wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG and not PER_CHANNEL)
     mix_ptr,  # (Np, N) shared or (Np, N, d) per-channel, float32, contiguous
     mean_ptr,  # (B, T) row means, float32
     rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
@@ -149,7 +154,7 @@ def _norm_and_project_bwd_kernel(
     db1_ptr,  # (B * tiles, d) output partial gradient of norm1 bias, float32
     dwg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm weight, float32
     dbg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm bias, float32
-    dmix_ptr,  # (B, Np, N) or (B, Np, N, d) output per-image partial gradient of mix, float32
+    dmix_ptr,  # (B, Np, N) output per-image partial gradient of a shared mix, float32 (not PER_CHANNEL)
     T,  # tokens per image
     N,  # patch tokens per image (mix columns)
     d,  # channels
@@ -185,14 +190,8 @@ def _norm_and_project_bwd_kernel(
     xhatg = xc * rstd_g[:, None]
     if HAS_WG:
         wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        xg = xhatg * wg[None, :]
-    else:
-        xg = xhatg
-    if HAS_BG:
-        xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
-    # dxg[t] = sum_j mix[j, t - P] dg[j]; the mix-gradient of this tile's columns comes from the
-    # same dg rows: dmix[j, n] = dg[j] . xg[n] (per channel: dg[j, c] * xg[n, c]).
+    # dxg[t] = sum_j mix[j, t - P] dg[j].
     n = rows - num_prefix
     n_ok = row_ok & (n >= 0)
     n = tl.where(n_ok, n, 0)
@@ -203,17 +202,16 @@ def _norm_and_project_bwd_kernel(
         tile_offs = n[:, None] * d + cols[None, :]
         # Advanced by pointer increments: the offset j * N * d may exceed int32.
         mix_j = mix_ptr
-        dmix_j = dmix_ptr + b * Np * N * d
         for j in range(0, Np):
             dgj = tl.load(dg_rows + j * d + cols, mask=col_ok, other=0.0).to(tl.float32)
             m = tl.load(mix_j + tile_offs, mask=mix_mask, other=0.0)
             dxg += m * dgj[None, :]
-            tl.store(dmix_j + tile_offs, dgj[None, :] * xg, mask=mix_mask)
             mix_j += N * d
-            dmix_j += N * d
     else:
-        # Two loops over the prompts, one product each: with both products in one loop the
-        # compiler keeps dg in two register layouts and spills heavily at d >= 512 (ptxas, sm_90).
+        # The mix-gradient of this tile's columns comes from the same dg rows:
+        # dmix[j, n] = dg[j] . xg[n]. Two loops over the prompts, one product each: with both
+        # products in one loop the compiler keeps dg in two register layouts and spills heavily
+        # at d >= 512 (ptxas, sm_90).
         for j0 in range(0, Np, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
             j_ok = js < Np
@@ -222,6 +220,12 @@ def _norm_and_project_bwd_kernel(
             mix_t_mask = n_ok[:, None] & j_ok[None, :]
             m_t = tl.load(mix_ptr + js[None, :] * N + n[:, None], mask=mix_t_mask, other=0.0)
             dxg += tl.dot(m_t, dgc.to(tl.float32), input_precision=DOT_PRECISION)
+        if HAS_WG:
+            xg = xhatg * wg[None, :]
+        else:
+            xg = xhatg
+        if HAS_BG:
+            xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         xg_t = tl.trans(xg)
         for j0 in range(0, Np, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
@@ -256,6 +260,72 @@ def _norm_and_project_bwd_kernel(
     tl.store(dbg_ptr + part_offs, tl.sum(dxg, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _norm_and_project_dmix_kernel(
+    dg_ptr,  # (B, Np, d) gradient of g, contiguous
+    x_ptr,  # (B, T, d) block input, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mean_ptr,  # (B, T) row means, float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    dmix_ptr,  # (Np, N, d) output gradient of the per-channel mix, float32
+    B,  # images
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (patch n is row P + n)
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_N: tl.constexpr,  # patches per program
+    BLOCK_J: tl.constexpr,  # prompts per program
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < d
+    n_ok = ns < N
+    j_ok = js < Np
+    x_mask = n_ok[:, None] & col_ok[None, :]
+    dg_mask = j_ok[:, None] & col_ok[None, :]
+    rows = num_prefix + ns
+    x_offs = rows[:, None] * d + cols[None, :]
+    dg_offs = js[:, None] * d + cols[None, :]
+    if HAS_WG:
+        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BG:
+        bg = tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    # dmix[j, n, c] = sum_b dg[b, j, c] * xg[b, n, c], accumulated over the images in a fixed
+    # order in float32 registers. Image pointers are advanced by increments: b * T * d may
+    # exceed int32.
+    acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_C), dtype=tl.float32)
+    x_b = x_ptr
+    dg_b = dg_ptr
+    mean_b = mean_ptr
+    rstdg_b = rstdg_ptr
+    for _ in range(0, B):
+        x = tl.load(x_b + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_b + rows, mask=n_ok, other=0.0)
+        rstd_g = tl.load(rstdg_b + rows, mask=n_ok, other=0.0)
+        xg = (x - mean[:, None]) * rstd_g[:, None]
+        if HAS_WG:
+            xg = xg * wg[None, :]
+        if HAS_BG:
+            xg = xg + bg[None, :]
+        dgc = tl.load(dg_b + dg_offs, mask=dg_mask, other=0.0).to(tl.float32)
+        acc += dgc[:, None, :] * xg[None, :, :]
+        x_b += T * d
+        dg_b += Np * d
+        mean_b += T
+        rstdg_b += T
+
+    # int64: j * N * d may exceed int32.
+    out_offs = js.to(tl.int64)[:, None, None] * N * d + (ns[:, None] * d + cols[None, :])[None, :, :]
+    tl.store(dmix_ptr + out_offs, acc, mask=j_ok[:, None, None] & x_mask[None, :, :])
+
+
 class _Config(NamedTuple):
     """Launch configuration shared by the forward and backward kernels."""
 
@@ -283,6 +353,29 @@ def _config(T: int, d: int, Np: int, per_channel: bool) -> _Config:
     tile = block_t * block_d
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
     return _Config(block_t, block_d, block_j, num_warps)
+
+
+class _DmixConfig(NamedTuple):
+    """Launch configuration of the per-channel ``dmix`` kernel."""
+
+    block_c: int
+    block_n: int
+    block_j: int
+    num_warps: int
+
+
+def _dmix_config(N: int, d: int, Np: int) -> _DmixConfig:
+    """Block sizes of the per-channel ``dmix`` kernel for ``N`` patches, ``d`` channels, ``Np`` prompts.
+
+    A program accumulates a ``BLOCK_J x BLOCK_N x BLOCK_C`` float32 tile (at most 4096 elements,
+    32 registers a thread at 4 warps). Every prompt block re-reads the ``x`` tile and every patch
+    block the ``dg`` tile, so ``BLOCK_J * BLOCK_N`` is fixed at 64 and split evenly (8 x 8) unless
+    ``Np`` is small; 64 channels give coalesced rows of ``x`` and ``dg``.
+    """
+    block_c = min(64, max(16, triton.next_power_of_2(d)))
+    block_j = min(8, triton.next_power_of_2(Np))
+    block_n = min(64 // block_j, triton.next_power_of_2(N))
+    return _DmixConfig(block_c, block_n, block_j, 4)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -378,7 +471,8 @@ def norm_and_project_backward(
     rstd_g: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`norm_and_project_forward` in one pass over ``x``.
+    """Gradients of :func:`norm_and_project_forward`: one pass over ``x``, and for a per-channel
+    ``mix`` a second one that reduces ``dmix`` over the batch (no buffer that grows with ``B``).
 
     Args:
         dh: ``(B, T, d)`` gradient of ``h``, contiguous, x's dtype.
@@ -400,23 +494,37 @@ def norm_and_project_backward(
     """
     _check_inputs(x, mix, num_prefix)
     B, T, d = x.shape
-    Np = mix.shape[0]
-    cfg = _config(T, d, Np, mix.dim() == 3)
+    Np, N = mix.shape[:2]
+    per_channel = mix.dim() == 3
+    cfg = _config(T, d, Np, per_channel)
     tiles = triton.cdiv(T, cfg.block_t)
     stats = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     weight_partials = [torch.empty(B * tiles, d, **stats) for _ in range(4)]
-    dmix_partial = torch.empty(B, *mix.shape, **stats)
-    if x.numel() > 0:
-        with _device_guard(x):
+    # Shared mix: per-image partials (B, Np, N) from the main kernel, summed below. Per channel
+    # such partials would be (B, Np, N, d), so a second kernel reduces over the batch in registers
+    # and writes dmix itself.
+    dmix = torch.empty(mix.shape, **stats) if per_channel else torch.empty(B, Np, N, **stats)
+    with _device_guard(x):
+        if x.numel() > 0:
             _norm_and_project_bwd_kernel[(tiles, B)](
                 dh, dg, x, norm1_weight if norm1_weight is not None else x,
                 gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mix, mean, rstd1, rstd_g, dx, *weight_partials, dmix_partial,
-                T, T - num_prefix, d, Np, num_prefix,
+                mix, mean, rstd1, rstd_g, dx, *weight_partials, dmix,
+                T, N, d, Np, num_prefix,
                 HAS_W1=norm1_weight is not None, HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=mix.dim() == 3, DOT_PRECISION=_dot_precision(x.dtype),
+                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype),
                 BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
             )
+        # Also run for B == 0, where it writes zeros.
+        if per_channel and dmix.numel() > 0:
+            dcfg = _dmix_config(N, d, Np)
+            grid = (triton.cdiv(d, dcfg.block_c), triton.cdiv(N, dcfg.block_n), triton.cdiv(Np, dcfg.block_j))
+            _norm_and_project_dmix_kernel[grid](
+                dg, x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
+                mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
+                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
+                BLOCK_C=dcfg.block_c, BLOCK_N=dcfg.block_n, BLOCK_J=dcfg.block_j, num_warps=dcfg.num_warps,
+            )
     dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials)
-    return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix_partial.sum(0)
+    return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix if per_channel else dmix.sum(0)
