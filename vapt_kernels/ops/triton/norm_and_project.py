@@ -6,12 +6,20 @@ channels, ``Np`` prompts. ``mix`` is the folded ``(Np, N)`` matrix ("shared") or
 form ``(Np, N, d)``.
 
 Forward, per program one tile of ``BLOCK_T`` rows of one image (grid ``(tiles, B)``): load the
-rows once, compute their mean and variance once, write ``h = LN_1(x)`` and the row statistics,
-normalise again with the prompt LayerNorm (``xg = LN_g(x)``: same statistics, its own eps and
-affine) and project the tile's patch rows, ``mix[:, tile] @ xg[tile]``, into a
-``(B, tiles, Np, d)`` float32 buffer of partial ``g`` that is summed over the tiles afterwards.
-Each program owns its slice of every partial buffer, so there are no atomics and the result does
-not depend on scheduling.
+rows once, compute their mean and variance once, write ``h = LN_1(x)`` and the row statistics.
+With a shared mix the same program normalises again with the prompt LayerNorm (``xg = LN_g(x)``:
+same statistics, its own eps and affine) and projects the tile's patch rows,
+``mix[:, tile] @ xg[tile]``, into a ``(B, tiles, Np, d)`` float32 buffer of partial ``g`` that is
+summed over the tiles afterwards. Per channel the tiles are sized for the LayerNorm alone and hold
+a few rows, so such partials would be many times ``g`` (491 MB at ViT-B: B = 128, Np = 50, 8-row
+tiles). There the first kernel only normalises, and a second one, launched after it on the same
+stream, computes ``g[b, j, c] = sum_n mix[j, n, c] * LN_g(x)[b, P + n, c]`` directly: each
+program owns an image, a block of prompts and a block of channels (grid
+``(B, Np / BLOCK_J, d / BLOCK_C)``, images fastest so the programs that read one mix block run
+together and share it through L2), rebuilds ``LN_g(x)`` from ``x`` and the statistics just
+written, and accumulates over the patches in float32 registers. Each program owns its slice of
+every output and partial buffer, so there are no atomics and the result does not depend on
+scheduling.
 
 Backward, same grid: recompute ``xhat`` from ``x`` and the saved statistics, form
 ``dxg = mix[:, tile]^T dg`` (the gradient reaching ``LN_g``'s output), add the two LayerNorm
@@ -29,8 +37,8 @@ All arithmetic is float32 whatever the input dtype; every load is cast to float3
 ``tl.dot`` with float32 operands and accumulation: in IEEE float32 for float32 inputs, in TF32 for
 16-bit inputs (its rounding is finer than the inputs' own, and than the composite PyTorch path,
 which rounds ``mix`` and ``LN_g(x)`` to the input dtype). Under the interpreter, bfloat16 stores
-of ``h`` and ``dx`` truncate instead of rounding to nearest (up to 2**-7 relative error; the GPU
-rounds).
+of ``h``, ``dx`` and the per-channel ``g`` truncate instead of rounding to nearest (up to 2**-7
+relative error; the GPU rounds).
 """
 
 from __future__ import annotations
@@ -53,14 +61,14 @@ def _norm_and_project_fwd_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
     b1_ptr,  # (d,) norm1 bias (read only when HAS_B1)
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
-    mix_ptr,  # (Np, N) shared or (Np, N, d) per-channel, float32, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG and not PER_CHANNEL)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG and not PER_CHANNEL)
+    mix_ptr,  # (Np, N) shared mix, float32, contiguous (not read when PER_CHANNEL)
     h_ptr,  # (B, T, d) output LN_1(x), x's dtype
     mean_ptr,  # (B, T) output row means, float32
     rstd1_ptr,  # (B, T) output 1 / sqrt(var + eps1), float32
     rstdg_ptr,  # (B, T) output 1 / sqrt(var + eps_g), float32
-    gpart_ptr,  # (B, tiles, Np, d) output partial g of each row tile, float32
+    gpart_ptr,  # (B, tiles, Np, d) output partial g of each row tile, float32 (not PER_CHANNEL)
     T,  # tokens per image
     N,  # patch tokens per image (mix columns)
     d,  # channels
@@ -72,7 +80,7 @@ def _norm_and_project_fwd_kernel(
     HAS_B1: tl.constexpr,
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d) instead of (Np, N)
+    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d): h and statistics only, g from the g kernel
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
     BLOCK_T: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next power of two >= d
@@ -107,27 +115,18 @@ def _norm_and_project_fwd_kernel(
         h = h + tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
-    xg = xc * rstd_g[:, None]
-    if HAS_WG:
-        xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BG:
-        xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
-    # Mix column of each row; prefix and padding rows load zero mix entries, so contribute nothing.
-    n = rows - num_prefix
-    n_ok = row_ok & (n >= 0)
-    n = tl.where(n_ok, n, 0)
-    gpart_base = (b * tl.num_programs(0) + tile) * Np * d
-    if PER_CHANNEL:
-        mix_mask = n_ok[:, None] & col_ok[None, :]
-        # Advanced by pointer increments: the offset j * N * d may exceed int32.
-        mix_j = mix_ptr
-        for j in range(0, Np):
-            m = tl.load(mix_j + n[:, None] * d + cols[None, :], mask=mix_mask, other=0.0)
-            g = tl.sum(m * xg, axis=0)
-            tl.store(gpart_ptr + gpart_base + j * d + cols, g, mask=col_ok)
-            mix_j += N * d
-    else:
+    if not PER_CHANNEL:
+        xg = xc * rstd_g[:, None]
+        if HAS_WG:
+            xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BG:
+            xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # Mix column of each row; prefix and padding rows load zero mix entries, so contribute
+        # nothing.
+        n = rows - num_prefix
+        n_ok = row_ok & (n >= 0)
+        n = tl.where(n_ok, n, 0)
+        gpart_base = (b * tl.num_programs(0) + tile) * Np * d
         for j0 in range(0, Np, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
             j_ok = js < Np
@@ -135,6 +134,66 @@ def _norm_and_project_fwd_kernel(
             g = tl.dot(m, xg, input_precision=DOT_PRECISION)
             g_offs = gpart_base + js[:, None] * d + cols[None, :]
             tl.store(gpart_ptr + g_offs, g, mask=j_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _norm_and_project_g_kernel(
+    x_ptr,  # (B, T, d) block input, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mix_ptr,  # (Np, N, d) per-channel mix, float32, contiguous
+    mean_ptr,  # (B, T) row means, float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    g_ptr,  # (B, Np, d) output projection, x's dtype
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (patch n is row P + n)
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_N: tl.constexpr,  # patches per step of the loop over the patches
+    BLOCK_J: tl.constexpr,  # prompts per program
+):
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(0).to(tl.int64)
+    js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_ok = js < Np
+    col_ok = cols < d
+    if HAS_WG:
+        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BG:
+        bg = tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x_b = x_ptr + b * T * d
+    stat_b = b * T
+    # int64: j * N * d may exceed int32.
+    mix_jc = mix_ptr + js.to(tl.int64)[:, None, None] * N * d + cols[None, None, :]
+
+    # g[b, j, c] = sum_n mix[j, n, c] * xg[n, c], accumulated over the patches in a fixed order in
+    # float32 registers and reduced over the patch axis once at the end.
+    acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        x_mask = n_ok[:, None] & col_ok[None, :]
+        rows = num_prefix + ns
+        x = tl.load(x_b + rows[:, None] * d + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + stat_b + rows, mask=n_ok, other=0.0)
+        rstd_g = tl.load(rstdg_ptr + stat_b + rows, mask=n_ok, other=0.0)
+        xg = (x - mean[:, None]) * rstd_g[:, None]
+        if HAS_WG:
+            xg = xg * wg[None, :]
+        if HAS_BG:
+            xg = xg + bg[None, :]
+        # Padding patches and channels load zero mix entries, so contribute nothing.
+        m = tl.load(mix_jc + (ns * d)[None, :, None], mask=j_ok[:, None, None] & x_mask[None, :, :], other=0.0)
+        acc += m * xg[None, :, :]
+
+    g = tl.sum(acc, axis=1)
+    g_offs = b * Np * d + js[:, None] * d + cols[None, :]
+    tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=j_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -335,28 +394,32 @@ class _Config(NamedTuple):
     num_warps: int
 
 
-def _config(T: int, d: int, Np: int, per_channel: bool) -> _Config:
-    """Block sizes and warps for ``T`` rows of ``d`` channels and ``Np`` prompts.
+def _config(T: int, d: int, Np: int, per_channel: bool, backward: bool) -> _Config:
+    """Block sizes and warps of the forward or backward kernel for ``T`` rows of ``d`` channels and
+    ``Np`` prompts.
 
-    The shared layout's products need every ``tl.dot`` operand dimension to be at least 16, so
-    its tiles have 16 rows or more. Rows per tile otherwise shrink as ``d`` grows so a tile stays
-    near ``_TILE_ELEMENTS`` (half that per channel, where the loop body holds a whole mix tile)
-    to avoid register spills (ptxas, sm_90). Fewer, larger tiles would shrink the partial-``g``
-    buffer; per channel that buffer is small next to the mix reads anyway.
+    Rows per tile shrink as ``d`` grows so a tile stays near ``_TILE_ELEMENTS``, to avoid register
+    spills (ptxas, sm_90). The shared layout's products need every ``tl.dot`` operand dimension to
+    be at least 16, so its tiles have 16 rows or more. Per channel the forward kernel only
+    normalises, so its tile is sized for the LayerNorm alone; the backward's loop body also holds a
+    whole mix tile, so its tile is half as large.
     """
     block_d = max(16, triton.next_power_of_2(d))
-    if per_channel:
-        block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMENTS // 2 // block_d))
+    rows = triton.next_power_of_2(T)
+    if not per_channel:
+        block_t = max(16, min(rows, _TILE_ELEMENTS // block_d))
+    elif backward:
+        block_t = max(1, min(rows, _TILE_ELEMENTS // 2 // block_d))
     else:
-        block_t = max(16, min(triton.next_power_of_2(T), _TILE_ELEMENTS // block_d))
+        block_t = max(1, min(rows, _TILE_ELEMENTS // block_d))
     block_j = max(16, min(triton.next_power_of_2(Np), _TILE_ELEMENTS // block_d))
     tile = block_t * block_d
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
     return _Config(block_t, block_d, block_j, num_warps)
 
 
-class _DmixConfig(NamedTuple):
-    """Launch configuration of the per-channel ``dmix`` kernel."""
+class _PerChannelConfig(NamedTuple):
+    """Launch configuration of the per-channel ``g`` and ``dmix`` kernels."""
 
     block_c: int
     block_n: int
@@ -364,18 +427,21 @@ class _DmixConfig(NamedTuple):
     num_warps: int
 
 
-def _dmix_config(N: int, d: int, Np: int) -> _DmixConfig:
-    """Block sizes of the per-channel ``dmix`` kernel for ``N`` patches, ``d`` channels, ``Np`` prompts.
+def _per_channel_config(N: int, d: int, Np: int) -> _PerChannelConfig:
+    """Block sizes of the per-channel ``g`` and ``dmix`` kernels for ``N`` patches, ``d`` channels
+    and ``Np`` prompts.
 
     A program accumulates a ``BLOCK_J x BLOCK_N x BLOCK_C`` float32 tile (at most 4096 elements,
-    32 registers a thread at 4 warps). Every prompt block re-reads the ``x`` tile and every patch
-    block the ``dg`` tile, so ``BLOCK_J * BLOCK_N`` is fixed at 64 and split evenly (8 x 8) unless
-    ``Np`` is small; 64 channels give coalesced rows of ``x`` and ``dg``.
+    32 registers a thread at 4 warps); the ``g`` kernel loads a mix tile of the same size per
+    step. Every prompt block re-reads the ``x`` tile and, in ``dmix``, every patch block the ``dg``
+    tile, so ``BLOCK_J * BLOCK_N`` is fixed at 64 and split evenly (8 x 8) unless ``Np`` is small;
+    64 channels give coalesced rows of ``x``, ``dg`` and ``mix``.
     """
     block_c = min(64, max(16, triton.next_power_of_2(d)))
     block_j = min(8, triton.next_power_of_2(Np))
-    block_n = min(64 // block_j, triton.next_power_of_2(N))
-    return _DmixConfig(block_c, block_n, block_j, 4)
+    # At least 1: the g kernel also runs without patches (N == 0), to write zeros.
+    block_n = min(64 // block_j, max(1, triton.next_power_of_2(N)))
+    return _PerChannelConfig(block_c, block_n, block_j, 4)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -414,7 +480,9 @@ def norm_and_project_forward(
     mix: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])`` from one read of ``x``.
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])`` from one read of ``x``, and for a
+    per-channel ``mix`` a second kernel that reads the patch rows again to project them (no buffer
+    larger than ``g``).
 
     Args:
         x: block input ``(B, T, d)``, contiguous, float32/float16/bfloat16.
@@ -433,28 +501,44 @@ def norm_and_project_forward(
     """
     _check_inputs(x, mix, num_prefix)
     B, T, d = x.shape
-    Np = mix.shape[0]
-    cfg = _config(T, d, Np, mix.dim() == 3)
+    Np, N = mix.shape[:2]
+    per_channel = mix.dim() == 3
+    cfg = _config(T, d, Np, per_channel, backward=False)
     tiles = triton.cdiv(T, cfg.block_t)
     stats = dict(device=x.device, dtype=torch.float32)
     h = torch.empty_like(x)
     mean = torch.empty(B, T, **stats)
     rstd1 = torch.empty(B, T, **stats)
     rstd_g = torch.empty(B, T, **stats)
-    g_partial = torch.empty(B, tiles, Np, d, **stats)
-    if x.numel() > 0:
-        with _device_guard(x):
+    # Shared mix: per-tile partials (B, tiles, Np, d) from the main kernel, summed below. Per
+    # channel the tiles hold a few rows and such partials would be many times g, so a second
+    # kernel, run after the main one on the same stream, writes g itself from the statistics.
+    g = torch.empty(B, Np, d, dtype=x.dtype, device=x.device) if per_channel else None
+    g_partial = None if per_channel else torch.empty(B, tiles, Np, d, **stats)
+    with _device_guard(x):
+        if x.numel() > 0:
             _norm_and_project_fwd_kernel[(tiles, B)](
                 x, norm1_weight if norm1_weight is not None else x, norm1_bias if norm1_bias is not None else x,
                 gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mix, h, mean, rstd1, rstd_g, g_partial,
-                T, T - num_prefix, d, Np, num_prefix, eps1, eps_g,
+                mix, h, mean, rstd1, rstd_g, g_partial if g_partial is not None else x,
+                T, N, d, Np, num_prefix, eps1, eps_g,
                 HAS_W1=norm1_weight is not None, HAS_B1=norm1_bias is not None,
                 HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=mix.dim() == 3, DOT_PRECISION=_dot_precision(x.dtype),
+                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype),
                 BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
             )
-    g = g_partial.sum(1).to(x.dtype)
+        # Also run without patches (N == 0), where it writes zeros.
+        if per_channel and g.numel() > 0:
+            pcfg = _per_channel_config(N, d, Np)
+            grid = (B, triton.cdiv(Np, pcfg.block_j), triton.cdiv(d, pcfg.block_c))
+            _norm_and_project_g_kernel[grid](
+                x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
+                mix, mean, rstd_g, g, T, N, d, Np, num_prefix,
+                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
+                BLOCK_C=pcfg.block_c, BLOCK_N=pcfg.block_n, BLOCK_J=pcfg.block_j, num_warps=pcfg.num_warps,
+            )
+    if not per_channel:
+        g = g_partial.sum(1).to(x.dtype)
     return h, g, mean, rstd1, rstd_g
 
 
@@ -496,7 +580,7 @@ def norm_and_project_backward(
     B, T, d = x.shape
     Np, N = mix.shape[:2]
     per_channel = mix.dim() == 3
-    cfg = _config(T, d, Np, per_channel)
+    cfg = _config(T, d, Np, per_channel, backward=True)
     tiles = triton.cdiv(T, cfg.block_t)
     stats = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
@@ -518,13 +602,13 @@ def norm_and_project_backward(
             )
         # Also run for B == 0, where it writes zeros.
         if per_channel and dmix.numel() > 0:
-            dcfg = _dmix_config(N, d, Np)
-            grid = (triton.cdiv(d, dcfg.block_c), triton.cdiv(N, dcfg.block_n), triton.cdiv(Np, dcfg.block_j))
+            pcfg = _per_channel_config(N, d, Np)
+            grid = (triton.cdiv(d, pcfg.block_c), triton.cdiv(N, pcfg.block_n), triton.cdiv(Np, pcfg.block_j))
             _norm_and_project_dmix_kernel[grid](
                 dg, x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
                 mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
                 HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                BLOCK_C=dcfg.block_c, BLOCK_N=dcfg.block_n, BLOCK_J=dcfg.block_j, num_warps=dcfg.num_warps,
+                BLOCK_C=pcfg.block_c, BLOCK_N=pcfg.block_n, BLOCK_J=pcfg.block_j, num_warps=pcfg.num_warps,
             )
     dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials)
     return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix if per_channel else dmix.sum(0)
