@@ -22,16 +22,22 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNEL_BACKENDS = ("native", "triton")
 
 
-def kernel_cases(*backends: str):
-    """``(backend, device)`` parameters for the kernel backends on every device of this machine;
-    a pair that cannot run here is skipped with the reason (``test_kernels`` asserts that CI runs
+def kernel_cases(*backends: str, dtypes: tuple[torch.dtype, ...] = ()):
+    """``(backend, device)`` parameters for the kernel backends on every device of this machine,
+    or ``(backend, device, dtype)`` for each of ``dtypes`` the backend's kernels take there; a
+    backend that cannot run here is skipped with the reason (``test_kernels`` asserts that CI runs
     the CPU ones)."""
     cases = []
     for backend in backends or KERNEL_BACKENDS:
         for device in DEVICES:
             reason = ops._reason(backend, device)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
-            cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+            if not dtypes:
+                cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+            for dtype in dtypes:
+                if dtype in ops.KERNEL_DTYPES[backend][device]:
+                    name = str(dtype).removeprefix("torch.")
+                    cases.append(pytest.param(backend, device, dtype, marks=marks, id=f"{backend}-{device}-{name}"))
     return cases
 
 

@@ -37,6 +37,13 @@ BACKENDS = ("auto", "reference", "torch", "triton", "native")
 # Device type -> concrete backends `auto` tries, fastest first (by the benchmarks in the README).
 AUTO_PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel backend -> device type -> the input dtypes its kernels take.
+KERNEL_DTYPES = {
+    "triton": {"cuda": _FLOATS, "cpu": _FLOATS},
+    "native": {"cpu": (torch.float64, torch.float32, torch.bfloat16), "cuda": _FLOATS},
+}
+
 
 class _Impl(NamedTuple):
     norm_and_project: Callable

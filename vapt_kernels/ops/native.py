@@ -79,14 +79,9 @@ def has_device_kernels(device_type: str) -> bool:
 LOAD_ERROR: Optional[str] = _load()
 if LOAD_ERROR is None:
     library.register_fakes_and_autograd(NAMESPACE)
-    OPS: Optional[library.KernelOps] = library.KernelOps(
-        NAMESPACE,
-        "native",
-        {
-            "cpu": (torch.float64, torch.float32, torch.bfloat16),
-            "cuda": (torch.float32, torch.float16, torch.bfloat16),
-        },
-    )
+    from . import KERNEL_DTYPES
+
+    OPS: Optional[library.KernelOps] = library.KernelOps(NAMESPACE, "native", KERNEL_DTYPES["native"])
 else:
     _log.info("vapt_kernels native backend unavailable: %s", LOAD_ERROR)
     OPS = None

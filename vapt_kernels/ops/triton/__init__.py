@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import library
+from .. import KERNEL_DTYPES, library
 from .norm_and_project import norm_and_project_backward, norm_and_project_forward
 from .prefix_attention import prefix_attention_backward, prefix_attention_forward
 
@@ -80,5 +80,4 @@ def _prefix_attention_bwd(
 
 library.register_fakes_and_autograd(NAMESPACE)
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-OPS = library.KernelOps(NAMESPACE, "triton", {"cuda": _FLOATS, "cpu": _FLOATS})
+OPS = library.KernelOps(NAMESPACE, "triton", KERNEL_DTYPES["triton"])
