@@ -76,8 +76,8 @@ def test_prefix_attention_lse(backend, device):
 @pytest.mark.parametrize("pb", [3, 1])
 def test_prefix_attention_gradcheck(backend, device, dtype, pb):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 6, 5, generator=gen, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
-    kp, vp = (torch.randn(pb, 2, 3, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
+    q, k, v = (torch.randn(3, 2, 6, 5, generator=gen, dtype=dtype).to(device).requires_grad_() for _ in range(3))
+    kp, vp = (torch.randn(pb, 2, 3, 5, generator=gen, dtype=dtype).to(device).requires_grad_() for _ in range(2))
     assert torch.autograd.gradcheck(lambda *a: ops.prefix_attention(*a, 0.4, backend=backend), (q, k, v, kp, vp))
 
 
@@ -134,7 +134,7 @@ def test_norm_and_project_matches_reference(backend, device, dtype, per_channel,
 @pytest.mark.parametrize("backend, device, dtype", kernel_cases(dtypes=(torch.float64,)))
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
 def test_norm_and_project_gradcheck(backend, device, dtype, per_channel):
-    args = project_inputs(2, 1, 6, 5, 3, per_channel, torch.float64, device=device)
+    args = project_inputs(2, 1, 6, 5, 3, per_channel, dtype, device=device)
 
     def fn(x, w1, b1, wg, bg, mix):
         return ops.norm_and_project(x, w1, b1, 1e-6, wg, bg, 1e-5, mix, 1, backend=backend)
@@ -195,17 +195,19 @@ def test_opcheck(backend, device):
     namespace = getattr(torch.ops, "vapt" if backend == "native" else "vapt_triton")
     ops._implementation(backend, device)  # registers the ops
     nap, pa = _opcheck_samples(device)
+    backward_checks = ("test_schema", "test_faketensor")  # the backward ops have no autograd of their own
     for args in nap:
         torch.library.opcheck(namespace.norm_and_project_fwd.default, args)
         h, g, mean, rstd1, rstd_g = namespace.norm_and_project_fwd(*args)
         x, w1, _, _, wg, bg, _, mix, P = args
-        bwd_args = (torch.randn_like(h), torch.randn_like(g), x.detach(), w1, wg, bg, mix.detach(), mean, rstd1, rstd_g, P)
-        torch.library.opcheck(namespace.norm_and_project_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+        grads = (torch.randn_like(h), torch.randn_like(g))
+        bwd_args = (*grads, x.detach(), w1, wg, bg, mix.detach(), mean, rstd1, rstd_g, P)
+        torch.library.opcheck(namespace.norm_and_project_bwd.default, bwd_args, test_utils=backward_checks)
     for args in pa:
         torch.library.opcheck(namespace.prefix_attention_fwd.default, args)
         out, lse = namespace.prefix_attention_fwd(*args)
         bwd_args = (torch.randn_like(out), *(a.detach() for a in args[:5]), out, lse, args[5])
-        torch.library.opcheck(namespace.prefix_attention_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(namespace.prefix_attention_bwd.default, bwd_args, test_utils=backward_checks)
 
 
 def test_kernel_backends_run_in_ci():
