@@ -85,8 +85,6 @@ def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
 
     if native.LOAD_ERROR is not None:
         return native.LOAD_ERROR
-    if device_type == "cpu" and native.cpu_unsupported_reason() is not None:
-        return native.cpu_unsupported_reason()
     if device_type is not None and not native.has_device_kernels(device_type):
         if device_type == "cuda":
             return (
@@ -94,7 +92,7 @@ def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
                 "rebuild it with one, e.g. `FORCE_CUDA=1 pip install --no-build-isolation .`"
             )
         return f"the compiled extension has no kernels for {device_type} tensors"
-    return None
+    return native.cpu_unsupported_reason() if device_type == "cpu" else None
 
 
 def _reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
