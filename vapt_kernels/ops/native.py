@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import library
+from . import KERNEL_DTYPES, library
 
 NAMESPACE = "vapt"
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
@@ -79,8 +79,6 @@ def has_device_kernels(device_type: str) -> bool:
 LOAD_ERROR: Optional[str] = _load()
 if LOAD_ERROR is None:
     library.register_fakes_and_autograd(NAMESPACE)
-    from . import KERNEL_DTYPES
-
     OPS: Optional[library.KernelOps] = library.KernelOps(NAMESPACE, "native", KERNEL_DTYPES["native"])
 else:
     _log.info("vapt_kernels native backend unavailable: %s", LOAD_ERROR)

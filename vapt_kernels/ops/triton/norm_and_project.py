@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import KERNEL_DTYPES
 
 # Largest BLOCK_T * BLOCK_D (and BLOCK_J * BLOCK_D) tile a program keeps in registers.
 _TILE_ELEMENTS = 8192
@@ -453,7 +453,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _check_inputs(x: torch.Tensor, mix: torch.Tensor, num_prefix: int) -> None:
     """Raise a readable error for inputs the kernels do not handle."""
-    if x.dtype not in _SUPPORTED_DTYPES:
+    if x.dtype not in KERNEL_DTYPES["triton"].get(x.device.type, ()):
         raise TypeError(f"triton norm_and_project supports float32, float16 and bfloat16 x, got {x.dtype}")
     if x.dim() != 3 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous (B, T, d) tensor, got shape {tuple(x.shape)}")

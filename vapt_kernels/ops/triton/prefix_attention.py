@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import KERNEL_DTYPES
+
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 
@@ -532,7 +534,7 @@ def _check_inputs(
         )
     if any(t.dtype != q.dtype for t in (k, v, k_prefix, v_prefix)):
         raise TypeError("q, k, v, k_prefix, v_prefix must share one dtype")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in KERNEL_DTYPES["triton"].get(q.device.type, ()):
         raise TypeError(f"the Triton prefix attention supports float32/float16/bfloat16, got {q.dtype}")
     if any(t.device != q.device for t in (k, v, k_prefix, v_prefix)):
         raise ValueError("q, k, v, k_prefix, v_prefix must be on one device")
