@@ -24,6 +24,12 @@ pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+def kernel_ops(backend: str, device: str):
+    """The ``torch.ops`` namespace of a kernel backend's four ops (registered on first use)."""
+    ops._implementation(backend, device)
+    return getattr(torch.ops, "vapt" if backend == "native" else "vapt_triton")
+
+
 # --------------------------------------------------------------------------------------------
 # prefix_attention
 # --------------------------------------------------------------------------------------------
@@ -66,8 +72,7 @@ def test_prefix_attention_matches_reference(backend, device, dtype, B, T, H, D, 
 @pytest.mark.parametrize("backend, device", kernel_cases())
 def test_prefix_attention_lse(backend, device):
     _, (q, k, v, kp, vp) = attention_case(2, 23, 2, 16, 5, 1, torch.float32, device)
-    namespace = "vapt" if backend == "native" else "vapt_triton"
-    out, lse = getattr(torch.ops, namespace).prefix_attention_fwd(q, k, v, kp, vp, 0.3)
+    out, lse = kernel_ops(backend, device).prefix_attention_fwd(q, k, v, kp, vp, 0.3)
     scores = torch.cat((kp.expand(2, -1, -1, -1), k), 2) @ q.transpose(-1, -2) * 0.3
     assert_close_rel(lse, scores.logsumexp(-2), 1e-5, "lse")
 
@@ -192,8 +197,7 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("backend, device", kernel_cases())
 def test_opcheck(backend, device):
-    namespace = getattr(torch.ops, "vapt" if backend == "native" else "vapt_triton")
-    ops._implementation(backend, device)  # registers the ops
+    namespace = kernel_ops(backend, device)
     nap, pa = _opcheck_samples(device)
     backward_checks = ("test_schema", "test_faketensor")  # the backward ops have no autograd of their own
     for args in nap:
