@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vapt_kernels as vk  # noqa: E402
-from vapt_kernels import ops  # noqa: E402
+from vapt_kernels import ops, reference  # noqa: E402
+from vapt_kernels.checkpoint import official_parameters  # noqa: E402
+from vapt_kernels.ops import library  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNEL_BACKENDS = ("native", "triton")
@@ -30,12 +32,12 @@ def kernel_cases(*backends: str, dtypes: tuple[torch.dtype, ...] = ()):
     cases = []
     for backend in backends or KERNEL_BACKENDS:
         for device in DEVICES:
-            reason = ops._reason(backend, device)
+            reason = ops.unavailable_reason(backend, device)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             if not dtypes:
                 cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
             for dtype in dtypes:
-                if dtype in ops.KERNEL_DTYPES[backend][device]:
+                if dtype in library.input_dtypes(backend, device):
                     name = str(dtype).removeprefix("torch.")
                     cases.append(pytest.param(backend, device, dtype, marks=marks, id=f"{backend}-{device}-{name}"))
     return cases
@@ -139,11 +141,29 @@ def forward_and_grads(model, x: torch.Tensor, backend: str):
     return out.detach(), dict(zip(names, grads))
 
 
-def assert_backends_agree(model, x: torch.Tensor, backend: str, tol: float = 1e-10, seed=None) -> None:
-    """``backend`` against ``reference``: logits, input gradient and every trainable gradient."""
+def oracle_and_grads(model, x: torch.Tensor, params=None):
+    """Logits and gradients (as :func:`forward_and_grads`) of the literal official formulation
+    (:func:`vapt_kernels.reference.forward`) with the model's backbone and prompt parameters, or
+    with ``params`` (official names) in their place."""
+    x = x.clone().requires_grad_()
+    module = getattr(model, "_orig_mod", model)
+    official = official_parameters(module) if params is None else params
+    out = reference.forward(module, official, module.vapt.config, x, training=module.vapt.training)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    tensors = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * weights).sum(), [x, *tensors], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([x, *tensors], grads)]
+    return out.detach(), dict(zip(["input", *names], grads))
+
+
+def assert_backends_agree(model, x: torch.Tensor, backend: str, tol: float = 1e-10, seed=None, params=None) -> None:
+    """``backend`` against the official formulation (the oracle; with ``params`` in place of the
+    model's prompt parameters): logits, input gradient and every trainable gradient. With
+    ``seed``, both draw the same dropout masks."""
     if seed is not None:
         torch.manual_seed(seed)
-    ref_out, ref_grads = forward_and_grads(model, x, "reference")
+    ref_out, ref_grads = oracle_and_grads(model, x, params)
     if seed is not None:
         torch.manual_seed(seed)
     out, grads = forward_and_grads(model, x, backend)

@@ -28,7 +28,7 @@ def test_vapt_bench_one_step(tmp_path):
     assert "infer  vapt-triton" in out and "n/a (" in out and "TRITON_INTERPRET=1" in out
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["mode"], r["provider"]) for r in rows] == [(m, p) for m in ("train", "infer") for p in PROVIDERS]
-    runnable = {"floor", "vapt-official", "vapt-torch"} | ({"vapt-native"} if ops._reason("native", "cpu") is None else set())
+    runnable = {"floor", "vapt-official", "vapt-torch"} | ({"vapt-native"} if ops.unavailable_reason("native", "cpu") is None else set())
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["provider"] for r in ok} == runnable and len(ok) == 2 * len(runnable)
     assert all(float(r["median_ms"]) > 0 and float(r["img_per_s"]) > 0 for r in ok)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vapt_kernels as vk
 from conftest import (
@@ -15,6 +16,7 @@ from conftest import (
     forward_and_grads,
     images,
     kernel_cases,
+    official_parameters,
     randomize_prompts,
     tiny_vit,
 )
@@ -126,22 +128,36 @@ def test_training_mode_with_dropout_matches_mask_for_mask(options):
     assert_backends_agree(model, images(model, batch=3), "torch", seed=123)
 
 
-def test_dynamic_image_size_takes_grid_from_input():
-    model = vk.apply_vapt(tiny_vit(dynamic_img_size=True), num_prompts=3)
+def resampled_parameters(model, grid):
+    """The official prompt parameters with every token projector resampled for the conv output
+    grid of a ``grid`` input, by the package's documented rule for other image sizes (bicubic, as
+    timm resamples position embeddings, scaled by the area ratio)."""
+    params = dict(official_parameters(model))
+    cfg = model.vapt.config
+    built, new = cfg.conv_grid(model.patch_embed.grid_size), cfg.conv_grid(grid)
+    for j in range(len(model.vapt.generators)):
+        key = f"deep_prompt_downsample.{j}.linear.weight" if cfg.conv else f"deep_prompt_downsample.{j}.weight"
+        w = params[key]
+        w = F.interpolate(w.reshape(len(w), 1, *built), size=new, mode="bicubic", align_corners=False)
+        params[key] = w.reshape(len(w), -1) * (built[0] * built[1]) / (new[0] * new[1])
+    return params
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("options", [{}, dict(shared_kernel=False, kernel_size=3, padding=1), dict(conv=False)])
+def test_dynamic_image_size_takes_grid_from_input(backend, options):
+    model = vk.apply_vapt(tiny_vit(dynamic_img_size=True), vk.VAPTConfig(num_prompts=3, **options), backend=backend)
     randomize_prompts(model)
     # The built grid (exact, no resampling), a non-square grid and a larger one (resampled projector).
     for size in [(32, 32), (32, 48), (48, 40)]:
-        x = images(model, size=size)
-        assert_backends_agree(model, x, "torch")
-        assert model.vapt.grid == (size[0] // 8, size[1] // 8)
+        grid = (size[0] // 8, size[1] // 8)
+        assert_backends_agree(model, images(model, size=size), backend, params=resampled_parameters(model, grid))
 
 
 def test_dynamic_image_pad():
     model = vk.apply_vapt(tiny_vit(dynamic_img_size=True, dynamic_img_pad=True), num_prompts=2)
     randomize_prompts(model)
-    x = images(model, size=(30, 45))
-    assert_backends_agree(model, x, "torch")
-    assert model.vapt.grid == (4, 6)
+    assert_backends_agree(model, images(model, size=(30, 45)), "torch", params=resampled_parameters(model, (4, 6)))
 
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
@@ -187,12 +203,12 @@ def test_switching_backend_changes_no_parameter():
     assert {b.backend for b in model.blocks} == {"auto"}
 
 
-def test_deepcopy_keeps_its_own_grid():
+def test_deepcopy_keeps_its_own_prompts():
     model = vk.apply_vapt(tiny_vit(dynamic_img_size=True), num_prompts=2)
     twin = copy.deepcopy(model)
-    twin(images(twin, size=(32, 48)))
-    assert twin.vapt.grid == (4, 6) and model.vapt.grid == (4, 4)
     assert all(b.vapt_prompts is twin.vapt for b in twin.blocks)
+    x = images(model, size=(32, 48))
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
 def test_bfloat16_autocast_training_step():

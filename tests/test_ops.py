@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_close_rel, max_rel_err, prefix_kv, project_inputs, qkv_views
+from vapt_kernels import ops
 from vapt_kernels.ops import composite as C
 
 
@@ -71,7 +72,7 @@ PROJECT_SHAPES = [(2, 1, 196, 24, 10), (1, 0, 35, 16, 1), (3, 4, 12, 8, 50), (2,
 @pytest.mark.parametrize("B, P, N, d, Np", PROJECT_SHAPES)
 def test_norm_and_project_float64(B, P, N, d, Np, per_channel):
     args = project_inputs(B, P, N, d, Np, per_channel, torch.float64)
-    out = C.norm_and_project(*args)
+    out = ops.norm_and_project(*args, backend="torch")
     ref = C.norm_and_project_reference(*args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     douts = [torch.randn_like(o) for o in out]
@@ -88,7 +89,7 @@ def test_norm_and_project_gradcheck(per_channel):
     args = project_inputs(2, 1, 6, 5, 3, per_channel, torch.float64)
 
     def fn(x, w1, b1, wg, bg, mix):
-        return C.norm_and_project(x, w1, b1, 1e-6, wg, bg, 1e-5, mix, 1)
+        return ops.norm_and_project(x, w1, b1, 1e-6, wg, bg, 1e-5, mix, 1, backend="torch")
 
     assert torch.autograd.gradcheck(fn, tuple(a for a in args if isinstance(a, torch.Tensor)))
 
@@ -97,10 +98,10 @@ def test_norm_and_project_without_affine_and_frozen_norm():
     x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
     mix = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     args = [x, None, None, 1e-6, None, None, 1e-5, mix, 1]
-    for a, b in zip(C.norm_and_project(*args), C.norm_and_project_reference(*args)):
+    for a, b in zip(ops.norm_and_project(*args, backend="torch"), C.norm_and_project_reference(*args)):
         assert_close_rel(a, b, 1e-12)
     dg = torch.randn(2, 3, 8, dtype=torch.float64)
-    g = torch.autograd.grad(C.norm_and_project(*args)[1], (x, mix), dg)
+    g = torch.autograd.grad(ops.norm_and_project(*args, backend="torch")[1], (x, mix), dg)
     g_ref = torch.autograd.grad(C.norm_and_project_reference(*args)[1], (x, mix), dg)
     for a, b in zip(g, g_ref):
         assert_close_rel(a, b, 1e-12)
@@ -111,7 +112,7 @@ def test_norm_and_project_low_precision(dtype):
     args = project_inputs(2, 1, 196, 64, 10, False, torch.float32)
     exact = C.norm_and_project_reference(*[a.detach().double() if isinstance(a, torch.Tensor) else a for a in args])
     low = [a.detach().to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
-    errs = [max_rel_err(o.double(), e) for o, e in zip(C.norm_and_project(*low), exact)]
+    errs = [max_rel_err(o.double(), e) for o, e in zip(ops.norm_and_project(*low, backend="torch"), exact)]
     if dtype == torch.float32:
         assert max(errs) < 1e-5
     else:
@@ -143,7 +144,7 @@ def test_prefix_attention_random_shapes(B, T, H, D, Np, broadcast, seed):
 )
 def test_norm_and_project_random_shapes(B, P, N, d, Np, per_channel, seed):
     args = project_inputs(B, P, N, d, Np, per_channel, torch.float64, seed)
-    out, ref = C.norm_and_project(*args), C.norm_and_project_reference(*args)
+    out, ref = ops.norm_and_project(*args, backend="torch"), C.norm_and_project_reference(*args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     grads = torch.autograd.grad(out[0].square().sum() + out[1].square().sum(), tensors)
     ref_grads = torch.autograd.grad(ref[0].square().sum() + ref[1].square().sum(), tensors)

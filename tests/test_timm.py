@@ -22,7 +22,7 @@ def test_apply_keeps_backbone_keys_and_freezes_it():
     assert keys <= new_keys and all(k.startswith("vapt.") for k in new_keys - keys)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in new_keys if n.startswith(("vapt.", "head."))}
-    assert all(isinstance(b, Block) and isinstance(b, vk.modules.VAPTBlock) for b in model.blocks)
+    assert all(isinstance(b, Block) and isinstance(b, vk.timm.VAPTBlock) for b in model.blocks)
 
 
 def test_train_mode_keeps_backbone_in_eval():
@@ -161,5 +161,5 @@ def test_auto_backend_is_chosen_per_device():
     assert {b.backend for b in model.blocks} == {"auto"}
     assert vk.available_backends()["torch"] is None
     expected = "native" if vk.available_backends()["native"] is None else "torch"
-    assert ops.backend_for("auto", "cpu") == expected
+    assert ops.auto_backend("cpu") == expected
     assert_backends_agree(model, images(model), "auto")

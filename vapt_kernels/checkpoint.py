@@ -47,6 +47,13 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     return keys
 
 
+def official_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's prompt parameters under their official names (no ``enc.transformer.`` prefix):
+    what :func:`vapt_kernels.reference.forward` takes. The tensors are the parameters themselves."""
+    params = dict(model.named_parameters())
+    return {theirs: params[ours] for theirs, ours in official_key_map(model).items()}
+
+
 def _strip(key: str) -> str:
     for prefix in _OFFICIAL_PREFIXES:
         if key.startswith(prefix):

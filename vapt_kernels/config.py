@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Union
 
 ACTIVATIONS = ("relu", "gelu", "sigmoid", "attention", "identity")
 
@@ -78,6 +80,25 @@ class VAPTConfig:
         if not self.conv:
             return grid
         return tuple(g + 2 * self.padding - self.kernel_size + 1 for g in grid)
+
+
+def as_config(config: Union[VAPTConfig, Mapping[str, object], None], caller: str) -> VAPTConfig:
+    """``config`` as a ``VAPTConfig``: itself, the official defaults for None, or a mapping of
+    field names to values (validated like keyword arguments).
+
+    Raises:
+        TypeError: any other type, or a mapping with unknown fields (naming the valid ones).
+    """
+    if config is None:
+        return VAPTConfig()
+    if isinstance(config, VAPTConfig):
+        return config
+    if isinstance(config, Mapping):
+        return VAPTConfig().replace(**config)
+    raise TypeError(
+        f"{caller}: config must be a VAPTConfig, a mapping of its fields (e.g. {{'num_prompts': 10}}) or None, "
+        f"got {type(config).__name__} {config!r}; for a field alone, pass it as a keyword: num_prompts=10"
+    )
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -1,37 +1,44 @@
-"""The VAPT modules: prompt generators, the feature projector, the prompt container and the block.
+"""The VAPT prompt modules: prompt generators, the feature projector and the prompt container.
 
 Parameters keep the official parameterisation (DESIGN §1) so that official checkpoints load
-element for element; only their names say what they do. ``VAPTPrompts`` lives at ``model.vapt``
-and owns every prompt parameter; each ``VAPTBlock`` replaces a timm ``Block`` in place, keeps its
-submodules under the same names (backbone state-dict keys do not change) and asks the container
-for its prompts.
+element for element; only their names say what they do. ``VAPTPrompts`` lives at ``model.vapt``,
+owns every prompt parameter, and computes each block's prompts when the block asks
+(:meth:`VAPTPrompts.forward`); the blocks themselves are the timm integration's
+(:mod:`vapt_kernels.timm`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
-from . import ops, reference
+from . import ops
 from .config import VAPTConfig
 
 Grid = tuple[int, int]
 
 
-def _activation(name: str):
-    # "attention" is the official name for a softmax over the hidden dimension.
-    return {
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "sigmoid": torch.sigmoid,
-        "attention": lambda t: torch.softmax(t, dim=-1),
-        "identity": lambda t: t,
-    }[name]
+def _softmax_over_hidden(t: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(t, dim=-1)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# Module-level functions, so that models pickle; "attention" is the official name of a softmax
+# over the hidden dimension.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+    "attention": _softmax_over_hidden,
+    "identity": _identity,
+}
 
 
 class FeatureProjector(nn.Module):
@@ -60,12 +67,11 @@ class FeatureProjector(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim, bias=False, **dd)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False, **dd)
         self.activation = activation
-        self.act = _activation(activation)
         self.dropout = dropout
         self.scale = nn.Parameter(torch.ones(1, **dd)) if learnable_scale else None
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        a = self.act(self.fc1(g))
+        a = ACTIVATIONS[self.activation](self.fc1(g))
         if self.dropout > 0.0:
             a = F.dropout(a, self.dropout, self.training)
         out = self.fc2(a)
@@ -170,8 +176,9 @@ class PromptGenerator(nn.Module):
         if not self.training or self.conv_dropout == 0.0:
             return None
         keep = 1.0 - self.conv_dropout
-        noise = like.new_empty(batch, like.shape[-1], 1, 1).bernoulli_(keep).div_(keep)
-        return noise.reshape(batch, 1, -1)
+        d = like.shape[-1]
+        noise = like.new_empty(batch, d, 1, 1).bernoulli_(keep).div_(keep)
+        return noise.reshape(batch, 1, d)
 
 
 class VAPTPrompts(nn.Module):
@@ -179,13 +186,15 @@ class VAPTPrompts(nn.Module):
 
     Block ``l < vpt_depth`` reads a static prompt (``prompt`` for block 0, ``deep_prompts[l-1]``
     after); block ``l >= vpt_depth`` builds an adaptive one with ``generators[l - vpt_depth]``
-    and ``projectors[0]`` (shared) or ``projectors[l - vpt_depth]``.
+    and ``projectors[0]`` (shared) or ``projectors[l - vpt_depth]``. The blocks ask for their
+    prompts through :meth:`forward`, so the prompt parameters are only ever read inside this
+    module's forward (which is what module-level wrappers such as FSDP2's hook into).
 
     Args:
         config: the VAPT options.
         dim: channels ``d`` of the ViT.
         depth: number of blocks ``L``.
-        grid: the model's patch grid ``(H, W)``.
+        grid: the patch grid ``(H, W)`` the token projectors are built for.
         patch_size: the patch size (for the official static-prompt initialisation).
     """
 
@@ -203,7 +212,6 @@ class VAPTPrompts(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.config = config
         self.depth = depth
-        self.grid = tuple(grid)  # updated from every input image by `record_grid`
         np_, vpt_depth = config.num_prompts, config.vpt_depth
         # Official init: uniform(-v, v), v = sqrt(6 / (3 * patch_area + d)).
         bound = math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
@@ -247,119 +255,42 @@ class VAPTPrompts(nn.Module):
         j = 0 if self.config.share_projector else index - self.config.vpt_depth
         return self.projectors[j](g)
 
-    def record_grid(self, patch_embed: nn.Module, args: tuple) -> None:
-        """Forward pre-hook on ``patch_embed``: remember the patch grid of the incoming images."""
-        height, width = args[0].shape[-2:]
-        self.grid = tuple(patch_embed.dynamic_feat_size((height, width)))
-
-    def grid_for(self, num_patches: int) -> Grid:
-        """The patch grid of the current input, checked against its token count."""
-        h, w = self.grid
-        if h * w == num_patches:
-            return self.grid
-        side = math.isqrt(num_patches)
-        if side * side == num_patches:
-            return side, side
-        raise ValueError(
-            f"a VAPT block got {num_patches} patch tokens, which is neither the {h}x{w} grid of the last "
-            f"image seen by patch_embed nor a square grid; call the model on images, not on raw tokens"
-        )
-
-    def extra_repr(self) -> str:
-        return f"{self.config}"
-
-
-class VAPTBlock(Block):
-    """A timm ``Block`` with VAPT prompts entering its attention as a key/value prefix.
-
-    The block adopts the submodules of the block it replaces under the same names, so backbone
-    weights and their state-dict keys are untouched, and ``isinstance(block, Block)`` still holds.
-    For every real token the output equals the official formulation (prompts inserted as tokens
-    after the prefix tokens, the whole block run, prompt outputs dropped; DESIGN §2.1).
-
-    Args:
-        block: the timm block to take over.
-        index: its position ``l`` in ``model.blocks``.
-        prompts: the model's ``VAPTPrompts`` (referenced, not registered as a submodule).
-        num_prefix_tokens: class/register/distillation tokens before the patches.
-        backend: op backend (see :func:`vapt_kernels.ops.resolve_backend`).
-    """
-
-    def __init__(self, block: Block, index: int, prompts: VAPTPrompts, num_prefix_tokens: int, backend: str):
-        nn.Module.__init__(self)
-        for name, child in block.named_children():
-            self.add_module(name, child)
-        self.training = block.training
-        self.vapt_index = index
-        self.num_prefix_tokens = num_prefix_tokens
-        self.backend = backend
-        object.__setattr__(self, "vapt_prompts", prompts)  # shared, owned by model.vapt
-
-    def extra_repr(self) -> str:
-        return f"index={self.vapt_index}, backend={self.backend!r}"
-
     def forward(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError(
-                "VAPT blocks do not take attn_mask or is_causal: the official method attends over all "
-                "tokens and prompts; call the model without a mask"
-            )
-        if self.backend == "reference":
-            return reference.block_forward(self, x)
-        h, p = self._norm_and_prompt(x)
-        x = x + self.drop_path1(self.ls1(self._attention(h, p)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        self, index: int, x: torch.Tensor, norm1: nn.LayerNorm, num_prefix: int, grid: Grid, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s ``h = norm1(x)`` and its prompt rows.
 
-    def _norm_and_prompt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h = norm1(x)`` (B, T, d) and this block's prompt rows ``p`` (B or 1, Np, d)."""
-        vapt, index = self.vapt_prompts, self.vapt_index
-        if vapt.is_static(index):
-            return self.norm1(x), vapt.static_prompt(index, x.shape[0])
-        gen = vapt.generator(index)
-        n1 = self.norm1
+        Args:
+            index: the block's position ``l``.
+            x: the block input ``(B, T, d)``, ``T = num_prefix + H * W``.
+            norm1: the block's own LayerNorm (an adaptive prompt shares its row statistics).
+            num_prefix: prefix tokens (class, register, distillation) before the patches.
+            grid: the patch grid ``(H, W)`` of the images ``x`` comes from.
+            backend: op backend (see :mod:`vapt_kernels.ops`).
+
+        Returns:
+            ``h (B, T, d)`` and the prompt rows ``(B or 1, Np, d)``.
+        """
+        if self.is_static(index):
+            return norm1(x), self.static_prompt(index, x.shape[0])
+        gen = self.generator(index)
         h, g = ops.norm_and_project(
             x,
-            n1.weight,
-            n1.bias,
-            n1.eps,
+            norm1.weight,
+            norm1.bias,
+            norm1.eps,
             gen.norm.weight,
             gen.norm.bias,
             gen.norm.eps,
-            gen.mix_matrix(vapt.grid_for(x.shape[1] - self.num_prefix_tokens)),
-            self.num_prefix_tokens,
-            backend=self.backend,
+            gen.mix_matrix(grid),
+            num_prefix,
+            backend=backend,
         )
         mask = gen.channel_mask(x.shape[0], g)
         if mask is not None:
             g = g * mask
         g = g + gen.token_proj.bias.unsqueeze(-1)
-        return h, vapt.project(index, g)
+        return h, self.project(index, g)
 
-    def _attention(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` as a prefix."""
-        attn = self.attn
-        B, T, _ = h.shape
-        heads, head_dim = attn.num_heads, attn.head_dim
-        attn_dim = heads * head_dim
-        qkv = attn.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        # Prompt rows only need keys and values: the K/V rows of the block's own QKV projection.
-        kv_weight = attn.qkv.weight[attn_dim:]
-        kv_bias = attn.qkv.bias[attn_dim:] if attn.qkv.bias is not None else None
-        kv_p = F.linear(self.norm1(p), kv_weight, kv_bias)
-        kv_p = kv_p.reshape(p.shape[0], p.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        k_p, v_p = kv_p.unbind(0)
-        k_p = attn.k_norm(k_p)
-        o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
-        o = o.transpose(1, 2).reshape(B, T, attn_dim)
-        norm = getattr(attn, "norm", None)  # timm's optional scale_norm
-        if norm is not None:
-            o = norm(o)
-        gate = getattr(attn, "gate", None)  # timm's optional gated attention
-        if gate is not None:
-            o = o * gate(h).sigmoid()
-        return attn.proj_drop(attn.proj(o))
+    def extra_repr(self) -> str:
+        return f"{self.config}"

@@ -1,16 +1,31 @@
-"""Turn a timm VisionTransformer into a VAPT model in place: ``apply_vapt``, ``apply_vpt``, ``set_backend``."""
+"""The timm integration: ``apply_vapt``, ``apply_vpt``, ``set_backend``, and the VAPT block.
+
+``apply_vapt`` turns a timm ``VisionTransformer`` into a VAPT model in place: every block becomes a
+:class:`VAPTBlock` (the same submodules under the same names), the prompt parameters live at
+``model.vapt``, and the model's class becomes a subclass of its own (``VAPTVisionTransformer``
+for a ``VisionTransformer``) whose ``train()`` keeps the frozen backbone in eval mode.
+
+The patch grid of the images travels with each call: a pre-hook on ``patch_embed`` records it
+for the calling thread (and for the block inputs that a checkpointed block recomputes from,
+which autograd may do on another thread), so one model serves several threads with differently
+shaped images at once.
+"""
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+import threading
+from typing import Mapping, Optional, Union
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from .config import VAPTConfig
-from .modules import VAPTBlock, VAPTPrompts
+from . import ops
+from .config import VAPTConfig, as_config
+from .modules import Grid, VAPTPrompts
 from .ops import resolve_backend
 
 # Model families that are not VisionTransformer subclasses, and why VAPT cannot be exact there.
@@ -36,7 +51,7 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         reason = _UNSUPPORTED_FAMILIES.get(type(model).__name__, "it is not a timm VisionTransformer")
         raise TypeError(f"apply_vapt: {name} is not supported: {reason}")
-    if getattr(model, "vapt", None) is not None or any(isinstance(b, VAPTBlock) for b in model.blocks):
+    if isinstance(model, VAPTModel) or any(isinstance(b, VAPTBlock) for b in model.blocks):
         raise ValueError(f"apply_vapt: {name} already has VAPT prompts; build a fresh model to change the config")
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
@@ -73,35 +88,199 @@ def _classifier_modules(model: nn.Module) -> list[nn.Module]:
     return heads + ([drop] if drop is not None else [])
 
 
-def _vapt_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` of a VAPT model: prompts and head follow ``mode``, the backbone stays in eval."""
-    nn.Module.train(self, mode)
-    if mode:
-        trainable = {id(m) for top in [self.vapt, *_classifier_modules(self)] for m in top.modules()}
-        for m in self.modules():
-            if id(m) not in trainable and m is not self:
-                m.training = False
-    return self
+# ------------------------------------------------------------------------------------------------
+# the patch grid of the current call
+# ------------------------------------------------------------------------------------------------
+
+# The grid of the images most recently embedded by this thread (threading.local, unlike a module
+# attribute, is per thread; torch.compile traces it).
+_CALL = threading.local()
+# Block input -> the grid it was computed from, for gradient checkpointing: a checkpointed block is
+# run again in the backward pass with the same input tensor, possibly on an autograd thread.
+_GRID_OF_INPUT = WeakTensorKeyDictionary()
+
+
+def _record_grid(patch_embed: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on ``patch_embed``: the patch grid of the incoming images, for this thread."""
+    _CALL.grid = tuple(patch_embed.dynamic_feat_size(args[0].shape[-2:]))
+
+
+def _fixed_grid(patch_embed: nn.Module) -> Optional[Grid]:
+    """The patch grid of every input when the model takes one image size only, else None."""
+    if getattr(patch_embed, "strict_img_size", False) and patch_embed.img_size is not None:
+        return tuple(patch_embed.grid_size)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the block
+# ------------------------------------------------------------------------------------------------
+
+
+class VAPTBlock(Block):
+    """A timm ``Block`` with VAPT prompts entering its attention as a key/value prefix.
+
+    The block adopts the submodules of the block it replaces under the same names, so backbone
+    weights and their state-dict keys are untouched, and ``isinstance(block, Block)`` still holds.
+    For every real token the output equals the official formulation (prompts inserted as tokens
+    after the prefix tokens, the whole block run, prompt outputs dropped; DESIGN §2.1).
+
+    Args:
+        block: the timm block to take over.
+        index: its position ``l`` in ``model.blocks``.
+        prompts: the model's ``VAPTPrompts`` (referenced, not registered as a submodule).
+        num_prefix_tokens: class/register/distillation tokens before the patches.
+        fixed_grid: the patch grid of every input when the model takes one image size only.
+        backend: op backend (see :mod:`vapt_kernels.ops`).
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        index: int,
+        prompts: VAPTPrompts,
+        num_prefix_tokens: int,
+        fixed_grid: Optional[Grid],
+        backend: str,
+    ):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.training = block.training
+        self.vapt_index = index
+        self.num_prefix_tokens = num_prefix_tokens
+        self.fixed_grid = fixed_grid
+        self.backend = backend
+        object.__setattr__(self, "vapt_prompts", prompts)  # shared, owned by model.vapt
+
+    def extra_repr(self) -> str:
+        return f"index={self.vapt_index}, backend={self.backend!r}"
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError(
+                "VAPT blocks do not take attn_mask or is_causal: the official method attends over all "
+                "tokens and prompts; call the model without a mask"
+            )
+        h, p = self.vapt_prompts(self.vapt_index, x, self.norm1, self.num_prefix_tokens, self._grid(x), self.backend)
+        x = x + self.drop_path1(self.ls1(self._attention(h, p)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def _grid(self, x: torch.Tensor) -> Grid:
+        """The patch grid of the images ``x`` comes from, checked against its token count."""
+        if self.fixed_grid is not None:
+            grid = self.fixed_grid
+        elif torch.compiler.is_compiling():
+            grid = getattr(_CALL, "grid", None)
+        else:
+            grid = _GRID_OF_INPUT.get(x) or getattr(_CALL, "grid", None)
+            if grid is not None:
+                _GRID_OF_INPUT[x] = grid
+        num_patches = x.shape[1] - self.num_prefix_tokens
+        if grid is None or grid[0] * grid[1] != num_patches:
+            raise ValueError(
+                f"VAPT block {self.vapt_index} got {num_patches} patch tokens but no image of that many patches "
+                f"was embedded by this thread (last grid: {grid}); VAPT needs the patch grid, so call the model "
+                "on images, not its blocks on raw tokens"
+            )
+        return grid
+
+    def _attention(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` as a prefix."""
+        attn = self.attn
+        B, T, _ = h.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        attn_dim = heads * head_dim
+        qkv = attn.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        # Prompt rows only need keys and values: the K/V rows of the block's own QKV projection.
+        kv_weight = attn.qkv.weight[attn_dim:]
+        kv_bias = attn.qkv.bias[attn_dim:] if attn.qkv.bias is not None else None
+        kv_p = F.linear(self.norm1(p), kv_weight, kv_bias)
+        kv_p = kv_p.reshape(p.shape[0], p.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        k_p, v_p = kv_p.unbind(0)
+        k_p = attn.k_norm(k_p)
+        o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
+        o = o.transpose(1, 2).reshape(B, T, attn_dim)
+        norm = getattr(attn, "norm", None)  # timm's optional scale_norm
+        if norm is not None:
+            o = norm(o)
+        gate = getattr(attn, "gate", None)  # timm's optional gated attention
+        if gate is not None:
+            o = o * gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------
+
+
+class VAPTModel:
+    """What a VAPT model adds to its timm class (mixed in first by :func:`apply_vapt`).
+
+    A class, not an instance attribute: ``model.train = ...`` on the instance would make a
+    reference cycle (the model holding a function holding the model), which only the cyclic garbage
+    collector frees.
+    """
+
+    def train(self, mode: bool = True):
+        """Prompts and head follow ``mode``; the frozen backbone stays in eval mode."""
+        nn.Module.train(self, mode)
+        if mode:
+            trainable = {id(m) for top in [self.vapt, *_classifier_modules(self)] for m in top.modules()}
+            for m in self.modules():
+                if id(m) not in trainable and m is not self:
+                    m.training = False
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # Pickle (and deepcopy) as the timm class, rebuilt into its VAPT class on load: the VAPT
+        # class is made at run time and cannot be found by name.
+        return _unpickle_vapt_model, (type(self)._vapt_base,), self.__getstate__()
+
+
+_VAPT_CLASSES: dict[type, type] = {}
+
+
+def _vapt_class(base: type) -> type:
+    """The VAPT class of a timm model class (one per class, made on first use)."""
+    cls = _VAPT_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"VAPT{base.__name__}", (VAPTModel, base), {"_vapt_base": base, "__module__": __name__})
+        _VAPT_CLASSES[base] = cls
+    return cls
+
+
+def _unpickle_vapt_model(base: type) -> nn.Module:
+    cls = _vapt_class(base)
+    return cls.__new__(cls)
 
 
 def apply_vapt(
     model: VisionTransformer,
-    config: Optional[VAPTConfig] = None,
+    config: Union[VAPTConfig, Mapping[str, object], None] = None,
     *,
     backend: str = "auto",
     **overrides,
 ) -> VisionTransformer:
     """Give a timm ViT VAPT prompts, in place, and freeze its backbone.
 
-    Every block is replaced by a :class:`~vapt_kernels.modules.VAPTBlock` (same submodules, same
-    state-dict keys); all prompt parameters live at ``model.vapt``. Only the prompts and the
-    classifier head stay trainable, and ``model.train()`` keeps the backbone in eval mode, as the
-    official code does.
+    Every block is replaced by a :class:`VAPTBlock` (same submodules, same state-dict keys); all
+    prompt parameters live at ``model.vapt``. Only the prompts and the classifier head stay
+    trainable, and ``model.train()`` keeps the backbone in eval mode, as the official code does.
+    The model's class becomes ``VAPT<its class>``, a subclass of its own.
 
     Args:
         model: a timm ``VisionTransformer`` built from the standard ``Block``/``Attention``.
-        config: the VAPT options; defaults to ``VAPTConfig()`` (the official defaults).
-        backend: ``"auto"``, ``"torch"`` or ``"reference"`` (see :mod:`vapt_kernels.ops`).
+        config: the VAPT options: a ``VAPTConfig``, a mapping of its fields, or None for the
+            official defaults.
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"native"`` (see
+            :mod:`vapt_kernels.ops`).
         **overrides: ``VAPTConfig`` fields that replace those of ``config``.
 
     Returns:
@@ -111,7 +290,7 @@ def apply_vapt(
         TypeError / ValueError: unsupported model, bad option, or a config that does not fit the
             model (checked before the model is touched).
     """
-    config = (config or VAPTConfig()).replace(**overrides)
+    config = as_config(config, "apply_vapt").replace(**overrides)
     _check_supported(model)
     backend = resolve_backend(backend)
     depth = len(model.blocks)
@@ -135,10 +314,12 @@ def apply_vapt(
         for p in head.parameters():
             p.requires_grad_(True)
     model.vapt = vapt
-    model.patch_embed.register_forward_pre_hook(vapt.record_grid)
+    fixed_grid = _fixed_grid(model.patch_embed)
+    if fixed_grid is None:
+        model.patch_embed.register_forward_pre_hook(_record_grid)
     for i, block in enumerate(list(model.blocks)):
-        model.blocks[i] = VAPTBlock(block, i, vapt, model.num_prefix_tokens, backend)
-    model.train = functools.partial(_vapt_train, model)  # a partial, unlike a bound method, pickles
+        model.blocks[i] = VAPTBlock(block, i, vapt, model.num_prefix_tokens, fixed_grid, backend)
+    model.__class__ = _vapt_class(type(model))
     model.train(model.training)
     return model
 

@@ -5,60 +5,54 @@
 * ``prefix_attention``: token queries over prompt keys/values prepended to the token ones
   (DESIGN §2.1).
 
-Backends:
+What each op takes on each backend is its contract (:mod:`.library`), checked before any kernel
+runs. Backends:
 
-* ``reference``: a block runs the literal official formulation (:mod:`vapt_kernels.reference`) and
-  never calls these ops; at op level it names the plain unfused versions (the op tests' oracle).
-* ``torch``: composite PyTorch (:mod:`.composite`), runs anywhere.
+* ``reference``: the plain unfused formulations (:mod:`.composite`, autograd does the backward).
+* ``torch``: composite PyTorch (:mod:`.composite`) with a hand-written ``norm_and_project``
+  backward; takes every floating dtype on every device.
 * ``triton``: fused Triton kernels (:mod:`.triton`) on CUDA tensors; on CPU tensors only under
-  Triton's interpreter (``TRITON_INTERPRET=1`` set before the first use), which is for tests.
+  Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are first imported), which
+  is for tests.
 * ``native``: the compiled extension (:mod:`.native`, ``csrc/``): C++ kernels for CPU tensors, CUDA
   kernels for GPU tensors when it was built with a CUDA toolkit.
-* ``auto``: chosen per call from the tensors' device, among the backends that can run there, in the
-  order of :data:`AUTO_PREFERENCE` (decided by the benchmarks, see the README). Never fails.
+* ``auto``: per call, the first backend of :data:`AUTO_PREFERENCE` for the tensors' device that
+  can run here and whose contract accepts the inputs (dtype, head dim, ...); ``torch`` accepts
+  every floating input, so ``auto`` fails only on inputs no backend takes.
 
 An explicitly requested backend is checked twice: when it is set on a model
-(:func:`resolve_backend`: is it installed at all?) and when a tensor reaches it (can it run on that
-device and dtype?), each time with an error that says what to do.
+(:func:`resolve_backend`: can it run on this machine at all?) and on every call (can it run on
+these tensors?), each time with an error that says what to do.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import Callable, NamedTuple, Optional
+import sys
+from typing import Optional
 
 import torch
 
-from . import composite
+from . import composite, library
 
 BACKENDS = ("auto", "reference", "torch", "triton", "native")
+KERNEL_BACKENDS = ("native", "triton")
 
 # Device type -> concrete backends `auto` tries, fastest first (by the benchmarks in the README).
 AUTO_PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# Kernel backend -> device type -> the input dtypes its kernels take.
-KERNEL_DTYPES = {
-    "triton": {"cuda": _FLOATS, "cpu": _FLOATS},
-    "native": {"cpu": (torch.float64, torch.float32, torch.bfloat16), "cuda": _FLOATS},
-}
+_TRITON_KERNELS = "vapt_kernels.ops.triton.prefix_attention"
 
 
-class _Impl(NamedTuple):
-    norm_and_project: Callable
-    prefix_attention: Callable
-
-
-_COMPOSITE = {
-    "reference": _Impl(composite.norm_and_project_reference, composite.prefix_attention_reference),
-    "torch": _Impl(composite.norm_and_project, composite.prefix_attention),
-}
-# (backend, device type) -> implementation, or the error message saying why it cannot run there.
-_RESOLVED: dict[tuple[str, str], _Impl | str] = {}
-
-
-def _triton_interpreting() -> bool:
+def _triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter: fixed when they are first imported
+    (``@triton.jit`` reads ``TRITON_INTERPRET`` then), so a later change of the variable does not
+    count."""
+    kernels = sys.modules.get(_TRITON_KERNELS)
+    if kernels is not None:
+        return kernels.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -66,17 +60,20 @@ def _triton_reason(device_type: Optional[str] = None) -> Optional[str]:
     """Why the Triton backend cannot run (on ``device_type``, or on this machine at all), or None."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed: pip install 'vapt_kernels[triton]' (needs a CUDA GPU)"
-    on_cpu = (
-        "on CPU tensors it needs Triton's interpreter: set TRITON_INTERPRET=1 before importing vapt_kernels "
-        "(slow; for tests), or use backend='torch' or 'native'"
-    )
-    if device_type == "cpu" and not _triton_interpreting():
-        return "the Triton backend runs on CUDA tensors; " + on_cpu
-    if device_type is None and not torch.cuda.is_available() and not _triton_interpreting():
-        return "no CUDA device; " + on_cpu
     if device_type not in (None, "cpu", "cuda"):
         return f"the Triton backend runs on CUDA tensors, not {device_type}"
-    return None
+    on_cpu = (
+        "on CPU tensors it needs Triton's interpreter: set TRITON_INTERPRET=1 before the Triton backend is "
+        "first used (slow; for tests), or use backend='torch' or 'native'"
+    )
+    if _triton_interpreted() or (device_type == "cuda" or (device_type is None and torch.cuda.is_available())):
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return (
+            "TRITON_INTERPRET=1 was set after the Triton kernels had been compiled for the GPU; "
+            "set it before the Triton backend is first used (e.g. before importing vapt_kernels)"
+        )
+    return ("the Triton backend runs on CUDA tensors; " if device_type == "cpu" else "no CUDA device; ") + on_cpu
 
 
 def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
@@ -92,10 +89,12 @@ def _native_reason(device_type: Optional[str] = None) -> Optional[str]:
                 "rebuild it with one, e.g. `FORCE_CUDA=1 pip install --no-build-isolation .`"
             )
         return f"the compiled extension has no kernels for {device_type} tensors"
-    return native.cpu_unsupported_reason() if device_type == "cpu" else None
+    return None
 
 
-def _reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
+@torch.compiler.assume_constant_result  # torch.compile asks once, while tracing
+def unavailable_reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device_type`` tensors (or on this machine at all), or None."""
     if backend == "triton":
         return _triton_reason(device_type)
     if backend == "native":
@@ -106,13 +105,13 @@ def _reason(backend: str, device_type: Optional[str] = None) -> Optional[str]:
 def available_backends() -> dict[str, Optional[str]]:
     """Each concrete backend mapped to None when it can run on this machine, or to the reason it
     cannot (``triton`` needs a CUDA GPU or the interpreter; ``native`` the compiled extension)."""
-    return {name: _reason(name) for name in BACKENDS if name != "auto"}
+    return {name: unavailable_reason(name) for name in BACKENDS if name != "auto"}
 
 
 def resolve_backend(backend: str) -> str:
     """Validate a backend name for a model; explicit backends must be able to run on this machine.
 
-    ``auto`` stays ``auto``: it is resolved per call, from the device of the tensors.
+    ``auto`` stays ``auto``: it is resolved per call, from the tensors.
 
     Raises:
         ValueError: unknown name. RuntimeError: a known backend that cannot run here.
@@ -120,45 +119,51 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown VAPT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
-        reason = _reason(backend)
+        reason = unavailable_reason(backend)
         if reason is not None:
             raise RuntimeError(f"VAPT backend {backend!r} is not available: {reason}")
     return backend
 
 
-def backend_for(backend: str, device_type: str) -> str:
-    """The concrete backend that ``backend`` runs as on ``device_type`` tensors."""
-    if backend != "auto":
-        return backend
-    for candidate in AUTO_PREFERENCE.get(device_type, ("torch",)):
-        if _reason(candidate, device_type) is None:
+def _load(backend: str) -> None:
+    """Import a kernel backend's module, which registers its kernel ops (once)."""
+    if backend not in library.KERNELS:
+        importlib.import_module(f".{backend}", __name__)
+
+
+def _auto(device_type: str, rules) -> str:
+    """``auto``'s pick: the first preferred backend that can run on ``device_type`` and whose
+    contract accepts the inputs (``rules(candidate)``); else ``torch``."""
+    for candidate in AUTO_PREFERENCE.get(device_type, ()):
+        if unavailable_reason(candidate, device_type) is None and library.violation(rules(candidate)) is None:
             return candidate
     return "torch"
 
 
-def _implementation(backend: str, device_type: str) -> _Impl:
-    key = (backend, device_type)
-    impl = _RESOLVED.get(key)
-    if impl is None:
-        impl = _resolve(backend, device_type)
-        _RESOLVED[key] = impl
-    if isinstance(impl, str):
-        raise RuntimeError(impl)
-    return impl
-
-
-def _resolve(backend: str, device_type: str) -> _Impl | str:
-    concrete = backend_for(backend, device_type)
-    if concrete in _COMPOSITE:
-        return _COMPOSITE[concrete]
-    reason = _reason(concrete, device_type)
+def _select(backend: str, device_type: str, rules) -> str:
+    """The concrete backend to run: ``backend`` itself after checking that it can run on these
+    inputs (raising what it cannot), or ``auto``'s pick."""
+    if backend == "auto":
+        backend = _auto(device_type, rules)
+    elif backend not in BACKENDS:
+        raise ValueError(f"unknown VAPT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    reason = unavailable_reason(backend, device_type)
     if reason is not None:
-        return f"VAPT backend {concrete!r} cannot run on {device_type} tensors: {reason}"
-    if concrete == "triton":
-        from .triton import OPS
-    else:
-        from .native import OPS
-    return _Impl(OPS.norm_and_project, OPS.prefix_attention)
+        raise RuntimeError(f"VAPT backend {backend!r} cannot run on {device_type} tensors: {reason}")
+    library.check(rules(backend))
+    return backend
+
+
+def auto_backend(device: str | torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
+    """The backend ``auto`` runs ``prefix_attention`` as on ``device`` inputs of ``dtype`` with
+    ``head_dim`` (``norm_and_project`` has no head dim and follows the same dtype rules)."""
+    device = torch.device(device)
+    q = torch.zeros(1, 1, 2, head_dim, device=device, dtype=dtype)
+
+    def rules(candidate: str):
+        return library.prefix_attention_rules(q, q, q, q, q, 1.0, dtype, candidate)
+
+    return _auto(device.type, rules)
 
 
 def norm_and_project(
@@ -173,9 +178,32 @@ def norm_and_project(
     num_prefix: int,
     backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`vapt_kernels.ops.composite.norm_and_project` for shapes; ``backend`` selects the kernel."""
-    impl = _implementation(backend, x.device.type)
-    return impl.norm_and_project(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``.
+
+    Args:
+        x: block input ``(B, T, d)``.
+        norm1_weight, norm1_bias, eps1: the block's own LayerNorm (weight/bias may be None).
+        gen_weight, gen_bias, eps_g: the prompt LayerNorm.
+        mix: folded matrix ``(Np, N)``, or ``(Np, N, d)`` for per-channel kernels, ``N = T - P``.
+        num_prefix: prefix tokens ``P`` (excluded from the prompt projection: the prompts depend
+            on the patch tokens only).
+        backend: see the module docstring.
+
+    Returns:
+        ``h (B, T, d)`` and ``g (B, Np, d)`` in x's dtype (no bias, no dropout mask).
+    """
+
+    def rules(candidate: str):
+        return library.norm_and_project_rules(
+            x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, candidate
+        )
+
+    chosen = _select(backend, x.device.type, rules)
+    args = (x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    if chosen == "reference":
+        return composite.norm_and_project_reference(*args)
+    _load(chosen)
+    return library.norm_and_project(chosen, *args)
 
 
 def prefix_attention(
@@ -187,6 +215,27 @@ def prefix_attention(
     scale: float,
     backend: str = "torch",
 ) -> torch.Tensor:
-    """See :func:`vapt_kernels.ops.composite.prefix_attention` for shapes; ``backend`` selects the kernel."""
-    impl = _implementation(backend, q.device.type)
-    return impl.prefix_attention(q, k, v, k_prefix, v_prefix, scale)
+    """Softmax attention of ``q`` over the keys/values ``[k_prefix ; k]``, ``[v_prefix ; v]``.
+
+    Args:
+        q, k, v: ``(B, H, T, D)``, any strides.
+        k_prefix, v_prefix: ``(B or 1, H, Np, D)``; batch 1 is broadcast (static prompts).
+        scale: softmax scale (``D ** -0.5`` in timm).
+        backend: see the module docstring.
+
+    Returns:
+        ``(B, H, T, D)``. A query row holding a NaN gives a NaN output row on every backend (the
+        plain formulation's answer); the other rows are unaffected.
+    """
+    dtype = library.attention_dtype(q, k, v, k_prefix, v_prefix)
+
+    def rules(candidate: str):
+        return library.prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, dtype, candidate)
+
+    chosen = _select(backend, q.device.type, rules)
+    if chosen == "reference":
+        return composite.prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
+    if chosen == "torch":
+        return composite.prefix_attention(q, k, v, k_prefix, v_prefix, scale)
+    _load(chosen)
+    return library.prefix_attention(chosen, dtype, q, k, v, k_prefix, v_prefix, scale)

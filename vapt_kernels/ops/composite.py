@@ -1,13 +1,19 @@
-"""Composite PyTorch versions of the two VAPT ops (the ``torch`` backend), next to their plain
-references (the op-level oracle for every backend).
+"""The two VAPT ops in plain PyTorch: the op-level references, and the ``torch`` backend.
 
 Shapes: ``B`` batch, ``T = P + N`` tokens (``P`` prefix tokens, ``N`` patches), ``d`` channels,
-``Np`` prompts, ``H`` heads of width ``D``.
+``Np`` prompts, ``H`` heads of width ``D``. The contract of each op (what it takes, what it
+returns) is :mod:`vapt_kernels.ops.library`'s; this module only computes.
 
-``norm_and_project`` is a ``torch.autograd.Function`` with a hand-written backward pass:
-autograd's own backward of ``M @ LN(x)`` broadcasts ``M`` over the batch and reduces afterwards
-(2.4x slower on CPU at ViT-S shapes), and slicing the patch rows copies them twice.
-``prefix_attention`` is concatenation + fused SDPA (see its docstring for why).
+* :func:`norm_and_project_reference` and :func:`prefix_attention_reference`: the plain
+  formulations (autograd does their backward, twice if asked). They are the oracle of every
+  backend's op tests, the ``reference`` backend, and the differentiable backward every backend
+  falls back to when a gradient of a gradient is asked for.
+* :func:`norm_and_project_fwd` / :func:`norm_and_project_bwd`: the ``torch`` backend's
+  ``norm_and_project``, the composite twin of the kernel ops (same signature, outputs and saved
+  statistics), so it shares their autograd wiring. Its hand-written backward exists because
+  autograd's own backward of ``mix @ LN(x)`` broadcasts ``mix`` over the batch and reduces
+  afterwards (2.4x slower on CPU at ViT-S shapes).
+* :func:`prefix_attention`: the ``torch`` backend's attention (see its docstring).
 """
 
 from __future__ import annotations
@@ -17,116 +23,35 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and row-statistics dtype of every implementation: float64 for float64
+    inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _project(mix: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """``g[b] = mix @ xn[b]``: ``(Np, N) x (B, N, d)``, or per channel ``(Np, N, d) x (B, N, d)``."""
+    if mix.dim() == 2:
+        return torch.matmul(mix, xn)
+    return torch.einsum("jnc,bnc->bjc", mix, xn)
+
+
 # --------------------------------------------------------------------------------------------
-# norm_and_project
+# references
 # --------------------------------------------------------------------------------------------
 
 
 def norm_and_project_reference(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
-    """Plain version of :func:`norm_and_project` (autograd does the backward)."""
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``, computed plainly."""
     d = x.shape[-1]
     h = F.layer_norm(x, (d,), norm1_weight, norm1_bias, eps1)
     xn = F.layer_norm(x[:, num_prefix:], (d,), gen_weight, gen_bias, eps_g)
-    if mix.dim() == 2:
-        return h, torch.matmul(mix.to(xn.dtype), xn)
-    return h, torch.einsum("jnc,bnc->bjc", mix.to(xn.dtype), xn)
-
-
-def _pad_prefix(mix: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """``mix`` with zero columns for the prefix tokens: ``(Np, T)`` or ``(Np, T, d)``.
-
-    Projecting all ``T`` rows through a zero-padded matrix avoids slicing ``x`` (a copy of the
-    patch rows in forward and backward) at the price of ``P`` zero columns.
-    """
-    if num_prefix == 0:
-        return mix
-    pad = (num_prefix, 0) if mix.dim() == 2 else (0, 0, num_prefix, 0)
-    return F.pad(mix, pad)
-
-
-def _mix_rows(mix: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
-    """``g[b] = mix @ xn[b]``: ``(Np, T) x (B, T, d)``, or per channel ``(Np, T, d) x (B, T, d)``."""
-    if mix.dim() == 2:
-        return torch.matmul(mix, xn)
-    return torch.einsum("jtc,btc->bjc", mix, xn)
-
-
-class _NormAndProject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix):
-        d = x.shape[-1]
-        mix_t = _pad_prefix(mix.to(x.dtype), num_prefix)
-        # Computed in the input's precision whatever the autocast state: under autocast the
-        # matmul would otherwise return a lower-precision g whose gradient the backward (which
-        # runs outside autocast) could not combine with the float32 mix.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h, mean1, rstd1 = torch.native_layer_norm(x, (d,), w1, b1, eps1)
-            xn, mean_g, rstd_g = torch.native_layer_norm(x, (d,), wg, bg, eps_g)
-            g = _mix_rows(mix_t, xn)
-        ctx.save_for_backward(x, mean1, rstd1, mean_g, rstd_g, xn, mix_t, w1, b1, wg, bg)
-        ctx.num_prefix = num_prefix
-        ctx.mix_dtype = mix.dtype
-        return h, g
-
-    @staticmethod
-    def backward(ctx, dh, dg):
-        x, mean1, rstd1, mean_g, rstd_g, xn, mix_t, w1, b1, wg, bg = ctx.saved_tensors
-        need_x, need_w1, need_b1, _, need_wg, need_bg, _, need_mix, _ = ctx.needs_input_grad
-        d = x.shape[-1]
-        dx = dw1 = db1 = dwg = dbg = dmix = None
-        if need_mix:
-            if mix_t.dim() == 2:
-                dmix = torch.bmm(dg, xn.transpose(1, 2)).sum(0)  # (Np, T)
-            else:
-                dmix = torch.einsum("bjc,btc->jtc", dg, xn)
-            dmix = dmix[:, ctx.num_prefix :].to(ctx.mix_dtype)
-        if need_x or need_wg or need_bg:
-            dxn = mix_t.transpose(0, 1) @ dg if mix_t.dim() == 2 else torch.einsum("jtc,bjc->btc", mix_t, dg)
-            dx_g, dwg, dbg = torch.ops.aten.native_layer_norm_backward(
-                dxn, x, (d,), mean_g, rstd_g, wg, bg, [need_x, need_wg, need_bg]
-            )
-        if need_x or need_w1 or need_b1:
-            dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
-                dh, x, (d,), mean1, rstd1, w1, b1, [need_x, need_w1, need_b1]
-            )
-        if need_x:
-            dx = dx + dx_g
-        return dx, dw1, db1, None, dwg, dbg, None, dmix, None
-
-
-def norm_and_project(
-    x: torch.Tensor,
-    norm1_weight: Optional[torch.Tensor],
-    norm1_bias: Optional[torch.Tensor],
-    eps1: float,
-    gen_weight: Optional[torch.Tensor],
-    gen_bias: Optional[torch.Tensor],
-    eps_g: float,
-    mix: torch.Tensor,
-    num_prefix: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``.
-
-    Args:
-        x: block input ``(B, T, d)``.
-        norm1_weight, norm1_bias, eps1: the block's own LayerNorm (weight/bias may be None).
-        gen_weight, gen_bias, eps_g: the prompt LayerNorm.
-        mix: folded matrix ``(Np, N)``, or ``(Np, N, d)`` for per-channel kernels.
-        num_prefix: prefix tokens ``P`` (excluded from the prompt projection).
-
-    Returns:
-        ``h (B, T, d)`` and ``g (B, Np, d)`` (no bias, no dropout mask).
-    """
-    return _NormAndProject.apply(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
-
-
-# --------------------------------------------------------------------------------------------
-# prefix_attention
-# --------------------------------------------------------------------------------------------
+    return h, _project(mix.to(xn.dtype), xn)
 
 
 def prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale):
-    """Plain version of :func:`prefix_attention`: explicit concatenation, softmax and products."""
+    """Softmax attention of ``q`` over the concatenated keys/values, computed plainly."""
     B = q.shape[0]
     k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
     v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
@@ -134,30 +59,76 @@ def prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale):
     return torch.matmul(attn, v_all)
 
 
-def prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor,
-    v_prefix: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Softmax attention of ``q`` over the keys/values ``[k_prefix ; k]``, ``[v_prefix ; v]``.
+# --------------------------------------------------------------------------------------------
+# torch backend
+# --------------------------------------------------------------------------------------------
 
-    Args:
-        q, k, v: ``(B, H, T, D)``, any strides with a unit last stride.
-        k_prefix, v_prefix: ``(B or 1, H, Np, D)``; batch 1 is broadcast (static prompts).
-        scale: softmax scale (``D ** -0.5`` in timm).
 
-    Returns:
-        ``(B, H, T, D)``.
+def _affine(t: Optional[torch.Tensor], fill: float, d: int, like: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm weight or bias in ``like``'s dtype; None (no affine) becomes ``fill``."""
+    return torch.full((d,), fill, dtype=like.dtype, device=like.device) if t is None else t.to(like.dtype)
 
-    Concatenation + PyTorch's fused SDPA. Measured on CPU inside a ViT-S block (fwd + bwd), this
-    beat merging a separate prompt attention into flash attention through the log-sum-exp by
-    ~1.3 ms/block: the merge needs a dozen small per-head products and elementwise passes, while
-    the copy into contiguous ``(B, H, Np + T, D)`` keys also speeds up the attention kernel.
+
+def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+    """Composite ``norm_and_project_fwd``: ``(h, g, mean, rstd1, rstd_g)`` as the kernels return
+    them (``h``, ``g`` in x's dtype; row statistics ``(B, T)`` in the stats dtype)."""
+    B, T, d = x.shape
+    # Computed in the stats precision whatever the autocast state (the backward, which runs
+    # outside autocast, must meet the same dtypes).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xs = x.to(stats_dtype(x.dtype))
+        w1, b1 = _affine(norm1_weight, 1.0, d, xs), _affine(norm1_bias, 0.0, d, xs)
+        h, mean, rstd1 = torch.native_layer_norm(xs, (d,), w1, b1, eps1)
+        wg, bg = _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
+        xg, _, rstd_g = torch.native_layer_norm(xs, (d,), wg, bg, eps_g)
+        # Only the patch rows are projected: the prefix rows of xg (never read) cannot leak into g.
+        g = _project(mix.to(xs.dtype), xg[:, num_prefix:])
+    return h.to(x.dtype), g.to(x.dtype), mean.view(B, T), rstd1.view(B, T), rstd_g.view(B, T)
+
+
+def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix):
+    """Composite ``norm_and_project_bwd``: ``(dx, dnorm1_weight, dnorm1_bias, dgen_weight,
+    dgen_bias, dmix)``, dx in x's dtype and the rest in the stats dtype, as the kernels return
+    them. ``LN_g`` of the patch rows is rebuilt from the saved statistics."""
+    d = x.shape[-1]
+    P = num_prefix
+    xs = x.to(stats_dtype(x.dtype))
+    w1, wg, bg = _affine(norm1_weight, 1.0, d, xs), _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
+    dgs = dg.to(xs.dtype)
+    # aten's LayerNorm backward reads the statistics as contiguous buffers.
+    patches, mean_p, rstd_p = xs[:, P:], mean[:, P:, None].contiguous(), rstd_g[:, P:, None].contiguous()
+    xg = (patches - mean_p) * rstd_p * wg + bg
+    mix = mix.to(xs.dtype)
+    if mix.dim() == 2:
+        dmix = torch.einsum("bjc,bnc->jn", dgs, xg)
+        dxg = torch.matmul(mix.t(), dgs)  # (B, N, d)
+    else:
+        dmix = torch.einsum("bjc,bnc->jnc", dgs, xg)
+        dxg = torch.einsum("jnc,bjc->bnc", mix, dgs)
+    dx_g, dwg, dbg = torch.ops.aten.native_layer_norm_backward(
+        dxg, patches, (d,), mean_p, rstd_p, wg, bg, [True, True, True]
+    )
+    dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
+        dh.to(xs.dtype), xs, (d,), mean[..., None], rstd1[..., None], w1, torch.zeros_like(w1), [True, True, True]
+    )
+    dx[:, P:] += dx_g
+    return dx.to(x.dtype), dw1, db1, dwg, dbg, dmix
+
+
+def prefix_attention(q, k, v, k_prefix, v_prefix, scale):
+    """The ``torch`` backend's ``prefix_attention``.
+
+    When a gradient is needed it is the plain formulation (:func:`prefix_attention_reference`):
+    on CPU its forward and backward together beat concatenation + SDPA at ViT shapes (21.7 vs
+    24.0 ms at ViT-S, batch 8: SDPA's CPU backward is the slow part), and it can be
+    differentiated twice, which SDPA's fused kernels cannot. Without gradients it is
+    concatenation + SDPA, twice as fast as the plain forward; a query row holding a NaN gets a NaN
+    output row there too (SDPA's CPU kernel returns zeros for it), as on every backend.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_prefix, v_prefix)):
+        return prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
     B = q.shape[0]
     k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
     v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
-    return F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+    out = F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+    return torch.where(q.isnan().any(-1, keepdim=True), torch.nan, out)

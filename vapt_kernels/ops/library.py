@@ -1,25 +1,42 @@
-"""``torch.library`` wiring shared by the kernel backends (``triton`` and ``native``).
+"""Each op's contract, written once, and the ``torch.library`` / autograd wiring every backend shares.
 
-Each backend provides the four kernel ops of ``csrc/vapt.cpp`` in its own namespace
-(``vapt_triton`` through ``torch.library.custom_op``, ``vapt`` through ``TORCH_LIBRARY``):
+**Contract.** :func:`norm_and_project_rules` and :func:`prefix_attention_rules` state every
+shape, dtype, device and size rule of the two ops, per backend: the dtypes each backend's kernels
+take on each device (:data:`KERNEL_DTYPES`) and their head-dim limits (:data:`MAX_HEAD_DIM`).
+The same rules run in the public ops before any kernel (eager, and while ``torch.compile`` or
+``torch.export`` traces them), in the fakes of the kernel ops, in ``auto``'s choice of backend (the first one whose
+contract accepts the inputs) and in the tests, so every path refuses bad input with the same words.
+The kernel files only check device and memory layout.
+
+**Kernel ops.** A kernel backend implements four functions with the schema of ``csrc/vapt.cpp``:
 
 * ``norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix,
-  num_prefix) -> (h, g, mean, rstd1, rstd_g)`` and its ``_bwd``;
-* ``prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale) -> (out, lse)`` and its ``_bwd``.
+  num_prefix) -> (h, g, mean, rstd1, rstd_g)`` and ``norm_and_project_bwd(dh, dg, x, norm1_weight,
+  gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix) -> (dx, dnorm1_weight, dnorm1_bias,
+  dgen_weight, dgen_bias, dmix)``;
+* ``prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale) -> (out, lse)`` and
+  ``prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, scale) -> (dq, dk, dv,
+  dk_prefix, dv_prefix)``.
 
-This module gives every namespace the same fake (meta) implementations, so ``torch.compile`` traces
-the ops without running them, and the same autograd formulas (the forward op saves the row
-statistics or the log-sum-exp; the backward op consumes them). :class:`KernelOps` is the Python
-entry point of one backend: it brings its inputs into the layout and dtypes the kernels take
-(contiguous ``x``, weights in ``x``'s dtype, ``mix`` in the statistics dtype, one dtype for the
-attention inputs, unit last strides) and returns what :mod:`vapt_kernels.ops` promises.
+``native`` registers them in C++ (``torch.ops.vapt``), ``triton`` as ``custom_op``s
+(``torch.ops.vapt_triton``); :func:`register_kernel_ops` gives such a namespace its fakes and vmap
+rules. The ``torch`` backend provides the ``norm_and_project`` pair in composite PyTorch
+(:mod:`.composite`). :func:`norm_and_project` and :func:`prefix_attention` run a backend's kernels
+under one autograd rule each (``torch.autograd.Function`` with ``setup_context``, so ``torch.func``
+transforms work): the forward saves the row statistics or the log-sum-exp and the backward kernel
+consumes them; asked for a gradient of the gradient (grad mode on during the backward), the
+backward is instead recomputed differentiably from the plain references.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
+
+from . import composite
+from .composite import stats_dtype
 
 NORM_AND_PROJECT_FWD = "norm_and_project_fwd"
 NORM_AND_PROJECT_BWD = "norm_and_project_bwd"
@@ -27,10 +44,171 @@ PREFIX_ATTENTION_FWD = "prefix_attention_fwd"
 PREFIX_ATTENTION_BWD = "prefix_attention_bwd"
 OP_NAMES = (NORM_AND_PROJECT_FWD, NORM_AND_PROJECT_BWD, PREFIX_ATTENTION_FWD, PREFIX_ATTENTION_BWD)
 
+# --------------------------------------------------------------------------------------------
+# contract
+# --------------------------------------------------------------------------------------------
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and statistics dtype of the kernels: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_HALVES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel backend -> device type -> the input dtypes its kernels take. `reference` and `torch`
+# take every floating dtype on every device.
+KERNEL_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
+    "native": {"cpu": (torch.float64, torch.float32, torch.bfloat16), "cuda": _HALVES},
+    "triton": {"cuda": _HALVES, "cpu": _HALVES},
+}
+# Kernel backend -> device type -> the largest attention head dim its kernels take (none: any).
+MAX_HEAD_DIM: dict[str, dict[str, int]] = {"native": {"cuda": 128}, "triton": {"cuda": 256, "cpu": 256}}
+
+Rule = tuple[type, bool, Callable[[], str]]
+
+
+def input_dtypes(backend: str, device_type: str) -> tuple[torch.dtype, ...]:
+    """The input dtypes ``backend`` takes on ``device_type`` tensors."""
+    if backend in KERNEL_DTYPES:
+        return KERNEL_DTYPES[backend].get(device_type, ())
+    return FLOATING
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _dtype_rule(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Rule:
+    allowed = input_dtypes(backend, device.type)
+    return (
+        TypeError,
+        dtype in allowed,
+        lambda: (
+            f"{op}: backend {backend!r} takes {_names(allowed) or 'no'} inputs on {device.type}, got "
+            f"{str(dtype).removeprefix('torch.')}; convert the model, or use backend='auto' or 'torch'"
+        ),
+    )
+
+
+def _same_device_rule(op: str, named: dict[str, Optional[torch.Tensor]], device: torch.device) -> Rule:
+    elsewhere = [name for name, t in named.items() if t is not None and t.device != device]
+    return ValueError, not elsewhere, lambda: f"{op}: {', '.join(elsewhere)} must be on {device} like the input"
+
+
+def norm_and_project_rules(
+    x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend: str
+) -> Iterator[Rule]:
+    """The contract of ``norm_and_project`` on ``backend``, rule by rule: ``(error type,
+    whether it holds, message)``. A rule is only produced once the rules before it held, so later
+    ones may index shapes the earlier ones checked."""
+    op = "norm_and_project"
+    yield ValueError, x.dim() == 3, lambda: f"{op}: x must be (B, T, d), got shape {tuple(x.shape)}"
+    yield _dtype_rule(op, backend, x.device, x.dtype)
+    B, T, d = x.shape
+    yield ValueError, d >= 1, lambda: f"{op}: x must have at least one channel, got shape {tuple(x.shape)}"
+    yield (
+        ValueError,
+        0 <= num_prefix < T,
+        lambda: f"{op}: num_prefix must be in [0, T) = [0, {T}) so that patch tokens remain, got {num_prefix}",
+    )
+    affine = {"norm1_weight": norm1_weight, "norm1_bias": norm1_bias, "gen_weight": gen_weight, "gen_bias": gen_bias}
+    for name, t in affine.items():
+        if t is not None:
+            yield (
+                ValueError,
+                t.shape == (d,) and t.dtype in FLOATING,
+                lambda name=name, t=t: f"{op}: {name} must be a floating (d,) = ({d},) tensor, got {t.dtype} {tuple(t.shape)}",
+            )
+    N = T - num_prefix
+    yield (
+        ValueError,
+        mix.dtype in FLOATING and mix.dim() in (2, 3) and mix.shape[0] >= 1 and tuple(mix.shape[1:]) in ((N,), (N, d)),
+        lambda: (
+            f"{op}: mix must be a floating (Np, N) or per-channel (Np, N, d) tensor with Np >= 1, "
+            f"N = T - num_prefix = {N} and d = {d}, got {mix.dtype} {tuple(mix.shape)}"
+        ),
+    )
+    yield _same_device_rule(op, {**affine, "mix": mix}, x.device)
+
+
+def prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, dtype: torch.dtype, backend: str) -> Iterator[Rule]:
+    """The contract of ``prefix_attention`` on ``backend`` for inputs computed in ``dtype`` (see
+    :func:`attention_dtype`), rule by rule as in :func:`norm_and_project_rules`."""
+    op = "prefix_attention"
+    named = {"q": q, "k": k, "v": v, "k_prefix": k_prefix, "v_prefix": v_prefix}
+    not_4d = [f"{name} {tuple(t.shape)}" for name, t in named.items() if t.dim() != 4]
+    yield ValueError, not not_4d, lambda: f"{op}: every input must be 4-D, got {', '.join(not_4d)}"
+    B, H, T, D = q.shape
+    yield (
+        ValueError,
+        k.shape == q.shape and v.shape == q.shape,
+        lambda: f"{op}: q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    yield (
+        ValueError,
+        k_prefix.shape == v_prefix.shape,
+        lambda: f"{op}: k_prefix and v_prefix must share one shape, got {tuple(k_prefix.shape)} and {tuple(v_prefix.shape)}",
+    )
+    Bp, Hp, Np, Dp = k_prefix.shape
+    yield (
+        ValueError,
+        Bp in (1, B) and Hp == H and Np >= 1 and Dp == D,
+        lambda: (
+            f"{op}: k_prefix must be (B or 1, H, Np >= 1, D) = ({B} or 1, {H}, Np, {D}), got {tuple(k_prefix.shape)}"
+        ),
+    )
+    yield _same_device_rule(op, named, q.device)
+    yield _dtype_rule(op, backend, q.device, dtype)
+    limit = MAX_HEAD_DIM.get(backend, {}).get(q.device.type)
+    yield (
+        ValueError,
+        D >= 1 and (limit is None or D <= limit),
+        lambda: f"{op}: backend {backend!r} takes head dims 1 to {limit or 'any'} on {q.device.type}, got {D}",
+    )
+    yield ValueError, math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}"
+
+
+def check(rules: Iterator[Rule]) -> None:
+    """Raise the first broken rule's error. Under ``torch.compile`` a rule on symbolic sizes
+    becomes a guard: the rules only ever compare sizes, never data."""
+    for error, holds, message in rules:
+        if not holds:
+            raise error(message())
+
+
+def violation(rules: Iterator[Rule]) -> Optional[str]:
+    """The message of the first broken rule, or None when the contract accepts the inputs."""
+    for _, holds, message in rules:
+        if not holds:
+            return message()
+    return None
+
+
+def attention_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype the attention inputs are computed in: the autocast dtype when autocast is on
+    (as SDPA would run), else the promotion of their dtypes (qk-norm may return float32 next to
+    bfloat16)."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# kernel ops of the backends
+# --------------------------------------------------------------------------------------------
+
+
+class Kernels(NamedTuple):
+    """The kernel functions of one backend (``prefix_attention_*`` None for ``torch``)."""
+
+    norm_and_project_fwd: Callable
+    norm_and_project_bwd: Callable
+    prefix_attention_fwd: Optional[Callable] = None
+    prefix_attention_bwd: Optional[Callable] = None
+
+
+KERNELS: dict[str, Kernels] = {
+    "torch": Kernels(composite.norm_and_project_fwd, composite.norm_and_project_bwd),
+}
 
 
 def _token_major(batch: int, heads: int, tokens: int, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -38,40 +216,65 @@ def _token_major(batch: int, heads: int, tokens: int, dim: int, like: torch.Tens
     return like.new_empty(batch, tokens, heads, dim).transpose(1, 2)
 
 
-# --------------------------------------------------------------------------------------------
-# fakes: output metadata only (shapes, dtypes, strides exactly as the kernels allocate them)
-# --------------------------------------------------------------------------------------------
+def _fakes(backend: str) -> dict[str, Callable]:
+    """Fake (meta) implementations of the four kernel ops of ``backend``: the contract, then the
+    output metadata exactly as the kernels allocate it."""
+
+    def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+        check(norm_and_project_rules(x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend))
+        B, T, d = x.shape
+        row_stats = [x.new_empty(B, T, dtype=stats_dtype(x.dtype)) for _ in range(3)]
+        return (x.new_empty(B, T, d), x.new_empty(B, mix.shape[0], d), *row_stats)
+
+    def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix):
+        check(norm_and_project_rules(x, norm1_weight, None, gen_weight, gen_bias, mix, num_prefix, backend))
+        d, stats = x.shape[-1], stats_dtype(x.dtype)
+        affine = [x.new_empty(d, dtype=stats) for _ in range(4)]
+        return (torch.empty_like(x, memory_format=torch.contiguous_format), *affine, mix.new_empty(mix.shape, dtype=stats))
+
+    def prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale):
+        check(prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, q.dtype, backend))
+        B, H, T, D = q.shape
+        return _token_major(B, H, T, D, q), q.new_empty(B, H, T, dtype=stats_dtype(q.dtype))
+
+    def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, scale):
+        check(prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, q.dtype, backend))
+        B, H, T, D = q.shape
+        grads = [_token_major(B, H, T, D, q) for _ in range(3)]
+        return (*grads, k_prefix.new_empty(k_prefix.shape), v_prefix.new_empty(v_prefix.shape))
+
+    return {
+        NORM_AND_PROJECT_FWD: norm_and_project_fwd,
+        NORM_AND_PROJECT_BWD: norm_and_project_bwd,
+        PREFIX_ATTENTION_FWD: prefix_attention_fwd,
+        PREFIX_ATTENTION_BWD: prefix_attention_bwd,
+    }
 
 
-def _norm_and_project_fwd_fake(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
-    B, T, d = x.shape
-    stats = stats_dtype(x.dtype)
-    row_stats = [x.new_empty(B, T, dtype=stats) for _ in range(3)]
-    return (x.new_empty(B, T, d), x.new_empty(B, mix.shape[0], d), *row_stats)
+def _vmap_by_loop(op: Callable) -> Callable:
+    """A vmap rule that runs ``op`` once per slice of the vmapped dimension and stacks the
+    results: always right (per-slice weight gradients stay per slice), and vmap over a VAPT model
+    is not a hot path."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for i in range(info.batch_size):
+            sliced = [a if dim is None else a.select(dim, i) for a, dim in zip(args, in_dims)]
+            results.append(op(*sliced))
+        outputs = tuple(torch.stack(parts) for parts in zip(*results))
+        return outputs, (0,) * len(outputs)
+
+    return rule
 
 
-def _norm_and_project_bwd_fake(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix):
-    d = x.shape[-1]
-    stats = stats_dtype(x.dtype)
-    affine = [x.new_empty(d, dtype=stats) for _ in range(4)]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), *affine, mix.new_empty(mix.shape, dtype=stats))
-
-
-def _prefix_attention_fwd_fake(q, k, v, k_prefix, v_prefix, scale):
-    B, H, T, D = q.shape
-    return _token_major(B, H, T, D, q), q.new_empty(B, H, T, dtype=stats_dtype(q.dtype))
-
-
-def _prefix_attention_bwd_fake(dout, q, k, v, k_prefix, v_prefix, out, lse, scale):
-    B, H, T, D = q.shape
-    Tk = k.shape[2]
-    return (
-        _token_major(B, H, T, D, q),
-        _token_major(B, H, Tk, D, q),
-        _token_major(B, H, Tk, D, q),
-        k_prefix.new_empty(k_prefix.shape),
-        v_prefix.new_empty(v_prefix.shape),
-    )
+def register_kernel_ops(namespace: str, backend: str) -> None:
+    """Give the four kernel ops of ``torch.ops.<namespace>`` their fakes and vmap rules, and make
+    them ``backend``'s kernels (once per process)."""
+    ops = getattr(torch.ops, namespace)
+    for name, fake in _fakes(backend).items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+        torch.library.register_vmap(f"{namespace}::{name}", _vmap_by_loop(getattr(ops, name)))
+    KERNELS[backend] = Kernels(*(getattr(ops, name) for name in OP_NAMES))
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,70 +282,95 @@ def _prefix_attention_bwd_fake(dout, q, k, v, k_prefix, v_prefix, out, lse, scal
 # --------------------------------------------------------------------------------------------
 
 
-def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
+def _differentiable_backward(reference: Callable, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
+    """Gradients of ``reference(*inputs)`` with respect to the tensor inputs flagged in ``needs``,
+    themselves differentiable (``create_graph``): the backward when a gradient of a gradient is
+    asked for. ``grad_outputs`` may hold None for outputs that received no gradient."""
+    wrt = [i for i, t in enumerate(inputs) if needs[i] and isinstance(t, torch.Tensor)]
+    with torch.enable_grad():
+        outputs = reference(*inputs)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs], create_graph=True, allow_unused=True
+    )
+    result = [None] * len(inputs)
+    for i, g in zip(wrt, grads):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
 
 
-def _autograd_rules(namespace: str):
-    """``(setup_context, backward)`` pairs for the two forward ops of ``namespace``."""
-    ops = getattr(torch.ops, namespace)
+def _recomputing_backward() -> bool:
+    # A backward that is itself recorded (create_graph=True, torch.func transforms) must be
+    # differentiable; compiled graphs never take this branch (their backward is traced without).
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    def nap_setup(ctx, inputs, output):
-        x, w1, _b1, _eps1, wg, bg, _eps_g, mix, num_prefix = inputs
+
+class _NormAndProject(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+        fwd = KERNELS[backend].norm_and_project_fwd
+        return fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix = inputs
         _h, _g, mean, rstd1, rstd_g = output
-        ctx.save_for_backward(x, w1, wg, bg, mix, mean, rstd1, rstd_g)
-        ctx.num_prefix = num_prefix
+        ctx.save_for_backward(x, w1, b1, wg, bg, mix, mean, rstd1, rstd_g)
+        ctx.backend, ctx.eps1, ctx.eps_g, ctx.num_prefix = backend, eps1, eps_g, num_prefix
         ctx.mark_non_differentiable(mean, rstd1, rstd_g)
 
-    def nap_backward(ctx, dh, dg, _dmean, _drstd1, _drstd_g):
-        x, w1, wg, bg, mix, mean, rstd1, rstd_g = ctx.saved_tensors
-        dh = _zeros_if_none(dh, x)
-        dg = _zeros_if_none(dg, x.new_empty(x.shape[0], mix.shape[0], x.shape[-1]))
-        dx, dw1, db1, dwg, dbg, dmix = ops.norm_and_project_bwd(
-            dh, dg, x, w1, wg, bg, mix, mean, rstd1, rstd_g, ctx.num_prefix
-        )
+    @staticmethod
+    def backward(ctx, dh, dg, _dmean, _drstd1, _drstd_g):
+        x, w1, b1, wg, bg, mix, mean, rstd1, rstd_g = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _recomputing_backward():
+            inputs = (x, w1, b1, ctx.eps1, wg, bg, ctx.eps_g, mix, ctx.num_prefix)
+            return None, *_differentiable_backward(composite.norm_and_project_reference, inputs, (dh, dg), need[1:])
+        dh = torch.zeros_like(x) if dh is None else dh.contiguous()
+        dg = x.new_zeros(x.shape[0], mix.shape[0], x.shape[-1]) if dg is None else dg.contiguous()
+        bwd = KERNELS[ctx.backend].norm_and_project_bwd
+        dx, dw1, db1, dwg, dbg, dmix = bwd(dh, dg, x, w1, wg, bg, mix, mean, rstd1, rstd_g, ctx.num_prefix)
         return (
-            dx if need[0] else None,
-            dw1.to(x.dtype) if need[1] else None,
-            db1.to(x.dtype) if need[2] else None,
             None,
-            dwg.to(x.dtype) if need[4] else None,
-            dbg.to(x.dtype) if need[5] else None,
+            dx if need[1] else None,
+            dw1.to(x.dtype) if need[2] else None,
+            db1.to(x.dtype) if need[3] else None,
             None,
-            dmix.to(mix.dtype) if need[7] else None,
+            dwg.to(x.dtype) if need[5] else None,
+            dbg.to(x.dtype) if need[6] else None,
+            None,
+            dmix.to(mix.dtype) if need[8] else None,
             None,
         )
 
-    def pa_setup(ctx, inputs, output):
-        q, k, v, k_prefix, v_prefix, scale = inputs
+
+class _PrefixAttention(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backend, q, k, v, k_prefix, v_prefix, scale):
+        return KERNELS[backend].prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, q, k, v, k_prefix, v_prefix, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, k_prefix, v_prefix, out, lse)
-        ctx.scale = scale
+        ctx.backend, ctx.scale = backend, scale
         ctx.mark_non_differentiable(lse)
 
-    def pa_backward(ctx, dout, _dlse):
+    @staticmethod
+    def backward(ctx, dout, _dlse):
         q, k, v, k_prefix, v_prefix, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        elif dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv, dkp, dvp = ops.prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale)
-        return dq, dk, dv, dkp, dvp, None
-
-    return (nap_setup, nap_backward), (pa_setup, pa_backward)
-
-
-def register_fakes_and_autograd(namespace: str) -> None:
-    """Register the fakes and autograd rules for the four ops of ``namespace`` (once per process)."""
-    qualified = {name: f"{namespace}::{name}" for name in OP_NAMES}
-    torch.library.register_fake(qualified[NORM_AND_PROJECT_FWD], _norm_and_project_fwd_fake)
-    torch.library.register_fake(qualified[NORM_AND_PROJECT_BWD], _norm_and_project_bwd_fake)
-    torch.library.register_fake(qualified[PREFIX_ATTENTION_FWD], _prefix_attention_fwd_fake)
-    torch.library.register_fake(qualified[PREFIX_ATTENTION_BWD], _prefix_attention_bwd_fake)
-    (nap_setup, nap_backward), (pa_setup, pa_backward) = _autograd_rules(namespace)
-    torch.library.register_autograd(qualified[NORM_AND_PROJECT_FWD], nap_backward, setup_context=nap_setup)
-    torch.library.register_autograd(qualified[PREFIX_ATTENTION_FWD], pa_backward, setup_context=pa_setup)
+        if _recomputing_backward():
+            inputs = (q, k, v, k_prefix, v_prefix, ctx.scale)
+            need = ctx.needs_input_grad[1:]
+            return None, *_differentiable_backward(composite.prefix_attention_reference, inputs, (dout,), need)
+        dout = torch.zeros_like(out) if dout is None else _unit_last_stride(dout)
+        bwd = KERNELS[ctx.backend].prefix_attention_bwd
+        return None, *bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,67 +382,33 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _attention_dtype(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
-    """One dtype for all attention inputs: the autocast dtype when autocast is on (as SDPA would
-    run), else the promotion of the inputs' dtypes (qk-norm may return float32 next to bfloat16)."""
-    device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def norm_and_project(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+    """``backend``'s ``norm_and_project`` on inputs the contract accepted: brings them into the
+    layout and dtypes the kernels take (contiguous ``x``, weights in ``x``'s dtype, ``mix`` in the
+    stats dtype) and returns ``(h, g)``."""
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(x.dtype)
+
+    h, g, _, _, _ = _NormAndProject.apply(
+        backend,
+        x.contiguous(),
+        cast(norm1_weight),
+        cast(norm1_bias),
+        float(eps1),
+        cast(gen_weight),
+        cast(gen_bias),
+        float(eps_g),
+        mix.to(stats_dtype(x.dtype)).contiguous(),
+        int(num_prefix),
+    )
+    return h, g
 
 
-class KernelOps:
-    """The two VAPT ops of one kernel backend (ops registered in ``namespace``).
-
-    Args:
-        namespace: ``torch.ops`` namespace holding the four kernel ops.
-        name: backend name for error messages.
-        dtypes: input dtypes the kernels take, per device type (``"cpu"``, ``"cuda"``).
-    """
-
-    def __init__(self, namespace: str, name: str, dtypes: dict[str, tuple[torch.dtype, ...]]):
-        self.name = name
-        self.dtypes = dtypes
-        self._ops = getattr(torch.ops, namespace)
-
-    def _check_dtype(self, op: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-        allowed = self.dtypes.get(t.device.type, ())
-        if dtype not in allowed:
-            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-            raise TypeError(
-                f"{op}: backend {self.name!r} takes {names} inputs on {t.device.type}, got "
-                f"{str(dtype).removeprefix('torch.')}; convert the model or use backend='torch'"
-            )
-
-    def norm_and_project(self, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
-        """See :func:`vapt_kernels.ops.composite.norm_and_project`."""
-        self._check_dtype("norm_and_project", x, x.dtype)
-
-        def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(x.dtype)
-
-        h, g, _, _, _ = self._ops.norm_and_project_fwd(
-            x.contiguous(),
-            cast(norm1_weight),
-            cast(norm1_bias),
-            float(eps1),
-            cast(gen_weight),
-            cast(gen_bias),
-            float(eps_g),
-            mix.to(stats_dtype(x.dtype)).contiguous(),
-            int(num_prefix),
-        )
-        return h, g
-
-    def prefix_attention(self, q, k, v, k_prefix, v_prefix, scale):
-        """See :func:`vapt_kernels.ops.composite.prefix_attention`; the output is laid out as
-        ``(B, T, H, D)`` so that merging the heads back is free."""
-        tensors = (q, k, v, k_prefix, v_prefix)
-        dtype = _attention_dtype(tensors)
-        self._check_dtype("prefix_attention", q, dtype)
-        q, k, v, k_prefix, v_prefix = (_unit_last_stride(t.to(dtype)) for t in tensors)
-        out, _ = self._ops.prefix_attention_fwd(q, k, v, k_prefix, v_prefix, float(scale))
-        return out
+def prefix_attention(backend, dtype, q, k, v, k_prefix, v_prefix, scale):
+    """``backend``'s ``prefix_attention`` on inputs the contract accepted, computed in ``dtype``
+    with unit last strides; the output is laid out as ``(B, T, H, D)`` so merging the heads back
+    is free."""
+    q, k, v, k_prefix, v_prefix = (_unit_last_stride(t.to(dtype)) for t in (q, k, v, k_prefix, v_prefix))
+    out, _ = _PrefixAttention.apply(backend, q, k, v, k_prefix, v_prefix, float(scale))
+    return out

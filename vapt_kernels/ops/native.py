@@ -1,7 +1,7 @@
 """Native backend: loads the compiled extension ``vapt_kernels._C`` (``csrc/``), whose
 ``TORCH_LIBRARY(vapt)`` defines the four kernel ops with C++ kernels for CPU tensors and, when built
-with a CUDA toolkit, CUDA kernels for GPU tensors. Fakes and autograd come from
-:mod:`vapt_kernels.ops.library`, shared with the Triton backend.
+with a CUDA toolkit, CUDA kernels for GPU tensors. Their contract, fakes, vmap rules and autograd
+come from :mod:`vapt_kernels.ops.library`, shared with the other backends.
 
 Loading is defensive: when the extension is missing (a ``VAPT_SKIP_EXTENSION=1`` install, a build
 without a compiler) or fails to load (built against another torch), the package and its other
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import KERNEL_DTYPES, library
+from . import library
 
 NAMESPACE = "vapt"
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
@@ -78,8 +78,6 @@ def has_device_kernels(device_type: str) -> bool:
 
 LOAD_ERROR: Optional[str] = _load()
 if LOAD_ERROR is None:
-    library.register_fakes_and_autograd(NAMESPACE)
-    OPS: Optional[library.KernelOps] = library.KernelOps(NAMESPACE, "native", KERNEL_DTYPES["native"])
+    library.register_kernel_ops(NAMESPACE, "native")
 else:
     _log.info("vapt_kernels native backend unavailable: %s", LOAD_ERROR)
-    OPS = None

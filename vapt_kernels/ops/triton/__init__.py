@@ -1,7 +1,7 @@
 """Triton backend: the four kernel ops as opaque ``torch.library.custom_op``s in the ``vapt_triton``
 namespace, each launching the Triton kernels of its op's file (``norm_and_project.py``,
-``prefix_attention.py``: kernels and launchers). Fakes and autograd come from
-:mod:`vapt_kernels.ops.library`, shared with the native backend.
+``prefix_attention.py``: kernels and launchers). Their contract, fakes, vmap rules and autograd
+come from :mod:`vapt_kernels.ops.library`, shared with the other backends.
 
 Importing this package imports Triton; :mod:`vapt_kernels.ops` does so only when the backend is
 first used. On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import KERNEL_DTYPES, library
+from .. import library
 from .norm_and_project import norm_and_project_backward, norm_and_project_forward
 from .prefix_attention import prefix_attention_backward, prefix_attention_forward
 
@@ -23,7 +23,7 @@ NAMESPACE = "vapt_triton"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.NORM_AND_PROJECT_FWD}", mutates_args=())
-def _norm_and_project_fwd(
+def norm_and_project_fwd(
     x: Tensor,
     norm1_weight: Optional[Tensor],
     norm1_bias: Optional[Tensor],
@@ -38,7 +38,7 @@ def _norm_and_project_fwd(
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.NORM_AND_PROJECT_BWD}", mutates_args=())
-def _norm_and_project_bwd(
+def norm_and_project_bwd(
     dh: Tensor,
     dg: Tensor,
     x: Tensor,
@@ -57,14 +57,14 @@ def _norm_and_project_bwd(
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.PREFIX_ATTENTION_FWD}", mutates_args=())
-def _prefix_attention_fwd(
+def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     return prefix_attention_forward(q, k, v, k_prefix, v_prefix, scale)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.PREFIX_ATTENTION_BWD}", mutates_args=())
-def _prefix_attention_bwd(
+def prefix_attention_bwd(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -78,6 +78,4 @@ def _prefix_attention_bwd(
     return prefix_attention_backward(dout, q, k, v, k_prefix, v_prefix, out, lse, scale)
 
 
-library.register_fakes_and_autograd(NAMESPACE)
-
-OPS = library.KernelOps(NAMESPACE, "triton", KERNEL_DTYPES["triton"])
+library.register_kernel_ops(NAMESPACE, "triton")

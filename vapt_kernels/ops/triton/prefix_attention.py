@@ -20,12 +20,12 @@ mask at all when ``D`` is a power of two >= 16).
 Kernels (every grid is 1-D, block index fastest, so neighbouring programs share one ``(b, h)`` and
 its keys stay in L2; 1-D also avoids the 65535 limit of a second grid axis):
 
-* ``_prefix_attn_fwd_kernel``: one program per (query block, ``b * H + h``); online softmax in the
+* ``_prefix_attention_fwd_kernel``: one program per (query block, ``b * H + h``); online softmax in the
   log2 domain with float32 running max, sum and accumulator.
-* ``_prefix_attn_bwd_dq_kernel``: one program per (query block, ``b * H + h``); computes ``delta``
+* ``_prefix_attention_bwd_dq_kernel``: one program per (query block, ``b * H + h``); computes ``delta``
   for its rows first (so no separate preprocessing launch), stores it for the next kernel, then
   loops over the prefix and token keys accumulating ``dq``.
-* ``_prefix_attn_bwd_dkdv_kernel``: one program per (key block, ``b * H + h``) where the key
+* ``_prefix_attention_bwd_dkdv_kernel``: one program per (key block, ``b * H + h``) where the key
   blocks are the token blocks followed by the prefix blocks; each loops over all query blocks. The
   prefix blocks write per-batch gradients ``(B, H, Np, D)``: straight into ``dk_prefix`` when
   ``Bp == B``, into a float32 buffer summed over the batch by the launcher when ``Bp == 1``. Every
@@ -46,10 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import KERNEL_DTYPES
-
 _LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +146,7 @@ def _fwd_key_loop(
 
 
 @triton.jit
-def _prefix_attn_fwd_kernel(
+def _prefix_attention_fwd_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
     v_ptr,  # (B, H, T, D) token values
@@ -263,7 +260,7 @@ def _dq_key_loop(
 
 
 @triton.jit
-def _prefix_attn_bwd_dq_kernel(
+def _prefix_attention_bwd_dq_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
     v_ptr,  # (B, H, T, D) token values
@@ -439,7 +436,7 @@ def _dkdv_key_block(
 
 
 @triton.jit
-def _prefix_attn_bwd_dkdv_kernel(
+def _prefix_attention_bwd_dkdv_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
     v_ptr,  # (B, H, T, D) token values
@@ -510,36 +507,7 @@ def _prefix_attn_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------
 
 # With TRITON_INTERPRET=1 set before import, @triton.jit returns interpreter functions instead.
-_INTERPRETED = not isinstance(_prefix_attn_fwd_kernel, triton.runtime.JITFunction)
-
-
-def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor
-) -> None:
-    """Raises a readable error for inputs the kernels do not take."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    B, H, _, D = q.shape
-    if k_prefix.dim() != 4 or v_prefix.shape != k_prefix.shape:
-        raise ValueError(
-            "k_prefix, v_prefix must share one (Bp, H, Np, D) shape, "
-            f"got {tuple(k_prefix.shape)}, {tuple(v_prefix.shape)}"
-        )
-    Bp, Hp, _, Dp = k_prefix.shape
-    if Bp not in (1, B) or Hp != H or Dp != D:
-        raise ValueError(
-            f"k_prefix shape {tuple(k_prefix.shape)} does not match queries {tuple(q.shape)} (Bp must be 1 or B)"
-        )
-    if any(t.dtype != q.dtype for t in (k, v, k_prefix, v_prefix)):
-        raise TypeError("q, k, v, k_prefix, v_prefix must share one dtype")
-    if q.dtype not in KERNEL_DTYPES["triton"].get(q.device.type, ()):
-        raise TypeError(f"the Triton prefix attention supports float32/float16/bfloat16, got {q.dtype}")
-    if any(t.device != q.device for t in (k, v, k_prefix, v_prefix)):
-        raise ValueError("q, k, v, k_prefix, v_prefix must be on one device")
-    if D > _MAX_HEAD_DIM:
-        raise ValueError(f"the Triton prefix attention supports head dims up to {_MAX_HEAD_DIM}, got {D}")
+INTERPRETED = not isinstance(_prefix_attention_fwd_kernel, triton.runtime.JITFunction)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -594,7 +562,7 @@ def _launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> 
         # Prefix keys per step: Np padded to a power of two, so Np = 10 costs 16 columns.
         BLOCK_NP=min(block_n, max(16, triton.next_power_of_2(Np))),
         # The interpreter computes garbage for bf16 tl.dot; fp16 and fp32 run unchanged.
-        UPCAST=_INTERPRETED and dtype == torch.bfloat16,
+        UPCAST=INTERPRETED and dtype == torch.bfloat16,
         # TF32 would cost ~1e-3 relative error on fp32 inputs; 16-bit operands ignore the flag.
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -633,7 +601,6 @@ def prefix_attention_forward(
         ``out``: ``(B, H, T, D)`` in ``q.dtype`` with memory layout ``(B, T, H, D)``, and ``lse``:
         ``(B, H, T)`` float32, contiguous, ``log sum_j exp(scale * q . k_j)`` (natural log).
     """
-    _check_inputs(q, k, v, k_prefix, v_prefix)
     q, k, v, k_prefix, v_prefix = (_unit_last_stride(t) for t in (q, k, v, k_prefix, v_prefix))
     B, H, T, D = q.shape
     Np = k_prefix.shape[2]
@@ -644,7 +611,7 @@ def prefix_attention_forward(
 
     cfg = _launch_config("fwd", T, Np, D, q.dtype)
     with _device_guard(q):
-        _prefix_attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
+        _prefix_attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, k_prefix, v_prefix, out, lse,
             *_strides3(q), *_strides3(k), *_strides3(v),
             *_prefix_strides3(k_prefix), *_prefix_strides3(v_prefix), *_strides3(out),
@@ -677,7 +644,6 @@ def prefix_attention_backward(
         ``dk_prefix, dv_prefix``: ``k_prefix``'s shape ``(Bp, H, Np, D)``, contiguous, input dtype,
         summed over the batch when ``Bp == 1``.
     """
-    _check_inputs(q, k, v, k_prefix, v_prefix)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:3]:
         raise ValueError(
             f"dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)} do not match q {tuple(q.shape)}"
@@ -700,7 +666,7 @@ def prefix_attention_backward(
 
     with _device_guard(q):
         cfg = _launch_config("dq", T, Np, D, q.dtype)
-        _prefix_attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
+        _prefix_attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, k_prefix, v_prefix, out, dout, lse, delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v),
             *_prefix_strides3(k_prefix), *_prefix_strides3(v_prefix),
@@ -709,7 +675,7 @@ def prefix_attention_backward(
         )  # fmt: skip
         cfg = _launch_config("dkdv", T, Np, D, q.dtype)
         n_key_blocks = triton.cdiv(T, cfg["BLOCK_N"]) + triton.cdiv(Np, cfg["BLOCK_NP"])
-        _prefix_attn_bwd_dkdv_kernel[(n_key_blocks * B * H,)](
+        _prefix_attention_bwd_dkdv_kernel[(n_key_blocks * B * H,)](
             q, k, v, k_prefix, v_prefix, dout, lse, delta, dk, dv, dkp, dvp,
             *_strides3(q), *_strides3(k), *_strides3(v),
             *_prefix_strides3(k_prefix), *_prefix_strides3(v_prefix), *_strides3(dout),
