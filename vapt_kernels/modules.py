@@ -245,8 +245,10 @@ class VAPTPrompts(nn.Module):
         """
         p = self.prompt if index == 0 else self.deep_prompts[index - 1].unsqueeze(0)
         if self.training and self.config.prompt_dropout > 0.0:
-            p = F.dropout(p.expand(batch, -1, -1), self.config.prompt_dropout, True)
-        return p
+            return F.dropout(p.expand(batch, -1, -1), self.config.prompt_dropout, True)
+        # A copy, not the parameter: a wrapper that frees the parameters after forward (FSDP2)
+        # must not free the block's prompt rows with them.
+        return p.clone()
 
     def project(self, index: int, g: torch.Tensor) -> torch.Tensor:
         """Feature projector of adaptive block ``index`` on ``G (B, Np, d)``."""

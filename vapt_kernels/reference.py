@@ -67,7 +67,7 @@ def prompt_tokens(
     else:
         y = image
         linear = f"deep_prompt_downsample.{j}"
-    g = F.linear(y.reshape(B, d, -1), params[f"{linear}.weight"], params[f"{linear}.bias"]).transpose(1, 2)
+    g = F.linear(y.flatten(2), params[f"{linear}.weight"], params[f"{linear}.bias"]).transpose(1, 2)
     if not config.feature_projector:
         return g
     mlp = "deep_prompt_embeddings_mlp" if config.share_projector else f"deep_prompt_embeddings_mlp.{j}"

@@ -86,10 +86,18 @@ def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias
     return h.to(x.dtype), g.to(x.dtype), mean.view(B, T), rstd1.view(B, T), rstd_g.view(B, T)
 
 
-def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix):
+def norm_and_project_bwd(
+    dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, *, recompute_eps_g=None
+):
     """Composite ``norm_and_project_bwd``: ``(dx, dnorm1_weight, dnorm1_bias, dgen_weight,
     dgen_bias, dmix)``, dx in x's dtype and the rest in the stats dtype, as the kernels return
-    them. ``LN_g`` of the patch rows is rebuilt from the saved statistics."""
+    them.
+
+    ``LN_g`` of the patch rows is rebuilt from the saved statistics; with ``recompute_eps_g`` it is
+    recomputed from ``x`` instead, so that every output is a differentiable function of the inputs
+    (the saved statistics carry no gradient; aten's LayerNorm backward has its own derivative):
+    the backward of a backward, for every backend.
+    """
     d = x.shape[-1]
     P = num_prefix
     xs = x.to(stats_dtype(x.dtype))
@@ -97,7 +105,10 @@ def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mea
     dgs = dg.to(xs.dtype)
     # aten's LayerNorm backward reads the statistics as contiguous buffers.
     patches, mean_p, rstd_p = xs[:, P:], mean[:, P:, None].contiguous(), rstd_g[:, P:, None].contiguous()
-    xg = (patches - mean_p) * rstd_p * wg + bg
+    if recompute_eps_g is None:
+        xg = (patches - mean_p) * rstd_p * wg + bg
+    else:
+        xg = F.layer_norm(patches, (d,), wg, bg, recompute_eps_g)
     mix = mix.to(xs.dtype)
     if mix.dim() == 2:
         dmix = torch.einsum("bjc,bnc->jn", dgs, xg)
@@ -111,8 +122,28 @@ def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mea
     dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
         dh.to(xs.dtype), xs, (d,), mean[..., None], rstd1[..., None], w1, torch.zeros_like(w1), [True, True, True]
     )
-    dx[:, P:] += dx_g
+    dx = torch.cat((dx[:, :P], dx[:, P:] + dx_g), dim=1)
     return dx.to(x.dtype), dw1, db1, dwg, dbg, dmix
+
+
+def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, scale):
+    """Gradients ``(dq, dk, dv, dk_prefix, dv_prefix)`` of :func:`prefix_attention_reference`,
+    written out with the probabilities recomputed from the inputs, so that they are differentiable
+    functions of the inputs (the backward of a backward, for every backend). Prefix gradients are
+    summed over the batch when the prefix is broadcast."""
+    B, Np = q.shape[0], k_prefix.shape[2]
+    k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
+    v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
+    probs = torch.softmax(torch.matmul(q, k_all.transpose(-1, -2)) * scale, dim=-1)
+    dv_all = torch.matmul(probs.transpose(-1, -2), dout)
+    dprobs = torch.matmul(dout, v_all.transpose(-1, -2))
+    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) * scale
+    dq = torch.matmul(dscores, k_all)
+    dk_all = torch.matmul(dscores.transpose(-1, -2), q)
+    dk_prefix, dv_prefix = dk_all[:, :, :Np], dv_all[:, :, :Np]
+    if k_prefix.shape[0] != B:
+        dk_prefix, dv_prefix = dk_prefix.sum(0, keepdim=True), dv_prefix.sum(0, keepdim=True)
+    return dq, dk_all[:, :, Np:], dv_all[:, :, Np:], dk_prefix, dv_prefix
 
 
 def prefix_attention(q, k, v, k_prefix, v_prefix, scale):

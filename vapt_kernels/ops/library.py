@@ -24,12 +24,13 @@ rules. The ``torch`` backend provides the ``norm_and_project`` pair in composite
 (:mod:`.composite`). :func:`norm_and_project` and :func:`prefix_attention` run a backend's kernels
 under one autograd rule each (``torch.autograd.Function`` with ``setup_context``, so ``torch.func``
 transforms work): the forward saves the row statistics or the log-sum-exp and the backward kernel
-consumes them; asked for a gradient of the gradient (grad mode on during the backward), the
-backward is instead recomputed differentiably from the plain references.
+consumes them; when the backward is itself recorded (a gradient of a gradient, ``torch.func``),
+it is computed with the differentiable composite formulas instead.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -282,26 +283,11 @@ def register_kernel_ops(namespace: str, backend: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _differentiable_backward(reference: Callable, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
-    """Gradients of ``reference(*inputs)`` with respect to the tensor inputs flagged in ``needs``,
-    themselves differentiable (``create_graph``): the backward when a gradient of a gradient is
-    asked for. ``grad_outputs`` may hold None for outputs that received no gradient."""
-    wrt = [i for i, t in enumerate(inputs) if needs[i] and isinstance(t, torch.Tensor)]
-    with torch.enable_grad():
-        outputs = reference(*inputs)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs], create_graph=True, allow_unused=True
-    )
-    result = [None] * len(inputs)
-    for i, g in zip(wrt, grads):
-        result[i] = torch.zeros_like(inputs[i]) if g is None else g
-    return result
-
-
-def _recomputing_backward() -> bool:
-    # A backward that is itself recorded (create_graph=True, torch.func transforms) must be
-    # differentiable; compiled graphs never take this branch (their backward is traced without).
+def _differentiable_backward() -> bool:
+    """Whether the backward being run is itself recorded (``create_graph=True``, ``torch.func``
+    transforms): then it must be differentiable, and every backend computes it with the
+    composite formulas of :mod:`.composite` instead of its backward kernel, which has no
+    derivative. Compiled graphs never take this branch (their backward is traced without)."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
@@ -317,20 +303,20 @@ class _NormAndProject(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         backend, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix = inputs
         _h, _g, mean, rstd1, rstd_g = output
-        ctx.save_for_backward(x, w1, b1, wg, bg, mix, mean, rstd1, rstd_g)
-        ctx.backend, ctx.eps1, ctx.eps_g, ctx.num_prefix = backend, eps1, eps_g, num_prefix
+        ctx.save_for_backward(x, w1, wg, bg, mix, mean, rstd1, rstd_g)
+        ctx.backend, ctx.eps_g, ctx.num_prefix = backend, eps_g, num_prefix
         ctx.mark_non_differentiable(mean, rstd1, rstd_g)
 
     @staticmethod
     def backward(ctx, dh, dg, _dmean, _drstd1, _drstd_g):
-        x, w1, b1, wg, bg, mix, mean, rstd1, rstd_g = ctx.saved_tensors
+        x, w1, wg, bg, mix, mean, rstd1, rstd_g = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if _recomputing_backward():
-            inputs = (x, w1, b1, ctx.eps1, wg, bg, ctx.eps_g, mix, ctx.num_prefix)
-            return None, *_differentiable_backward(composite.norm_and_project_reference, inputs, (dh, dg), need[1:])
         dh = torch.zeros_like(x) if dh is None else dh.contiguous()
         dg = x.new_zeros(x.shape[0], mix.shape[0], x.shape[-1]) if dg is None else dg.contiguous()
-        bwd = KERNELS[ctx.backend].norm_and_project_bwd
+        if _differentiable_backward():
+            bwd = functools.partial(composite.norm_and_project_bwd, recompute_eps_g=ctx.eps_g)
+        else:
+            bwd = KERNELS[ctx.backend].norm_and_project_bwd
         dx, dw1, db1, dwg, dbg, dmix = bwd(dh, dg, x, w1, wg, bg, mix, mean, rstd1, rstd_g, ctx.num_prefix)
         return (
             None,
@@ -364,13 +350,12 @@ class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, k_prefix, v_prefix, out, lse = ctx.saved_tensors
-        if _recomputing_backward():
-            inputs = (q, k, v, k_prefix, v_prefix, ctx.scale)
-            need = ctx.needs_input_grad[1:]
-            return None, *_differentiable_backward(composite.prefix_attention_reference, inputs, (dout,), need)
         dout = torch.zeros_like(out) if dout is None else _unit_last_stride(dout)
-        bwd = KERNELS[ctx.backend].prefix_attention_bwd
-        return None, *bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale), None
+        if _differentiable_backward():
+            grads = composite.prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, ctx.scale)
+        else:
+            grads = KERNELS[ctx.backend].prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale)
+        return None, *grads, None
 
 
 # --------------------------------------------------------------------------------------------
