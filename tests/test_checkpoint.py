@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 
 import vapt_kernels as vk
-from conftest import images, tiny_vit
+from conftest import images, randomize_prompts, tiny_vit
 
 PREFIX = "enc.transformer."
 
@@ -132,6 +133,214 @@ def test_trainable_state_dict_mismatch():
     with pytest.raises(ValueError, match="vapt.prompt: saved"):
         vk.load_trainable_state_dict(model, other)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
+    """Every entry of ``model.state_dict()`` has the bits it had in ``before``."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    bits = lambda t: t.detach().contiguous().view(torch.uint8)  # noqa: E731
+    for k, v in after.items():
+        assert v.dtype == before[k].dtype and torch.equal(bits(v), bits(before[k])), f"{k} changed"
+
+
+# A key in the middle of the copy order of each loader: a key-by-key copy has already overwritten
+# the parameters before it when it reaches this one.
+OFFICIAL_MIDDLE = f"{PREFIX}deep_prompt_embeddings_mlp.block.0.weight"
+TRAINABLE_MIDDLE = "vapt.generators.1.kernel"
+
+
+def _nan(t):
+    t = t.clone()
+    t.view(-1)[1] = float("nan")
+    return t
+
+
+def _inf(t):
+    t = t.clone()
+    t.view(-1)[-1] = -float("inf")
+    return t
+
+
+BAD_VALUES = {
+    "numpy": lambda t: t.numpy(),
+    "list": lambda t: t.tolist(),
+    "sparse": lambda t: t.to_sparse(),
+    "meta": lambda t: t.to("meta"),
+    "nan": _nan,
+    "inf": _inf,
+    "complex": lambda t: t.to(torch.complex128),
+    "int": lambda t: (t * 10).round().long(),
+    "bool": lambda t: t > 0,
+    "wrong-shape": lambda t: t.flatten(),
+}
+
+
+def valid_state_dicts(loader: str):
+    """A model and a state dict for ``loader`` that loads into it and changes every parameter."""
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    if loader == "official":
+        return model, official_state_dict(model), OFFICIAL_MIDDLE
+    source = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    randomize_prompts(source, seed=3)
+    return model, vk.trainable_state_dict(source), TRAINABLE_MIDDLE
+
+
+def load(loader: str, model, sd):
+    if loader == "official":
+        return vk.load_official_checkpoint(model, sd)
+    return vk.load_trainable_state_dict(model, sd)
+
+
+@pytest.mark.parametrize("loader", ["official", "trainable"])
+@pytest.mark.parametrize("bad", list(BAD_VALUES))
+def test_bad_value_in_the_middle_is_named_and_changes_nothing(loader, bad):
+    model, sd, middle = valid_state_dicts(loader)
+    keys = list(sd)
+    assert 0 < keys.index(middle) < len(keys) - 1
+    sd[middle] = BAD_VALUES[bad](sd[middle])
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        load(loader, model, sd)
+    assert middle in str(err.value)
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("spelling", ["bare", "module."])
+def test_official_key_given_twice_is_an_error_naming_both(spelling):
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    sd = official_state_dict(model)
+    other = OFFICIAL_MIDDLE.removeprefix(PREFIX) if spelling == "bare" else "module." + OFFICIAL_MIDDLE
+    keys = list(sd)
+    at = keys.index(OFFICIAL_MIDDLE) + 1
+    sd = dict([*sd.items()][:at] + [(other, torch.zeros_like(sd[OFFICIAL_MIDDLE]))] + [*sd.items()][at:])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="given 2 times") as err:
+        vk.load_official_checkpoint(model, sd)
+    assert OFFICIAL_MIDDLE in str(err.value) and f"'{other}'" in str(err.value)
+    assert_bit_identical(model, before)
+
+
+def test_every_problem_is_listed_in_one_error():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    sd = official_state_dict(model)
+    del sd[f"{PREFIX}deep_prompt_norm.1.bias"]
+    sd[f"{PREFIX}prompt_embeddings"] = torch.zeros(1, 4, 24)
+    sd[OFFICIAL_MIDDLE] = _nan(sd[OFFICIAL_MIDDLE])
+    sd[f"{PREFIX}deep_prompt_norm.0.weight"] = sd[f"{PREFIX}deep_prompt_norm.0.weight"].numpy()
+    sd["deep_prompt_norm.0.bias"] = sd[f"{PREFIX}deep_prompt_norm.0.bias"]
+    sd[f"{PREFIX}deep_prompt_downsample.0.conv.kernel"] = sd[f"{PREFIX}deep_prompt_downsample.0.conv.kernel"].int()
+    sd["head.last_layer.bias"] = sd["head.last_layer.bias"].to(torch.complex64)
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        vk.load_official_checkpoint(model, sd)
+    text = str(err.value)
+    for fragment in [
+        "missing prompt keys: deep_prompt_norm.1.bias",
+        "prompt_embeddings: checkpoint (1, 4, 24) vs model (1, 3, 24)",
+        f"{OFFICIAL_MIDDLE}: holds 1 NaN",
+        f"{PREFIX}deep_prompt_norm.0.weight: a numpy.ndarray",
+        "'deep_prompt_norm.0.bias', 'enc.transformer.deep_prompt_norm.0.bias'",
+        f"{PREFIX}deep_prompt_downsample.0.conv.kernel: dtype torch.int32",
+        "head.last_layer.bias: dtype torch.complex64",
+    ]:
+        assert fragment in text
+    assert_bit_identical(model, before)
+
+
+def test_trainable_state_dict_lists_missing_unexpected_and_bad_values():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    sd = vk.trainable_state_dict(model)
+    del sd["vapt.prompt"]
+    sd["vapt.extra"] = torch.zeros(3)
+    sd[TRAINABLE_MIDDLE] = _inf(sd[TRAINABLE_MIDDLE])
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        vk.load_trainable_state_dict(model, sd)
+    text = str(err.value)
+    assert "missing: vapt.prompt" in text and "unexpected: vapt.extra" in text
+    assert f"{TRAINABLE_MIDDLE}: holds 1 Inf" in text
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("case", ["misshaped-weight", "lone-weight", "lone-bias", "model-without-head"])
+def test_official_head_is_loaded_as_a_unit_or_not_at_all(case):
+    model = vk.apply_vapt(tiny_vit(num_classes=0 if case == "model-without-head" else 5), num_prompts=3)
+    sd = official_state_dict(model, head=False)
+    weight, bias = torch.ones(5, 24), torch.ones(5)
+    named = {
+        "misshaped-weight": ({"head.last_layer.weight": torch.ones(9, 24), "head.last_layer.bias": bias}, "(9, 24)"),
+        "lone-weight": ({"head.last_layer.weight": weight}, "head.last_layer.bias is missing"),
+        "lone-bias": ({"head.last_layer.bias": bias}, "head.last_layer.weight is missing"),
+        "model-without-head": ({"head.last_layer.weight": weight, "head.last_layer.bias": bias}, "no head.weight"),
+    }
+    head, reason = named[case]
+    sd.update(head)
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match="head was not loaded") as record:
+        mapping = vk.load_official_checkpoint(model, sd)
+    assert len(record) == 1 and reason in str(record[0].message)
+    assert not any(k.startswith("head.") for k in mapping)
+    after = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        assert (k in after) == (k in before) and (k not in after or torch.equal(after[k], before[k])), k
+    assert torch.equal(model.vapt.prompt.detach(), sd[f"{PREFIX}prompt_embeddings"])
+
+
+def test_official_head_that_fits_is_loaded_whole_without_warning():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    sd = official_state_dict(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapping = vk.load_official_checkpoint(model, sd)
+    assert mapping["head.last_layer.weight"] == "head.weight" and mapping["head.last_layer.bias"] == "head.bias"
+    assert torch.equal(model.head.weight.detach(), sd["head.last_layer.weight"])
+    assert torch.equal(model.head.bias.detach(), sd["head.last_layer.bias"])
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (9, 24)])
+def test_official_head_with_bad_values_is_an_error_not_a_warning(shape):
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    sd = official_state_dict(model)
+    sd["head.last_layer.weight"] = _nan(torch.ones(shape))
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="head.last_layer.weight: holds 1 NaN"):
+            vk.load_official_checkpoint(model, sd)
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("loader", ["official", "trainable"])
+def test_float32_state_dict_loads_into_a_float64_model(loader):
+    model, sd, _ = valid_state_dicts(loader)
+    sd = {k: v.float() for k, v in sd.items()}
+    mapping = load(loader, model, sd)
+    params = dict(model.named_parameters())
+    for theirs, ours in (mapping or {k: k for k in sd}).items():
+        assert params[ours].dtype == torch.float64 and torch.equal(params[ours].detach(), sd[theirs].double()), ours
+
+
+@pytest.mark.parametrize("loader", ["official", "trainable"])
+def test_state_dict_that_is_not_a_mapping_is_refused(loader):
+    model, sd, _ = valid_state_dicts(loader)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        load(loader, model, list(sd.values()))
+
+
+def test_value_that_overflows_the_model_dtype_is_refused():
+    model = vk.apply_vapt(tiny_vit().float(), num_prompts=3)
+    sd = official_state_dict(model)
+    sd[OFFICIAL_MIDDLE] = sd[OFFICIAL_MIDDLE].clone()
+    sd[OFFICIAL_MIDDLE][0, 0] = 1e300
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"{OFFICIAL_MIDDLE}: .*overflow.*float32"):
+        vk.load_official_checkpoint(model, sd)
+    assert_bit_identical(model, before)
 
 
 def test_count_parameters():

@@ -65,65 +65,222 @@ def _is_prompt_key(key: str) -> bool:
     return key.startswith(("prompt_embeddings", "deep_prompt", "prompt_proj"))
 
 
-def load_official_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Load the prompts (and the head, where it fits) of an official VAPT checkpoint.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    Accepts the official key names with or without the ``enc.transformer.`` prefix; backbone keys
-    are ignored. Every prompt parameter of the model must be present with the official shape, and
-    no official prompt key may be left without a place; otherwise a ``ValueError`` names the keys
-    and nothing is changed. The head (``head.last_layer.*``) is loaded when its shapes fit and
-    skipped with a warning otherwise.
+
+def _string_keys(caller: str, state_dict: Mapping[str, torch.Tensor], problems: list[str]) -> list[str]:
+    """The keys of ``state_dict`` that are strings; a problem is added for every other key."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"{caller}: state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}"
+        )
+    keys = []
+    for key in state_dict:
+        if isinstance(key, str):
+            keys.append(key)
+        else:
+            problems.append(f"{key!r}: keys must be parameter names (str), not {type(key).__name__}")
+    return keys
+
+
+def _loadable(value: object, param: nn.Parameter | None) -> torch.Tensor | str:
+    """``value`` converted to the dtype and device of ``param``, or what is wrong with it (a str).
+
+    The value must be a dense tensor of a real floating dtype, with finite values, and stay finite in
+    ``param``'s dtype. With ``param`` None it is only checked and returned as it is. Shapes are the
+    caller's business.
+    """
+    if not isinstance(value, torch.Tensor):
+        kind = type(value).__qualname__
+        if type(value).__module__ != "builtins":
+            kind = f"{type(value).__module__}.{kind}"
+        fix = "torch.from_numpy(value)" if type(value).__module__ == "numpy" else "torch.tensor(value)"
+        return f"a {kind}, not a torch.Tensor; convert it with {fix}"
+    if value.layout != torch.strided:
+        return f"a {value.layout} tensor; pass a dense one (value.to_dense())"
+    if value.is_meta:
+        return (
+            "on the meta device, so it holds no values; load the file with real tensors "
+            "(torch.load(path, map_location='cpu'))"
+        )
+    if value.dtype not in _FLOAT_DTYPES:
+        if value.is_complex():
+            why = "parameters are real and a copy would drop the imaginary part; pass value.real if that is meant"
+        else:
+            why = (
+                "parameters hold real floating values (float16, bfloat16, float32 or float64); check that this key "
+                "holds the tensor you meant, or convert it with value.float()"
+            )
+        return f"dtype {value.dtype}: {why}"
+    with torch.no_grad():
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            inf = value.numel() - int(finite.sum()) - nan
+            counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+            return (
+                f"holds {counts} of {value.numel()} values (a diverged run or a damaged file?); "
+                "load an earlier checkpoint"
+            )
+        if param is None:
+            return value
+        converted = value.to(device=param.device, dtype=param.dtype)
+        if not bool(torch.isfinite(converted).all()):
+            return (
+                f"values up to {value.abs().max().item():.3g} overflow {param.dtype}, the model's dtype; load it "
+                "into a model of a wider dtype"
+            )
+    return converted
+
+
+def _validate_then_copy(
+    caller: str,
+    state_dict: Mapping[str, torch.Tensor],
+    targets: Mapping[str, nn.Parameter],
+    key_problems: list[str],
+    hint: str,
+    noun: str,
+    check_only: Mapping[str, nn.Parameter | None] | None = None,
+    warning: str | None = None,
+) -> None:
+    """Copy ``state_dict[key]`` into ``targets[key]`` for every key, or nothing at all.
+
+    Every value of ``targets`` and ``check_only`` is checked first: of the parameter's shape (not
+    checked where ``check_only`` gives None), a ``torch.Tensor``, dense, not on the meta device, of
+    a real floating dtype, finite (also once converted to the parameter's dtype). If anything
+    is wrong, or ``key_problems`` (missing, unexpected, repeated keys) is not empty, one error lists
+    every problem and nothing is changed. Otherwise ``warning`` is issued (before the copy, so that
+    warnings turned into errors also leave the model unchanged) and the values are copied,
+    converted to each parameter's dtype and device.
+
+    Args:
+        caller: the public function, named in the messages.
+        state_dict: the values, by key as the caller's user spelled them.
+        targets: key of ``state_dict`` -> the parameter that takes its value.
+        key_problems: problems with the keys found by the caller, one sentence each.
+        hint: what to check when keys or shapes do not match; added to the error when there are key
+            problems or a shape differs.
+        noun: what the shape messages call the state dict's side (``checkpoint (1, 4, 24) vs model ...``).
+        check_only: keys whose values must be valid but are not copied -> the parameter whose
+            shape they must have, or None.
+        warning: issued once everything is valid, just before the copy.
+
+    Raises:
+        ValueError: listing every problem, each with its key; nothing is changed then.
+    """
+    check_only = check_only or {}
+    problems, values = list(key_problems), {}
+    structural = bool(key_problems)
+    for key, param in [*targets.items(), *check_only.items()]:
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and param is not None and value.shape != param.shape:
+            problems.append(f"{key}: {noun} {tuple(value.shape)} vs model {tuple(param.shape)}")
+            structural = True
+            continue
+        result = _loadable(value, param)
+        if isinstance(result, str):
+            problems.append(f"{key}: {result}")
+        elif key in targets:
+            values[key] = result
+    if problems:
+        raise ValueError(
+            f"{caller}: nothing was loaded, because of these problems with the state dict:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + (f"\n{hint}" if structural else "")
+        )
+    if warning is not None:
+        warnings.warn(f"{caller}: {warning}", stacklevel=3)
+    with torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(values[key])
+
+
+def load_official_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Load the prompts (and the head, where it fits) of an official VAPT checkpoint; all or nothing.
+
+    Accepts the official key names with or without the ``module.`` and ``enc.transformer.``
+    prefixes; backbone keys are ignored. Every prompt parameter of the model must be present once,
+    with the official shape, as a dense tensor of a real floating dtype with finite values; no
+    official prompt key may be left without a place. The values are converted to the parameters'
+    dtype and device. The head (``head.last_layer.weight`` and ``.bias``) is loaded as a unit: both
+    keys present with the shapes of the model's ``head.weight`` and ``head.bias``, or neither is
+    loaded and a ``UserWarning`` says why (a different number of classes, a missing key, a model
+    without a head); its values must be valid either way.
+
+    Args:
+        model: a model prepared by :func:`vapt_kernels.apply_vapt`.
+        state_dict: the official checkpoint's state dict (official ``model`` entry).
 
     Returns:
         Each official key that was loaded (as spelled in ``state_dict``) -> the model parameter
         that now holds it.
+
+    Raises:
+        TypeError: if ``state_dict`` is not a mapping.
+        ValueError: listing every missing, unexpected, repeated (the same official key spelled
+            with and without a prefix), mis-shaped or invalid (not a tensor, sparse, meta, complex,
+            integer, bool, NaN/Inf) entry; nothing is changed then.
     """
+    caller = "load_official_checkpoint"
     expected = official_key_map(model)
-    given = {_strip(k): k for k in state_dict}
-    if "prompt_proj.weight" in given:
-        raise ValueError(
-            "load_official_checkpoint: the checkpoint has prompt_proj.* (official PROJECT > -1), a prompt "
-            "projection this package does not implement"
-        )
-    prompt_keys = {k for k in given if _is_prompt_key(k)}
-    missing = sorted(set(expected) - prompt_keys)
-    unexpected = sorted(prompt_keys - set(expected))
     params = dict(model.named_parameters())
-    wrong = [
-        f"{k}: checkpoint {tuple(state_dict[given[k]].shape)} vs model {tuple(params[expected[k]].shape)}"
-        for k in sorted(set(expected) & prompt_keys)
-        if tuple(state_dict[given[k]].shape) != tuple(params[expected[k]].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing prompt keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"prompt keys with no place in this model: {', '.join(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatches: {'; '.join(wrong)}")
-        raise ValueError(
-            "load_official_checkpoint: the checkpoint does not match the model's VAPT config "
-            f"({model.vapt.config}): " + " | ".join(parts)
-            + ". Check num_prompts, vpt_depth, conv, shared_kernel, share_projector, learnable_scale and the "
-            "image size the checkpoint was trained at."
+    problems: list[str] = []
+    spellings: dict[str, list[str]] = {}
+    for key in _string_keys(caller, state_dict, problems):
+        spellings.setdefault(_strip(key), []).append(key)
+    if any(k.startswith("prompt_proj") for k in spellings):
+        problems.append(
+            "prompt_proj.*: the checkpoint has a prompt projection (official PROJECT > -1), which this package does "
+            "not implement"
         )
-    loads = {given[k]: expected[k] for k in sorted(expected)}
-    for theirs, ours in _OFFICIAL_HEAD.items():
-        if theirs not in given or ours not in params:
-            continue
-        src, dst = state_dict[given[theirs]], params[ours]
-        if tuple(src.shape) == tuple(dst.shape):
-            loads[given[theirs]] = ours
-        else:
-            warnings.warn(
-                f"load_official_checkpoint: {theirs} has shape {tuple(src.shape)} but the model's {ours} has "
-                f"{tuple(dst.shape)} (a different number of classes?); the head was not loaded",
-                stacklevel=2,
-            )
-    with torch.no_grad():
-        for theirs, ours in loads.items():
-            params[ours].copy_(state_dict[theirs])
+    prompt_keys = {k for k in spellings if _is_prompt_key(k) and not k.startswith("prompt_proj")}
+    missing = sorted(set(expected) - prompt_keys)
+    unexpected = sorted(spellings[k][0] for k in prompt_keys - set(expected))
+    repeated = {
+        k: sorted(v) for k, v in spellings.items() if len(v) > 1 and (k in prompt_keys or k in _OFFICIAL_HEAD)
+    }
+    if missing:
+        problems.append(f"missing prompt keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"prompt keys with no place in this model: {', '.join(unexpected)}")
+    check_only: dict[str, nn.Parameter | None] = {}
+    for k, keys in sorted(repeated.items()):
+        problems.append(f"{k} is given {len(keys)} times, as {', '.join(map(repr, keys))}; keep one of them")
+        check_only.update({key: params[expected[k]] if k in expected else None for key in keys})
+    loads = {spellings[k][0]: expected[k] for k in sorted(expected) if k in spellings and k not in repeated}
+
+    head = {t: spellings[t][0] for t in _OFFICIAL_HEAD if t in spellings and t not in repeated}
+    reasons = []
+    if head:
+        reasons = [f"{theirs} is missing" for theirs in _OFFICIAL_HEAD if theirs not in spellings]
+        absent = [ours for ours in _OFFICIAL_HEAD.values() if ours not in params]
+        if absent:
+            reasons.append(f"the model has no {' or '.join(absent)} (built with num_classes=0?)")
+        for theirs, key in head.items():
+            value, ours = state_dict[key], _OFFICIAL_HEAD[theirs]
+            if isinstance(value, torch.Tensor) and ours in params and value.shape != params[ours].shape:
+                reasons.append(
+                    f"{key} has shape {tuple(value.shape)} but the model's {ours} has {tuple(params[ours].shape)} "
+                    "(a different number of classes?)"
+                )
+    if head and not reasons and not any(k in repeated for k in _OFFICIAL_HEAD):
+        loads.update({key: _OFFICIAL_HEAD[theirs] for theirs, key in head.items()})
+    else:
+        check_only.update({key: None for key in head.values()})
+    warning = None
+    if reasons:
+        warning = (
+            f"{'; '.join(reasons)}. The head is loaded as a unit (weight and bias together), so the head was not "
+            "loaded and the model keeps its own; the prompts were loaded. To load the head too, give both keys with "
+            "the shapes of a model with the checkpoint's number of classes."
+        )
+    hint = (
+        "Where keys are missing or have no place, or shapes differ, the checkpoint was trained with another VAPT "
+        f"config than the model's ({model.vapt.config}): check num_prompts, vpt_depth, conv, shared_kernel, "
+        "share_projector, learnable_scale and the image size the checkpoint was trained at."
+    )
+    targets = {key: params[ours] for key, ours in loads.items()}
+    _validate_then_copy(caller, state_dict, targets, problems, hint, "checkpoint", check_only, warning)
     return loads
 
 
@@ -134,28 +291,47 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load what :func:`trainable_state_dict` saved; names and shapes must match exactly.
+    """Load what :func:`trainable_state_dict` saved; all or nothing.
+
+    Names must match the model's trainable parameters exactly (no prefixes) and shapes must be
+    equal; every value must be a dense tensor of a real floating dtype with finite values. The
+    values are converted to the parameters' dtype and device.
+
+    Args:
+        model: a model prepared by :func:`vapt_kernels.apply_vapt`, with the config and backbone
+            the state dict was saved from.
+        state_dict: parameter name -> tensor, as :func:`trainable_state_dict` returns.
 
     Raises:
-        ValueError: naming missing, unexpected or mis-shaped entries; nothing is changed then.
+        TypeError: if ``state_dict`` is not a mapping.
+        ValueError: listing every missing, unexpected, mis-shaped or invalid (not a tensor, sparse,
+            meta, complex, integer, bool, NaN/Inf) entry; nothing is changed then.
     """
-    _prompts_of(model, "load_trainable_state_dict")
+    caller = "load_trainable_state_dict"
+    _prompts_of(model, caller)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(params))
-    wrong = [
-        f"{k}: saved {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-        for k in sorted(set(params) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(params[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "load_trainable_state_dict: the state dict does not fit the model's trainable parameters: "
-            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; shape mismatches {wrong or 'none'}"
+    problems: list[str] = []
+    keys = _string_keys(caller, state_dict, problems)
+    missing = sorted(set(params) - set(keys))
+    unexpected = sorted(set(keys) - set(params))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if set(unexpected) - frozen:
+        problems.append(f"unexpected: {', '.join(k for k in unexpected if k not in frozen)}")
+    if set(unexpected) & frozen:
+        problems.append(
+            "frozen parameters, which this loader does not load (pass what trainable_state_dict saves): "
+            f"{', '.join(k for k in unexpected if k in frozen)}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state_dict[name])
+    hint = (
+        "Where names are missing or unexpected, or shapes differ, the state dict was saved from a model with another "
+        f"VAPT config or backbone than this one ({model.vapt.config}); apply_vapt with the config it was saved "
+        "from. Names are the model's parameter names exactly, without prefixes such as 'module.'."
+    )
+    given = set(keys)
+    targets = {name: p for name, p in params.items() if name in given}
+    _validate_then_copy(caller, state_dict, targets, problems, hint, "saved")
 
 
 def count_parameters(model: nn.Module) -> dict[str, float]:
