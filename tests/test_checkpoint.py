@@ -11,8 +11,10 @@ import torch
 
 import vapt_kernels as vk
 from conftest import images, randomize_prompts, tiny_vit
+from vapt_kernels import ops, reference
 
 PREFIX = "enc.transformer."
+FLOAT64_BACKENDS = ["reference", "torch"] + (["native"] if ops.unavailable_reason("native", "cpu") is None else [])
 
 
 def official_state_dict(model, prefix=PREFIX, head=True, seed=0):
@@ -101,15 +103,19 @@ def test_checkpoint_needs_a_vapt_model_and_refuses_prompt_projection():
         vk.load_official_checkpoint(model, sd)
 
 
-def test_loaded_checkpoint_gives_the_official_forward():
-    """After loading, the fast path computes what the official formulation computes."""
-    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, vpt_depth=2))
-    vk.load_official_checkpoint(model, official_state_dict(model))
+@pytest.mark.parametrize("options", [dict(vpt_depth=2), dict(shared_kernel=False, share_projector=False), dict(conv=False)])
+def test_loaded_checkpoint_gives_the_official_forward(options):
+    """After loading, every fast backend computes what the official formulation computes with
+    the checkpoint's tensors themselves (the oracle reads them by their official names)."""
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, **options))
+    sd = official_state_dict(model)
+    vk.load_official_checkpoint(model, sd)
+    official = {k.removeprefix(PREFIX): v for k, v in sd.items() if k.startswith(PREFIX) and "encoder." not in k}
     x = images(model)
-    vk.set_backend(model, "reference")
-    expected = model(x)
-    vk.set_backend(model, "torch")
-    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    expected = reference.forward(model, official, model.vapt.config, x)
+    for backend in FLOAT64_BACKENDS:
+        vk.set_backend(model, backend)
+        torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12, msg=backend)
 
 
 def test_trainable_state_dict_round_trip():
