@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with a CUDA GPU and no network: builds the extension (CPU + CUDA kernels)
-# in place, runs the test suite (kernel backends on CUDA tensors too), the op benchmarks with their
+# in place, runs the package's self-check (vapt-check: every backend on every device against the
+# references), the test suite (kernel backends on CUDA tensors too), the op benchmarks with their
 # target ratios, and the model benchmark. Everything lands in $OUT (default ./gpu_check):
 #   build.log       machine, versions, build configuration and compiler output
+#   check.log       python -m vapt_kernels.check: versions, devices, backends, self-test, auto's picks
 #   tests.log       pytest
 #   bench_ops.log   pytest-benchmark table; ops.json its raw data; ops_summary.txt the target ratios
 #   bench_model.log vapt-bench table; model/results.csv, model/summary.json
@@ -23,7 +25,9 @@ step build
     "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)"
     FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 } >"$OUT/build.log" 2>&1 || { status=1; echo "build failed:"; tail -n 40 "$OUT/build.log"; }
-"$PY" -c "from vapt_kernels.ops import available_backends as a; print(a())" | tee -a "$OUT/build.log"
+
+step "self-check"
+"$PY" -m vapt_kernels.check 2>&1 | tee "$OUT/check.log" || status=1
 
 step tests
 "$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || status=1

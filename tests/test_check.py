@@ -1,0 +1,122 @@
+"""``vapt-check``: the report names every backend with its availability, the self-test passes here,
+a broken or crashing backend makes it exit 1 and says which, an unavailable one does not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vapt_kernels import check, ops
+from vapt_kernels.ops import library, native
+
+CONCRETE = [b for b in ops.BACKENDS if b != "auto"]
+
+
+def run_check(capsys, *argv: str) -> tuple[int, str]:
+    code = check.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def self_test_lines(out: str, backend: str) -> list[str]:
+    return [line for line in out.splitlines() if line.split()[:1] == [backend] and (" ok    " in line or " FAIL  " in line)]
+
+
+def test_report_lists_versions_backends_and_auto(capsys):
+    code, out = run_check(capsys, "--quick")
+    assert code == 0 and "self-test skipped" in out and " ok " not in out
+    for name in ("python", "torch", "triton", "timm", "vapt_kernels", torch.__version__, "compiled extension"):
+        assert name in out
+    assert f"capability {torch.backends.cpu.get_cpu_capability()}" in out
+    for backend in CONCRETE:
+        reason = ops.unavailable_reason(backend, "cpu")
+        expected = f"available ({', '.join(check._name(d) for d in library.input_dtypes(backend, 'cpu'))}"
+        assert f"{backend:<10} cpu   " + (expected if reason is None else f"unavailable: {reason}") in out
+    auto_row = "  cpu     " + "".join(f"{ops.auto_backend('cpu', dt):<11}" for dt in library.FLOATING)
+    assert auto_row in out.splitlines()
+
+
+def test_wrong_values_fail_and_say_where(capsys, monkeypatch):
+    torch_kernels = library.KERNELS["torch"]
+
+    def wrong_fwd(*args):
+        h, g, *stats = torch_kernels.norm_and_project_fwd(*args)
+        return (h, g * 1.1, *stats)
+
+    monkeypatch.setitem(library.KERNELS, "torch", torch_kernels._replace(norm_and_project_fwd=wrong_fwd))
+    monkeypatch.setattr(check, "SELF_TESTED", ("torch",))
+    code, out = run_check(capsys, "--device", "cpu")
+    assert code == 1
+    lines = self_test_lines(out, "torch")
+    failed = [line for line in lines if "FAIL" in line]
+    assert len(failed) == 4 and all("norm_and_project" in line and "g[0]" in line for line in failed), lines
+    assert all(" ok " in line for line in lines if "prefix_attention" in line)
+    assert "FAILED: torch on cpu" in out and "* failed its self-test above" in out
+
+
+def test_unwritten_output_fails(capsys, monkeypatch):
+    """Fresh allocations are NaN during the self-test: a kernel that leaves its output unwritten fails."""
+    torch_kernels = library.KERNELS["torch"]
+
+    def unwritten_fwd(*args):
+        h, g, *stats = torch_kernels.norm_and_project_fwd(*args)
+        return (torch.empty_like(h), g, *stats)
+
+    monkeypatch.setitem(library.KERNELS, "torch", torch_kernels._replace(norm_and_project_fwd=unwritten_fwd))
+    monkeypatch.setattr(check, "SELF_TESTED", ("torch",))
+    code, out = run_check(capsys, "--device", "cpu")
+    assert code == 1 and "h[0] nan" in out
+
+
+@pytest.mark.skipif(ops.unavailable_reason("native", "cpu") is not None, reason="no native CPU kernels here")
+def test_crashing_backend_fails_and_the_others_still_run(capsys, monkeypatch):
+    def crash(*args):
+        raise RuntimeError("boom from a broken kernel")
+
+    kernels = library.KERNELS["native"]._replace(prefix_attention_bwd=crash)
+    monkeypatch.setitem(library.KERNELS, "native", kernels)
+    monkeypatch.setattr(check, "SELF_TESTED", ("torch", "native"))
+    code, out = run_check(capsys, "--device", "cpu")
+    assert code == 1
+    native_lines = self_test_lines(out, "native")
+    assert all(
+        ("FAIL  RuntimeError: boom from a broken kernel" in line) == ("prefix_attention" in line) for line in native_lines
+    ), native_lines
+    assert all(" ok " in line for line in self_test_lines(out, "torch"))
+    assert "FAILED: native on cpu" in out
+
+
+def test_unavailable_backend_is_reported_not_failed(capsys, monkeypatch):
+    monkeypatch.setattr(native, "LOAD_ERROR", "pretend the extension failed to load")
+    monkeypatch.setattr(check, "SELF_TESTED", ("torch", "native"))
+    code, out = run_check(capsys, "--device", "cpu")
+    assert code == 0, out
+    assert "native     cpu   unavailable: pretend the extension failed to load" in out
+    assert "load error: pretend the extension failed to load" in out
+    assert self_test_lines(out, "native") == [] and len(self_test_lines(out, "torch")) == 8
+    assert "  cpu     torch      torch      torch      torch" in out
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(SystemExit):
+        check.parse_args(["--device", "cuda:99"])
+
+
+def test_command_passes_for_every_available_backend():
+    """The real command, in a subprocess: every available backend passes on every device here (on
+    CPU, Triton through its interpreter: ``conftest`` switches it on when there is no GPU)."""
+    cmd = [sys.executable, "-m", "vapt_kernels.check"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "all available backends passed" in out and "FAIL" not in out and "auto picks" in out
+    for backend in check.SELF_TESTED:
+        expected = sum(
+            2 * len(library.input_dtypes(backend, device.type))
+            for device in check.devices()
+            if ops.unavailable_reason(backend, device.type) is None
+        )
+        lines = self_test_lines(out, backend)
+        assert len(lines) == expected and all(" ok    max rel err " in line for line in lines), lines
