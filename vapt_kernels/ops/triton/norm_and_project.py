@@ -119,11 +119,12 @@ def _norm_and_project_fwd_kernel(
             xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BG:
             xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # Mix column of each row; prefix and padding rows load zero mix entries, so contribute
-        # nothing.
+        # Mix column of each row; prefix and padding rows load zero mix entries, and their xg rows
+        # are zeroed: a zero mix entry times a NaN in a prefix row would still be NaN.
         n = rows - num_prefix
         n_ok = row_ok & (n >= 0)
         n = tl.where(n_ok, n, 0)
+        xg = tl.where(n_ok[:, None], xg, 0.0)
         gpart_base = (b * tl.num_programs(0) + tile) * Np * d
         for j0 in range(0, Np, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
@@ -313,7 +314,8 @@ def _norm_and_project_bwd_kernel(
     part_offs = (b * tl.num_programs(0) + tile) * d + cols
     tl.store(dw1_ptr + part_offs, tl.sum(dh * xhat1, axis=0), mask=col_ok)
     tl.store(db1_ptr + part_offs, tl.sum(dh, axis=0), mask=col_ok)
-    tl.store(dwg_ptr + part_offs, tl.sum(dxg * xhatg, axis=0), mask=col_ok)
+    # Prefix rows have dxg = 0 but their own xhatg, possibly NaN: left out, as from the forward.
+    tl.store(dwg_ptr + part_offs, tl.sum(tl.where(n_ok[:, None], dxg * xhatg, 0.0), axis=0), mask=col_ok)
     tl.store(dbg_ptr + part_offs, tl.sum(dxg, axis=0), mask=col_ok)
 
 
