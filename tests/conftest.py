@@ -1,5 +1,5 @@
-"""Shared helpers: tiny timm ViTs, deterministic non-trivial prompts, op inputs, kernel backends
-per device, error reporting."""
+"""Shared helpers: tiny timm ViTs, deterministic non-trivial prompts, backends per device and
+dtype, NaN-poisoned allocations, error reporting."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ KERNEL_BACKENDS = ("native", "triton")
 
 
 def kernel_cases(*backends: str, dtypes: tuple[torch.dtype, ...] = ()):
-    """``(backend, device)`` parameters for the kernel backends on every device of this machine,
-    or ``(backend, device, dtype)`` for each of ``dtypes`` the backend's kernels take there; a
-    backend that cannot run here is skipped with the reason (``test_kernels`` asserts that CI runs
-    the CPU ones)."""
+    """``(backend, device)`` parameters for ``backends`` (default: the kernel backends) on every
+    device of this machine, or ``(backend, device, dtype)`` for each of ``dtypes`` that the
+    backend's contract takes there (:func:`library.input_dtypes`); a backend that cannot run here
+    is skipped with the reason (``test_ops`` asserts that CI runs the CPU ones)."""
     cases = []
     for backend in backends or KERNEL_BACKENDS:
         for device in DEVICES:
@@ -54,33 +54,6 @@ def poison_uninitialized():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-def qkv_views(B, T, H, D, dtype, seed=0, device="cpu"):
-    """q, k, v as they come out of timm's reshaped QKV projection: strided views of one tensor."""
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, T, 3, H, D, generator=gen, dtype=dtype).to(device).requires_grad_()
-    return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def prefix_kv(batch, H, Np, D, dtype, seed=1, device="cpu"):
-    """Prompt keys and values ``(batch, H, Np, D)``, as the unbound halves of one K/V projection."""
-    gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(batch, Np, 2, H, D, generator=gen, dtype=dtype).to(device).requires_grad_()
-    kp, vp = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    return kv, kp, vp
-
-
-def project_inputs(B, P, N, d, Np, per_channel, dtype, seed=0, device="cpu"):
-    """``norm_and_project`` arguments: x (B, P+N, d), both LayerNorms' affines, mix (Np, N[, d])."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return torch.randn(*s, generator=gen, dtype=dtype).to(device).requires_grad_()
-
-    x = r(B, P + N, d)
-    mix = r(Np, N, d) if per_channel else r(Np, N)
-    return [x, r(d), r(d), 1e-6, r(d), r(d), 1e-5, mix, P]
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:

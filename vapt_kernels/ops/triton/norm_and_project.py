@@ -36,9 +36,9 @@ All arithmetic is float32 whatever the input dtype; every load is cast to float3
 (Triton's CPU interpreter mishandles bfloat16 arithmetic). The matrix products run on
 ``tl.dot`` with float32 operands and accumulation: in IEEE float32 for float32 inputs, in TF32 for
 16-bit inputs (its rounding is finer than the inputs' own, and than the composite PyTorch path,
-which rounds ``mix`` and ``LN_g(x)`` to the input dtype). Under the interpreter, bfloat16 stores
-of ``h``, ``dx`` and the per-channel ``g`` truncate instead of rounding to nearest (up to 2**-7
-relative error; the GPU rounds).
+which rounds ``mix`` and ``LN_g(x)`` to the input dtype). The interpreter converts float32 to
+bfloat16 by truncation (up to 2**-7 relative error; the GPU rounds to nearest), so there the
+bfloat16 stores of ``h``, ``dx`` and the per-channel ``g`` are rounded first (``ROUND_BF16``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+
+from .prefix_attention import INTERPRETED, round_to_bfloat16
 
 # Largest BLOCK_T * BLOCK_D (and BLOCK_J * BLOCK_D) tile a program keeps in registers.
 _TILE_ELEMENTS = 8192
@@ -80,6 +82,7 @@ def _norm_and_project_fwd_kernel(
     HAS_BG: tl.constexpr,
     PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d): h and statistics only, g from the g kernel
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_T: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next power of two >= d
     BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
@@ -111,6 +114,8 @@ def _norm_and_project_fwd_kernel(
         h = h * tl.load(w1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B1:
         h = h + tl.load(b1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_BF16:
+        h = round_to_bfloat16(h)
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
     if not PER_CHANNEL:
@@ -119,11 +124,12 @@ def _norm_and_project_fwd_kernel(
             xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BG:
             xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # Mix column of each row; prefix and padding rows load zero mix entries, so contribute
-        # nothing.
+        # Mix column of each row; prefix and padding rows load zero mix entries, and their xg rows
+        # are zeroed: a zero mix entry times a NaN in a prefix row would still be NaN.
         n = rows - num_prefix
         n_ok = row_ok & (n >= 0)
         n = tl.where(n_ok, n, 0)
+        xg = tl.where(n_ok[:, None], xg, 0.0)
         gpart_base = (b * tl.num_programs(0) + tile) * Np * d
         for j0 in range(0, Np, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)
@@ -150,6 +156,7 @@ def _norm_and_project_g_kernel(
     num_prefix,  # prefix tokens P (patch n is row P + n)
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_N: tl.constexpr,  # patches per step of the loop over the patches
     BLOCK_J: tl.constexpr,  # prompts per program
@@ -190,6 +197,8 @@ def _norm_and_project_g_kernel(
         acc += m * xg[None, :, :]
 
     g = tl.sum(acc, axis=1)
+    if ROUND_BF16:
+        g = round_to_bfloat16(g)
     g_offs = b * Np * d + js[:, None] * d + cols[None, :]
     tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=j_ok[:, None] & col_ok[None, :])
 
@@ -222,6 +231,7 @@ def _norm_and_project_bwd_kernel(
     HAS_BG: tl.constexpr,
     PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d) instead of (Np, N)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_T: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next power of two >= d
     BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
@@ -308,12 +318,15 @@ def _norm_and_project_bwd_kernel(
     cg2 = tl.sum(dyg * xhatg, axis=1) / d
     dx = rstd1[:, None] * (dy1 - c1[:, None] - xhat1 * c2[:, None])
     dx += rstd_g[:, None] * (dyg - cg1[:, None] - xhatg * cg2[:, None])
+    if ROUND_BF16:
+        dx = round_to_bfloat16(dx)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     part_offs = (b * tl.num_programs(0) + tile) * d + cols
     tl.store(dw1_ptr + part_offs, tl.sum(dh * xhat1, axis=0), mask=col_ok)
     tl.store(db1_ptr + part_offs, tl.sum(dh, axis=0), mask=col_ok)
-    tl.store(dwg_ptr + part_offs, tl.sum(dxg * xhatg, axis=0), mask=col_ok)
+    # Prefix rows have dxg = 0 but their own xhatg, possibly NaN: left out, as from the forward.
+    tl.store(dwg_ptr + part_offs, tl.sum(tl.where(n_ok[:, None], dxg * xhatg, 0.0), axis=0), mask=col_ok)
     tl.store(dbg_ptr + part_offs, tl.sum(dxg, axis=0), mask=col_ok)
 
 
@@ -449,6 +462,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _round_bf16(dtype: torch.dtype) -> bool:
+    """Whether stores in ``dtype`` must be rounded by hand: bfloat16 under the interpreter."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
 def _device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make ``x``'s GPU current for the launch (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -508,7 +526,7 @@ def norm_and_project_forward(
                 T, N, d, Np, num_prefix, eps1, eps_g,
                 HAS_W1=norm1_weight is not None, HAS_B1=norm1_bias is not None,
                 HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype),
+                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype), ROUND_BF16=_round_bf16(x.dtype),
                 BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
             )
         # Also run without patches (N == 0), where it writes zeros.
@@ -518,7 +536,7 @@ def norm_and_project_forward(
             _norm_and_project_g_kernel[grid](
                 x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
                 mix, mean, rstd_g, g, T, N, d, Np, num_prefix,
-                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
+                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None, ROUND_BF16=_round_bf16(x.dtype),
                 BLOCK_C=pcfg.block_c, BLOCK_N=pcfg.block_n, BLOCK_J=pcfg.block_j, num_warps=pcfg.num_warps,
             )
     if not per_channel:
@@ -580,7 +598,7 @@ def norm_and_project_backward(
                 mix, mean, rstd1, rstd_g, dx, *weight_partials, dmix,
                 T, N, d, Np, num_prefix,
                 HAS_W1=norm1_weight is not None, HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype),
+                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype), ROUND_BF16=_round_bf16(x.dtype),
                 BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
             )
         # Also run for B == 0, where it writes zeros.

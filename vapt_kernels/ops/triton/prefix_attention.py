@@ -34,8 +34,9 @@ its keys stay in L2; 1-D also avoids the 65535 limit of a second grid axis):
 Precision: scores, softmax statistics and all accumulators are float32; on the GPU ``tl.dot`` takes
 fp16/bf16 operands (tensor cores) and the probabilities are rounded to the input dtype before the
 second product, as in flash attention. float32 inputs use IEEE products (no TF32). Triton's CPU
-interpreter mishandles bf16 (its ``tl.dot`` returns garbage), so when interpreting, bf16 tiles are cast to
-float32 right after loading (``UPCAST``); fp16 and fp32 run the GPU code path there unchanged.
+interpreter mishandles bf16 (its ``tl.dot`` returns garbage, and its conversion to bf16 truncates), so when
+interpreting, bf16 tiles are cast to float32 right after loading and rounded to nearest before bf16 stores
+(``UPCAST``); fp16 and fp32 run the GPU code path there unchanged.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def _load_rows(
 
 
 @triton.jit
+def round_to_bfloat16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), still as float32. The
+    interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest); converting
+    a value rounded here is exact, so interpreted stores round as compiled ones do."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN kept as it is
+
+
+@triton.jit
 def _store_rows(
     base,  # pointer to row 0 of a (rows, D) matrix with unit column stride
     offs_r,  # (R,) row indices
@@ -92,10 +103,14 @@ def _store_rows(
     n_rows,  # number of valid rows
     offs_d,  # (BLOCK_D,) column indices
     HEAD_DIM: tl.constexpr,  # D
+    UPCAST: tl.constexpr,  # interpreter with bf16: round bf16 stores to nearest first
 ):
     """Stores the valid rows and ``HEAD_DIM`` columns of a tile, cast to the matrix dtype."""
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    if UPCAST:
+        if base.dtype.element_ty == tl.bfloat16:
+            x = round_to_bfloat16(x.to(tl.float32))
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
 
 
@@ -210,7 +225,7 @@ def _prefix_attention_fwd_kernel(
 
     out = acc / l_i[:, None]
     out_base = out_ptr + b * stride_ob + h * stride_oh
-    _store_rows(out_base, offs_m, stride_ot, out, T, offs_d, HEAD_DIM)
+    _store_rows(out_base, offs_m, stride_ot, out, T, offs_d, HEAD_DIM, UPCAST)
     # Back from log2 to natural log: lse = (m + log2 l) * ln 2.
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
@@ -334,7 +349,7 @@ def _prefix_attention_bwd_dq_kernel(
         dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, t_full, T, T, qk_scale, offs_d,
         True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, DOT_PRECISION,
     )  # fmt: skip
-    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, dq * scale, T, offs_d, HEAD_DIM)
+    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, dq * scale, T, offs_d, HEAD_DIM, UPCAST)
 
 
 @triton.jit
@@ -431,8 +446,8 @@ def _dkdv_key_block(
         dk, dv, k, v, q_base, do_base, stat_base, lse_ptr, delta_ptr, stride_qt, stride_dot, t_full, T, T,
         qk_scale, offs_d, True, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, DOT_PRECISION,
     )  # fmt: skip
-    _store_rows(dk_base, offs_n, stride_dkn, dk * scale, n_keys, offs_d, HEAD_DIM)
-    _store_rows(dv_base, offs_n, stride_dvn, dv, n_keys, offs_d, HEAD_DIM)
+    _store_rows(dk_base, offs_n, stride_dkn, dk * scale, n_keys, offs_d, HEAD_DIM, UPCAST)
+    _store_rows(dv_base, offs_n, stride_dvn, dv, n_keys, offs_d, HEAD_DIM, UPCAST)
 
 
 @triton.jit
