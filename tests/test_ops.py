@@ -304,10 +304,9 @@ TINY = {**ATTENTION_TINY, **PROJECT_TINY}
 SHAPES = {**VIT, **ATTENTION_SMALL, **PROJECT_SMALL, **TINY}
 
 
-def grid(cases, shapes: dict[str, Shape], known_bug=None):
+def grid(cases, shapes: dict[str, Shape]):
     """Every ``(backend, device[, dtype])`` case with every shape; ViT sizes under Triton's
-    interpreter are ``slow``; ``known_bug(backend, shape)`` names the cases that fail because of
-    a bug this suite found (strict xfail, with the bug as the reason)."""
+    interpreter are ``slow``."""
     params = []
     for name, shape in shapes.items():
         for case in cases:
@@ -315,28 +314,8 @@ def grid(cases, shapes: dict[str, Shape], known_bug=None):
             marks = list(case.marks)
             if backend == "triton" and device == "cpu" and name in VIT:
                 marks.append(pytest.mark.slow)
-            bug = known_bug and known_bug(backend, shape)
-            if bug:
-                marks.append(pytest.mark.xfail(strict=True, reason=bug))
             params.append(pytest.param(*case.values, shape, marks=marks, id=f"{name}-{case.id}"))
     return params
-
-
-def prefix_attention_double_backward_bug(backend: str, shape: Shape) -> Optional[str]:
-    """Bug in library.py (not fixed here): with grad mode on during the backward (create_graph,
-    torch.func), ``_PrefixAttention.backward`` recomputes through
-    ``_differentiable_backward(composite.prefix_attention_reference, ...)``, which zips the
-    reference's output as a tuple of outputs; the reference returns one tensor, so the zip pairs
-    ``out[0]`` (H, T, D) with ``dout`` (B, H, T, D): RuntimeError "Mismatch in shape: grad_output[0]
-    has a shape of torch.Size([B, H, T, D]) and output[0] has a shape of torch.Size([H, T, D])",
-    on every kernel backend, every shape and dtype."""
-    if shape.op == "prefix_attention" and backend in ops.KERNEL_BACKENDS:
-        return (
-            "library._PrefixAttention.backward with grad mode on (create_graph, torch.func) zips the single "
-            "tensor returned by composite.prefix_attention_reference as a tuple of outputs: RuntimeError "
-            "'Mismatch in shape: grad_output[0] has a shape of (B, H, T, D) and output[0] has a shape of (H, T, D)'"
-        )
-    return None
 
 
 def exact_cases():
@@ -466,7 +445,7 @@ def test_gradcheck(backend, device, dtype, shape, single_thread):
 
 
 @pytest.mark.parametrize(
-    "backend, device, dtype, shape", grid(FLOAT64_CASES, TINY, prefix_attention_double_backward_bug)
+    "backend, device, dtype, shape", grid(FLOAT64_CASES, TINY)
 )
 def test_gradgradcheck(backend, device, dtype, shape, single_thread):
     fn, leaves = differentiable(shape, backend, dtype, device)
@@ -474,7 +453,7 @@ def test_gradgradcheck(backend, device, dtype, shape, single_thread):
 
 
 @pytest.mark.parametrize(
-    "backend, device, dtype, shape", grid(exact_cases(), TINY, prefix_attention_double_backward_bug)
+    "backend, device, dtype, shape", grid(exact_cases(), TINY)
 )
 def test_second_order(backend, device, dtype, shape):
     """First-order gradients taken with ``create_graph`` and a Hessian-vector product through
@@ -531,7 +510,7 @@ FUNCTORCH_SHAPES = {
 
 
 @pytest.mark.parametrize(
-    "backend, device, dtype, shape", grid(exact_cases(), FUNCTORCH_SHAPES, prefix_attention_double_backward_bug)
+    "backend, device, dtype, shape", grid(exact_cases(), FUNCTORCH_SHAPES)
 )
 def test_func_grad_equals_autograd(backend, device, dtype, shape):
     args = shape.inputs(dtype, device)
