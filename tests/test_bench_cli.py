@@ -1,6 +1,7 @@
 """The benchmark on a tiny model: the table, a CSV row per provider and mode with ratios to the
-floor, the n/a reasons, the JSON summary, the memory probe; nothing written without ``--out``; bad
-arguments refused by argparse; the providers compute one model."""
+floor, the n/a reasons, the JSON summary, the memory probe; nothing written without ``--out``; the
+rounds of the interleaved timing; the CSV across versions; bad arguments refused by argparse; the
+VAPT providers compute one model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from tqdm import tqdm
+
 from vapt_kernels import ops
 from vapt_kernels.bench import cli, harness
 
@@ -20,7 +23,18 @@ TINY = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "32"
 PROVIDERS = ("floor", "vapt-official", "vapt-torch", "vapt-native", "vapt-triton")
 
 
-def test_results_go_to_out(tmp_path):
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread here and in the subprocesses: on a busy 2-core machine, steps of a tiny
+    model with two threads can take a hundred times as long while the threads wait for each other."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_results_go_to_out(tmp_path, one_thread):
     out_dir = tmp_path / "results"
     cmd = [sys.executable, "-m", "vapt_kernels.bench", *TINY, "--steps", "3", "--no-memory",
            "--providers", *PROVIDERS, "--out", str(out_dir)]
@@ -62,7 +76,7 @@ def test_results_go_to_out(tmp_path):
     assert [(r["mode"], r["provider"], r["status"]) for r in run["rows"]] == [(r["mode"], r["provider"], r["status"]) for r in rows]
 
 
-def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
+def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
     assert cli.main([*TINY, "--steps", "1", "--providers", "floor", "vapt-torch", "--modes", "infer"]) == 0
     out = capsys.readouterr().out
@@ -72,6 +86,38 @@ def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
     assert [line[1] for line in measured] == ["floor", "vapt-torch"]
     # the last column is the peak RSS growth measured in a subprocess
     assert all(len(line) == 7 and float(line[-1]) > 0 for line in measured)
+
+
+def test_rounds_rotate_and_pool_the_timings(monkeypatch):
+    """Warm-up rounds, a round of one timed step, then rounds of up to ROUND_STEPS; the order
+    rotates every round; a provider that fails is reported and leaves the rotation. do_bench is
+    faked with Triton 3.6's signature: one step takes 1 ms."""
+    testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        assert warmup == 0 and quantiles is None and return_mode == "all"
+        for _ in range(max(1, int(rep / 1.0))):
+            fn()
+        return [1.0] * max(1, int(rep / 1.0))
+
+    def step(name):
+        def run():
+            calls.append(name)
+            if name == "c" and len([c for c in calls if c == "c"]) == 3:
+                raise RuntimeError("out of memory")
+        return run
+
+    monkeypatch.setattr(testing, "do_bench", do_bench)
+    monkeypatch.setattr(harness, "timing_method", lambda device: "triton.testing.do_bench")
+    cfg = harness.BenchConfig.for_device("cuda", steps=23, warmup=1)
+    assert harness.round_plan(cfg) == [0, 1, 10, 10, 2]
+    results = {name: harness.Result(name, "train") for name in "abc"}
+    harness.time_interleaved({name: step(name) for name in "abc"}, results, cfg, tqdm(disable=True))
+    rounds = ["abc", "bca", "c" + "a" * 10 + "b" * 10, "b" * 10 + "a" * 10, "aabb"]  # c fails on its third step
+    assert "".join(calls) == "".join(rounds)
+    assert [len(results[name].times) for name in "ab"] == [23, 23] and results["a"].quantile_ms(0.5) == 1.0
+    assert results["c"].status == "error" and results["c"].reason == "RuntimeError: out of memory"
 
 
 def test_csv_keeps_appending_and_takes_in_older_files(tmp_path):
@@ -108,7 +154,7 @@ def test_bad_arguments_are_refused(argv, capsys):
     assert exit_info.value.code == 2 and "vapt-bench: error:" in capsys.readouterr().err
 
 
-def test_providers_compute_one_model():
+def test_providers_compute_one_model(one_thread):
     """All VAPT providers (the official formulation too) are the same model: same outputs."""
     cfg = harness.BenchConfig.for_device("cpu", model="vit_tiny_patch16_224", img_size=32, batch=2,
                                          providers=("vapt-official", "vapt-torch", "vapt-native"))
