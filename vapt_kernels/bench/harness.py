@@ -285,7 +285,8 @@ def _sampler(step: Callable[[], None], method: str) -> Callable[[int, float], li
         ]
     # num_threads: the Timer's default is one thread.
     timer = torch_benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    # blocked_autorange times blocks until min_run_time has passed: n blocks of one step here.
+    # blocked_autorange times blocks until min_run_time has passed: about n blocks of one step each
+    # (a step too short to time alone gets blocks of several).
     return lambda n, estimate: timer.blocked_autorange(min_run_time=(n - 0.5) * estimate).times
 
 
