@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/vapt-bench $(BENCH_ARGS)
+	$(VENV)/bin/vapt-bench --out $(CURDIR)/benchmarks/results $(BENCH_ARGS)
 
 bench-ops: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,ops

@@ -1,40 +1,30 @@
 """Model-level pytest-benchmark suite (``make bench-ops``): one training step and one inference
-forward per provider of ``vapt-bench``, on the CLI's default shapes for the device."""
+forward per provider of ``vapt-bench``, built, fed and stepped by its harness on the CLI's default
+configuration for the device; pytest-benchmark times them one provider after the other."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vapt_kernels import bench
+from vapt_kernels.bench import harness
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CFG = bench.BenchConfig(
-    model="vit_base_patch16_224" if DEVICE == "cuda" else "vit_small_patch16_224",
-    batch=128 if DEVICE == "cuda" else 8,
-    prompts=10,
-    dtype="bf16" if DEVICE == "cuda" else "fp32",
-    device=DEVICE,
-    steps=1,
-    warmup=1,
-    providers=bench.PROVIDERS,
-)
+CFG = harness.BenchConfig.for_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    base = bench.build_backbone(CFG)
-    return bench.build_providers(CFG, base), bench.inputs(CFG, base)
+    base = harness.build_backbone(CFG)
+    return harness.build_providers(CFG, base), harness.inputs(CFG, base)
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
-@pytest.mark.parametrize("provider", bench.PROVIDERS)
+@pytest.mark.parametrize("mode", harness.MODES)
+@pytest.mark.parametrize("provider", harness.PROVIDERS)
 def test_step(benchmark, setup, provider, mode):
     models, (x, y) = setup
     model = models[provider]
-    if isinstance(model, Exception):
+    if isinstance(model, harness.Unavailable):
         pytest.skip(f"{provider}: {model}")
-    model.train(mode == "train")
-    step = bench.make_step(model, mode, x, y, CFG)
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    step = harness.make_step(model, mode, x, y, CFG.dtype)
+    sync = torch.cuda.synchronize if CFG.device == "cuda" else (lambda: None)
     benchmark.pedantic(lambda: (step(), sync()), rounds=5, warmup_rounds=1)

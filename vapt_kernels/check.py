@@ -22,9 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import cpuinfo
 import torch
 
-from vapt_kernels import bench, ops
+import vapt_kernels as vk
+from vapt_kernels import ops
 from vapt_kernels.ops import composite, library, native
 
 SELF_TESTED = ("torch", "native", "triton")  # `reference` is the composite path itself
@@ -45,8 +47,21 @@ def _name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of torch, Triton (or ``absent``), timm and this package."""
+    import timm
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {"torch": torch.__version__, "triton": triton_version, "timm": timm.__version__, "vapt_kernels": vk.__version__}
+
+
 def versions() -> list[tuple[str, str]]:
-    v = bench.versions()
+    v = library_versions()
     toolkit = (
         f"CUDA {torch.version.cuda}" if torch.version.cuda
         else f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None)
@@ -63,19 +78,9 @@ def versions() -> list[tuple[str, str]]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name: /proc/cpuinfo, else py-cpuinfo when installed, else ``platform``."""
-    name = None
-    with contextlib.suppress(OSError):
-        name = next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")),
-            None,
-        )
-    if name is None and importlib.util.find_spec("cpuinfo") is not None:
-        import cpuinfo  # py-cpuinfo, optional
-
-        name = cpuinfo.get_cpu_info().get("brand_raw")
-    return name or platform.processor() or platform.machine()
+    """The CPU's model name (py-cpuinfo)."""
+    info = cpuinfo.get_cpu_info()
+    return info.get("brand_raw") or info.get("arch") or platform.machine()
 
 
 def devices() -> list[torch.device]:

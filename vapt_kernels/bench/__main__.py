@@ -1,0 +1,7 @@
+"""``python -m vapt_kernels.bench``: the ``vapt-bench`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
