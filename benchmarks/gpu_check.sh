@@ -5,17 +5,20 @@
 # target ratios, and the model benchmark. Everything lands in $OUT (default ./gpu_check):
 #   build.log       machine, versions, build configuration and compiler output
 #   check.log       python -m vapt_kernels.check: versions, devices, backends, self-test, auto's picks
-#   tests.log       pytest
+#   tests.log       pytest, the CUDA cases of the suite
 #   bench_ops.log   pytest-benchmark table; ops.json its raw data; ops_summary.txt the target ratios
 #   bench_model.log vapt-bench table; model/results.csv, model/summary.json
 # Installs nothing; uses $PYTHON (default python3) with torch, triton, timm, pytest, pytest-benchmark
-# and hypothesis already there. Exits non-zero when a step failed, after running the others.
+# and hypothesis already there. Every step has a time limit (seconds; override with the variables
+# below) so that the whole check fits a lent machine's few minutes; a step that runs out is a failed
+# step. Exits non-zero when a step failed, after running the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/model"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+TESTS_LIMIT=${TESTS_LIMIT:-240} OPS_LIMIT=${OPS_LIMIT:-90} MODEL_LIMIT=${MODEL_LIMIT:-90}
 status=0
 step() { echo "== $1 ($(date +%T))"; }
 
@@ -30,16 +33,17 @@ step "self-check"
 "$PY" -m vapt_kernels.check 2>&1 | tee "$OUT/check.log" || status=1
 
 step tests
-"$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || status=1
+# The CUDA cases only (their ids name the device): CI runs the CPU ones on every change.
+timeout "$TESTS_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -k cuda --durations=15 tests >"$OUT/tests.log" 2>&1 || status=1
 tail -n 15 "$OUT/tests.log"
 
 step "op benchmarks"
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only \
+timeout "$OPS_LIMIT" "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only \
     --benchmark-columns=median,iqr,ops --benchmark-json="$OUT/ops.json" >"$OUT/bench_ops.log" 2>&1 || status=1
 "$PY" benchmarks/ops_summary.py "$OUT/ops.json" | tee "$OUT/ops_summary.txt" || status=1
 
 step "model benchmark"
-"$PY" -m vapt_kernels.bench --device cuda --out "$OUT/model" >"$OUT/bench_model.log" 2>&1 || status=1
+timeout "$MODEL_LIMIT" "$PY" -m vapt_kernels.bench --device cuda --out "$OUT/model" >"$OUT/bench_model.log" 2>&1 || status=1
 tail -n 30 "$OUT/bench_model.log"
 
 step "done, status $status"
