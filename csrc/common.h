@@ -1,5 +1,6 @@
 // Host-side helpers shared by the kernel files (cpu/*.cpp, cuda/*.cu): the dtypes each device's
-// kernels are compiled for, the statistics dtype, and the checks of device and layout.
+// kernels are compiled for, the statistics dtype, the attention output layout, and the checks of
+// device and layout.
 //
 // The op contract (which dtypes a backend takes on a device, head-dim limits, shape rules) is
 // checked once in Python, next to the fake implementations, before any kernel runs. The kernels
@@ -11,8 +12,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <utility>
@@ -30,6 +33,12 @@ namespace vapt {
 // else float32.
 inline at::ScalarType stats_dtype(const at::Tensor& t) {
   return at::toOpMathType(t.scalar_type());
+}
+
+// A (B, H, T, D) tensor laid out in memory as (B, T, H, D), like `like`: the attention output and
+// gradients, so that merging the heads back (transpose(1, 2).reshape(B, T, H * D)) is free.
+inline at::Tensor empty_bthd(const at::Tensor& like) {
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
 // How a kernel addresses a tensor's elements.
@@ -118,6 +127,32 @@ inline void check_norm_and_project_grads(const char* op, const at::Tensor& x, co
   for (const auto& [name, t] : {std::pair{"mean", &mean}, {"rstd1", &rstd1}, {"rstd_g", &rstd_g}}) {
     check_tensor(op, name, *t, x.device(), stats_dtype(x), {B, T}, Layout::kContiguous);
   }
+}
+
+// prefix_attention_fwd/_bwd: q, k, v (B, H, T, D) and k_prefix, v_prefix (1 or B, H, Np, D), all in
+// q's dtype with a unit last stride. Returns q's device.
+inline at::Device check_prefix_attention_inputs(const char* op, at::DeviceType type, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_prefix,
+                                                const at::Tensor& v_prefix) {
+  const at::Device device = kernel_device(op, "q", q, type);
+  check_rank(op, "q", q, device, 4);
+  check_layout(op, "q", q, Layout::kUnitLastStride);
+  check_tensor(op, "k", k, device, q.scalar_type(), q.sizes(), Layout::kUnitLastStride);
+  check_tensor(op, "v", v, device, q.scalar_type(), q.sizes(), Layout::kUnitLastStride);
+  check_rank(op, "k_prefix", k_prefix, device, 4);
+  const int64_t B = q.size(0), Bp = k_prefix.size(0) == 1 ? 1 : B;
+  const std::array<int64_t, 4> prefix_shape{Bp, q.size(1), k_prefix.size(2), q.size(3)};
+  check_tensor(op, "k_prefix", k_prefix, device, q.scalar_type(), prefix_shape, Layout::kUnitLastStride);
+  check_tensor(op, "v_prefix", v_prefix, device, q.scalar_type(), prefix_shape, Layout::kUnitLastStride);
+  return device;
+}
+
+// prefix_attention_bwd's other inputs: dout and out like q, lse (B, H, T) in the stats dtype.
+inline void check_prefix_attention_grads(const char* op, const at::Tensor& q, const at::Tensor& dout,
+                                         const at::Tensor& out, const at::Tensor& lse) {
+  check_tensor(op, "dout", dout, q.device(), q.scalar_type(), q.sizes(), Layout::kUnitLastStride);
+  check_tensor(op, "out", out, q.device(), q.scalar_type(), q.sizes(), Layout::kUnitLastStride);
+  check_tensor(op, "lse", lse, q.device(), stats_dtype(q), {q.size(0), q.size(1), q.size(2)}, Layout::kStrided);
 }
 
 }  // namespace vapt
