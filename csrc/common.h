@@ -21,10 +21,14 @@
 #include <utility>
 #include <vector>
 
-// The dtypes the CPU kernels are compiled for (vapt_kernels.ops.KERNEL_DTYPES["native"]["cpu"]).
+// The dtypes the kernels are compiled for, per device (vapt_kernels.ops.KERNEL_DTYPES["native"]).
 #define VAPT_DISPATCH_CPU_TYPES(TYPE, NAME, ...)                                                  \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                       \
                                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                    \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define VAPT_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                        \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                     \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace vapt {
