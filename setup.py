@@ -132,7 +132,9 @@ def extension_modules() -> tuple[list, dict]:
     include_dirs: list[str] = []
     # The C++ standard is BuildExtension's (the one torch's headers need). OpenMP: ATen's
     # at::parallel_for is a header template that runs serially unless the extension has it too.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -Wno-psabi: the CPU kernels' AVX2/AVX-512 vector types never cross a call boundary (see
+    # csrc/cpu/simd.h), so GCC's notes that their calling convention depends on the ISA are noise.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))

@@ -1,7 +1,7 @@
 // CPU kernels of vapt::norm_and_project_fwd / _bwd (schema in ../vapt.cpp, DESIGN §2.3).
 //
-// Shapes: x (B, T, d) with T = P + N (P prefix tokens, N patches); weights and biases (d,) in x's
-// dtype or None (ones / zeros); mix (Np, N) shared or (Np, N, d) per channel, stats dtype.
+// Shapes: x (B, T, d) with T = P + N (P prefix tokens, N patches); weights and biases (d,) or None
+// (ones / zeros); mix (Np, N) shared or (Np, N, d) per channel, stats dtype.
 //   forward:  h = LN_1(x) (B, T, d), g[b] = mix @ LN_g(x[b, P:]) (B, Np, d), both in x's dtype;
 //             mean, rstd1, rstd_g (B, T) stats dtype (float32, float64 for float64 x).
 //   backward: dx (B, T, d) in x's dtype = the sum of both LayerNorm backward terms;
@@ -24,11 +24,11 @@
 // (Np x rows x d) and the block of dmix it accumulates stay in cache across the images instead of
 // being streamed B times, and dmix needs no per-image partials.
 //
-// All arithmetic is in at::opmath_type<scalar_t> (float for reduced precision), vectorised over
-// channels with at::vec::Vectorized; rows of reduced-precision tensors are converted to opmath
-// scratch rows on load and back on store.
+// All arithmetic is in at::opmath_type<scalar_t> (float for bfloat16), vectorised over channels
+// with the vector types of simd.h: each work-item loop is compiled once per ISA variant (baseline,
+// AVX2, AVX-512) and simd::with_isa runs the one this CPU takes. Rows of bfloat16 tensors are
+// converted to opmath scratch rows on load and back on store.
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,90 +45,34 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common.h"
+#include "simd.h"
+
 // ATen's OpenMP parallel_for is a header template: compiled without -fopenmp it runs serially.
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("norm_and_project_kernel.cpp: built without -fopenmp, at::parallel_for runs serially")
 #endif
 
-// Without a CPU capability, at::vec::Vectorized is a generic array type that compiles to mostly
-// scalar code (5-8x slower than AVX2 here). ATen builds its own kernels once per capability and
-// picks one at run time; an extension file cannot, so on x86-64 the kernels below (and the vec
-// headers they inline) are compiled for AVX2 + FMA, and the entry points check the CPU before
-// calling them. Other architectures, other compilers, or a build that already chose a
-// capability (-DCPU_CAPABILITY=...) keep what the build gives.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CPU_CAPABILITY)
-#define VAPT_NAP_AVX2 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-// A target pragma does not define __AVX__, which sleef.h (the vec headers' math library) tests
-// to declare its 256-bit functions; define it for that one header.
-#ifndef __AVX__
-#define __AVX__ 1
-#include <sleef.h>
-#undef __AVX__
-#endif
-#else
-#define VAPT_NAP_AVX2 0
-#endif
-
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
 namespace vapt {
 namespace {
 
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
+using simd::for_chunks;
+using simd::load;
+using simd::splat;
+using simd::store;
 
 // ------------------------------------------------------------------------------------------------
-// Vector helpers
+// Rows in opmath
 // ------------------------------------------------------------------------------------------------
-
-// Calls f(c, n) over [0, d) one vector at a time; only the last chunk may be partial (n < width).
-// Partial loads (Vec::loadu(p, n)) fill the lanes past n with zeros, partial stores write n lanes.
-template <typename T, typename F>
-C10_ALWAYS_INLINE void for_chunks(int64_t d, const F& f) {
-  constexpr int64_t kWidth = Vec<T>::size();
-  int64_t c = 0;
-  for (; c + kWidth <= d; c += kWidth) {
-    f(c, kWidth);
-  }
-  if (c < d) {
-    f(c, d - c);
-  }
-}
-
-// v with the lanes at and past n zeroed (for sums whose terms are not zero on zero-filled lanes).
-template <typename T>
-C10_ALWAYS_INLINE Vec<T> head(const Vec<T>& v, int64_t n) {
-  return n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(0), v, n);
-}
-
-template <typename T>
-C10_ALWAYS_INLINE T lane_sum(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T sum = 0;
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) {
-    sum += lanes[i];
-  }
-  return sum;
-}
 
 // A row of a scalar_t tensor as opmath values: the row itself when the types agree, else a
 // converted copy in `scratch`.
-template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE const acc_t* row_in(const scalar_t* row, acc_t* scratch, int64_t d) {
+template <int kBytes, typename scalar_t, typename acc_t>
+VAPT_ALWAYS_INLINE const acc_t* row_in(const scalar_t* row, acc_t* scratch, int64_t d) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
-    at::vec::convert(row, scratch, d);
+    simd::convert<kBytes>(row, scratch, d);
     return scratch;
   }
 }
@@ -136,7 +80,7 @@ C10_ALWAYS_INLINE const acc_t* row_in(const scalar_t* row, acc_t* scratch, int64
 // Where to write an output row in opmath (the row itself when the types agree), and the
 // conversion of that row into the output once written.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE acc_t* row_out(scalar_t* row, acc_t* scratch) {
+VAPT_ALWAYS_INLINE acc_t* row_out(scalar_t* row, acc_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
@@ -144,10 +88,10 @@ C10_ALWAYS_INLINE acc_t* row_out(scalar_t* row, acc_t* scratch) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void row_out_commit(const acc_t* values, scalar_t* row, int64_t d) {
+template <int kBytes, typename scalar_t, typename acc_t>
+VAPT_ALWAYS_INLINE void row_out_commit(const acc_t* values, scalar_t* row, int64_t d) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    at::vec::convert(values, row, d);
+    simd::convert<kBytes>(values, row, d);
   }
 }
 
@@ -216,92 +160,81 @@ void gather_mix_columns(const acc_t* mix, const Problem& p, const TileRows& rows
 constexpr int64_t kBlock = 8;
 
 // out[j, c] = sum_r mix_t[r, j] * xg[r, c] for j in [j0, j0 + J), over rows r in [0, rows).
-template <int64_t J, typename acc_t>
-C10_ALWAYS_INLINE void project_block(const acc_t* mix_t, const acc_t* xg, int64_t rows,
-                                     int64_t Np, int64_t d, int64_t j0, acc_t* out) {
-  using V = Vec<acc_t>;
-  for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-    V acc[J];
-    for (int64_t jj = 0; jj < J; ++jj) {
-      acc[jj] = V(0);
-    }
+template <int kBytes, int64_t J, typename acc_t>
+VAPT_ALWAYS_INLINE void project_block(const acc_t* mix_t, const acc_t* xg, int64_t rows, int64_t Np,
+                                      int64_t d, int64_t j0, acc_t* out) {
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+    V acc[J] = {};
     for (int64_t r = 0; r < rows; ++r) {
-      const V xv = V::loadu(xg + r * d + c, n);
+      const V xv = load<V>(xg + r * d + c, n);
       const acc_t* m = mix_t + r * Np + j0;
       for (int64_t jj = 0; jj < J; ++jj) {
-        acc[jj] = at::vec::fmadd(V(m[jj]), xv, acc[jj]);
+        acc[jj] = m[jj] * xv + acc[jj];
       }
     }
     for (int64_t jj = 0; jj < J; ++jj) {
-      acc[jj].store(out + (j0 + jj) * d + c, n);
+      store(out + (j0 + jj) * d + c, acc[jj], n);
     }
   });
 }
 
 // dxg[r, c] = sum_j mix_t[r, j] * dg[j, c] for r in [r0, r0 + R).
-template <int64_t R, typename acc_t>
-C10_ALWAYS_INLINE void back_project_block(const acc_t* mix_t, const acc_t* dg, int64_t Np,
-                                          int64_t d, int64_t r0, acc_t* dxg) {
-  using V = Vec<acc_t>;
-  for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-    V acc[R];
-    for (int64_t rr = 0; rr < R; ++rr) {
-      acc[rr] = V(0);
-    }
+template <int kBytes, int64_t R, typename acc_t>
+VAPT_ALWAYS_INLINE void back_project_block(const acc_t* mix_t, const acc_t* dg, int64_t Np, int64_t d,
+                                           int64_t r0, acc_t* dxg) {
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+    V acc[R] = {};
     for (int64_t j = 0; j < Np; ++j) {
-      const V dgv = V::loadu(dg + j * d + c, n);
+      const V dgv = load<V>(dg + j * d + c, n);
       for (int64_t rr = 0; rr < R; ++rr) {
-        acc[rr] = at::vec::fmadd(V(mix_t[(r0 + rr) * Np + j]), dgv, acc[rr]);
+        acc[rr] = mix_t[(r0 + rr) * Np + j] * dgv + acc[rr];
       }
     }
     for (int64_t rr = 0; rr < R; ++rr) {
-      acc[rr].store(dxg + (r0 + rr) * d + c, n);
+      store(dxg + (r0 + rr) * d + c, acc[rr], n);
     }
   });
 }
 
 // dmix_rows[j, r] = sum_c dg[j, c] * xg[r, c] for j in [j0, j0 + J), r in [r0, r0 + R)
 // (dmix_rows has row stride N). J x R independent accumulators hide the FMA latency.
-template <int64_t J, int64_t R, typename acc_t>
-C10_ALWAYS_INLINE void mix_grad_block(const acc_t* dg, const acc_t* xg, int64_t d, int64_t N,
-                                      int64_t j0, int64_t r0, acc_t* dmix_rows) {
-  using V = Vec<acc_t>;
-  V acc[J][R];
-  for (int64_t jj = 0; jj < J; ++jj) {
-    for (int64_t rr = 0; rr < R; ++rr) {
-      acc[jj][rr] = V(0);
-    }
-  }
+template <int kBytes, int64_t J, int64_t R, typename acc_t>
+VAPT_ALWAYS_INLINE void mix_grad_block(const acc_t* dg, const acc_t* xg, int64_t d, int64_t N, int64_t j0,
+                                       int64_t r0, acc_t* dmix_rows) {
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  V acc[J][R] = {};
   // Lanes past d load as zero from dg, so the products there are zero.
-  for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
+  for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
     V dgv[J];
     for (int64_t jj = 0; jj < J; ++jj) {
-      dgv[jj] = V::loadu(dg + (j0 + jj) * d + c, n);
+      dgv[jj] = load<V>(dg + (j0 + jj) * d + c, n);
     }
     for (int64_t rr = 0; rr < R; ++rr) {
-      const V xv = V::loadu(xg + (r0 + rr) * d + c, n);
+      const V xv = load<V>(xg + (r0 + rr) * d + c, n);
       for (int64_t jj = 0; jj < J; ++jj) {
-        acc[jj][rr] = at::vec::fmadd(dgv[jj], xv, acc[jj][rr]);
+        acc[jj][rr] = dgv[jj] * xv + acc[jj][rr];
       }
     }
   });
   for (int64_t jj = 0; jj < J; ++jj) {
     for (int64_t rr = 0; rr < R; ++rr) {
-      dmix_rows[(j0 + jj) * N + r0 + rr] = lane_sum(acc[jj][rr]);
+      dmix_rows[(j0 + jj) * N + r0 + rr] = simd::reduce_add(acc[jj][rr]);
     }
   }
 }
 
 // mix_grad_block over all prompts, two at a time.
-template <int64_t R, typename acc_t>
-C10_ALWAYS_INLINE void mix_grad_rows(const acc_t* dg, const acc_t* xg, int64_t Np, int64_t d,
-                                     int64_t N, int64_t r0, acc_t* dmix_rows) {
+template <int kBytes, int64_t R, typename acc_t>
+VAPT_ALWAYS_INLINE void mix_grad_rows(const acc_t* dg, const acc_t* xg, int64_t Np, int64_t d, int64_t N,
+                                      int64_t r0, acc_t* dmix_rows) {
   int64_t j0 = 0;
   for (; j0 + 2 <= Np; j0 += 2) {
-    mix_grad_block<2, R>(dg, xg, d, N, j0, r0, dmix_rows);
+    mix_grad_block<kBytes, 2, R>(dg, xg, d, N, j0, r0, dmix_rows);
   }
   if (j0 < Np) {
-    mix_grad_block<1, R>(dg, xg, d, N, j0, r0, dmix_rows);
+    mix_grad_block<kBytes, 1, R>(dg, xg, d, N, j0, r0, dmix_rows);
   }
 }
 
@@ -321,121 +254,141 @@ struct FwdArgs {
   acc_t* g_partial;                                 // (B, tiles, Np, d)
 };
 
-template <typename scalar_t>
-void norm_and_project_fwd_kernel(const FwdArgs<scalar_t>& a, const Problem& p, const Tiling& tl) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
-
-  at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: an input row in opmath, the centred row, an output row, the tile's
-    // LN_g rows (R x d) and its mix coefficients (R x Np).
-    std::vector<acc_t> scratch(3 * d + R * d + R * Np);
-    acc_t* x_buf = scratch.data();
-    acc_t* xc = x_buf + d;
-    acc_t* out_buf = xc + d;
-    acc_t* xg_tile = out_buf + d;
-    acc_t* mix_t = xg_tile + R * d;
-
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / tl.tiles, tile = item % tl.tiles;
-      const TileRows rows(p, tl, tile);
-      const int64_t patch_rows = rows.t_end - rows.p_begin;
-      if (!p.per_channel) {
-        gather_mix_columns(a.mix, p, rows, mix_t);
-      }
-      for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
-        for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
-          const int64_t row = b * p.T + t;
-          const acc_t* xr = row_in(a.x + row * d, x_buf, d);
-
-          // Two-pass statistics over the cached row: the mean, then the biased variance of the
-          // centred values (no cancellation, unlike E[x^2] - E[x]^2).
-          V sum(0);
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) { sum += V::loadu(xr + c, n); });
-          const acc_t mu = lane_sum(sum) / d;
-          V sq(0);
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-            const V v = V::loadu(xr + c, n) - V(mu);
-            v.store(xc + c, n);
-            sq += head(v * v, n);
-          });
-          const acc_t var = lane_sum(sq) / d;
-          const acc_t r1 = acc_t(1) / std::sqrt(var + a.eps1);
-          const acc_t rg = acc_t(1) / std::sqrt(var + a.eps_g);
-          a.mean[row] = mu;
-          a.rstd1[row] = r1;
-          a.rstd_g[row] = rg;
-
-          scalar_t* h_row = a.h + row * d;
-          acc_t* hr = row_out(h_row, out_buf);
-          acc_t* xg = xg_tile + (t - rows.p_begin) * d;  // only written for patch rows
-          const bool patch = t >= p.P;
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-            const V v = V::loadu(xc + c, n);
-            at::vec::fmadd(v * V(r1), V::loadu(a.w1 + c, n), V::loadu(a.b1 + c, n)).store(hr + c, n);
-            if (patch) {
-              at::vec::fmadd(v * V(rg), V::loadu(a.wg + c, n), V::loadu(a.bg + c, n)).store(xg + c, n);
-            }
-          });
-          row_out_commit(hr, h_row, d);
-        }
-
-        // This image's partial g over the tile: g_part[j, :] = sum over patch rows of
-        // mix[j, n(, :)] * LN_g(x)[row, :]. A tile of prefix rows only writes zeros.
-        acc_t* g_part = a.g_partial + (b * tl.tiles + tile) * Np * d;
-        if (!p.per_channel) {
-          int64_t j0 = 0;
-          for (; j0 + kBlock <= Np; j0 += kBlock) {
-            project_block<kBlock>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
-          }
-          for (; j0 + kBlock / 2 <= Np; j0 += kBlock / 2) {
-            project_block<kBlock / 2>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
-          }
-          for (; j0 < Np; ++j0) {
-            project_block<1>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
-          }
-        } else {
-          // Per channel the coefficients differ per lane: one accumulator per prompt, the tile's
-          // block of mix streamed (and reused from cache by the next image of the group).
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-            for (int64_t j = 0; j < Np; ++j) {
-              const acc_t* mj = a.mix + (j * N + (rows.p_begin - p.P)) * d + c;
-              V acc(0);
-              for (int64_t r = 0; r < patch_rows; ++r) {
-                acc = at::vec::fmadd(V::loadu(mj + r * d, n), V::loadu(xg_tile + r * d + c, n), acc);
-              }
-              acc.store(g_part + j * d + c, n);
-            }
-          });
-        }
-      }
-    }
-  });
+// Per-thread scratch of the forward work items, in opmath elements: an input row, the centred
+// row, an output row, the tile's LN_g rows (R x d) and its mix coefficients (R x Np).
+int64_t fwd_scratch_size(const Problem& p, const Tiling& tl) {
+  return 3 * p.d + tl.rows_per_tile * (p.d + p.Np);
 }
 
-// g[b, j, :] = sum over tiles of g_partial[b, tile, j, :], in tile order.
-template <typename scalar_t>
-void reduce_g(const at::opmath_type<scalar_t>* g_partial, scalar_t* g, const Problem& p,
-              const Tiling& tl) {
+// Work items [begin, end) of the forward pass.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void norm_and_project_fwd_items(const FwdArgs<scalar_t>& a, const Problem& p,
+                                                   const Tiling& tl, int64_t begin, int64_t end,
+                                                   at::opmath_type<scalar_t>* scratch) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  const int64_t d = p.d, Np = p.Np;
-  at::parallel_for(0, p.B * Np, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(d);
-    for (int64_t bj = begin; bj < end; ++bj) {
-      const int64_t b = bj / Np, j = bj % Np;
-      scalar_t* g_row = g + bj * d;
-      acc_t* out = row_out(g_row, scratch.data());
-      for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-        V acc(0);
-        for (int64_t tile = 0; tile < tl.tiles; ++tile) {
-          acc += V::loadu(g_partial + ((b * tl.tiles + tile) * Np + j) * d + c, n);
-        }
-        acc.store(out + c, n);
-      });
-      row_out_commit(out, g_row, d);
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
+  acc_t* x_buf = scratch;
+  acc_t* xc = x_buf + d;
+  acc_t* out_buf = xc + d;
+  acc_t* xg_tile = out_buf + d;
+  acc_t* mix_t = xg_tile + R * d;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t group = item / tl.tiles, tile = item % tl.tiles;
+    const TileRows rows(p, tl, tile);
+    const int64_t patch_rows = rows.t_end - rows.p_begin;
+    if (!p.per_channel) {
+      gather_mix_columns(a.mix, p, rows, mix_t);
     }
+    for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
+      for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
+        const int64_t row = b * p.T + t;
+        const acc_t* xr = row_in<kBytes>(a.x + row * d, x_buf, d);
+
+        // Two-pass statistics over the cached row: the mean, then the biased variance of the
+        // centred values (no cancellation, unlike E[x^2] - E[x]^2).
+        V sum{};
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA { sum += load<V>(xr + c, n); });
+        const acc_t mu = simd::reduce_add(sum) / d;
+        V sq{};
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          const V v = load<V>(xr + c, n) - mu;
+          store(xc + c, v, n);
+          sq += simd::first_lanes(v * v, n);
+        });
+        const acc_t var = simd::reduce_add(sq) / d;
+        const acc_t r1 = acc_t(1) / std::sqrt(var + a.eps1);
+        const acc_t rg = acc_t(1) / std::sqrt(var + a.eps_g);
+        a.mean[row] = mu;
+        a.rstd1[row] = r1;
+        a.rstd_g[row] = rg;
+
+        scalar_t* h_row = a.h + row * d;
+        acc_t* hr = row_out(h_row, out_buf);
+        acc_t* xg = xg_tile + (t - rows.p_begin) * d;  // only written for patch rows
+        const bool patch = t >= p.P;
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          const V v = load<V>(xc + c, n);
+          store(hr + c, v * r1 * load<V>(a.w1 + c, n) + load<V>(a.b1 + c, n), n);
+          if (patch) {
+            store(xg + c, v * rg * load<V>(a.wg + c, n) + load<V>(a.bg + c, n), n);
+          }
+        });
+        row_out_commit<kBytes>(hr, h_row, d);
+      }
+
+      // This image's partial g over the tile: g_part[j, :] = sum over patch rows of
+      // mix[j, n(, :)] * LN_g(x)[row, :]. A tile of prefix rows only writes zeros.
+      acc_t* g_part = a.g_partial + (b * tl.tiles + tile) * Np * d;
+      if (!p.per_channel) {
+        int64_t j0 = 0;
+        for (; j0 + kBlock <= Np; j0 += kBlock) {
+          project_block<kBytes, kBlock>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
+        }
+        for (; j0 + kBlock / 2 <= Np; j0 += kBlock / 2) {
+          project_block<kBytes, kBlock / 2>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
+        }
+        for (; j0 < Np; ++j0) {
+          project_block<kBytes, 1>(mix_t, xg_tile, patch_rows, Np, d, j0, g_part);
+        }
+      } else {
+        // Per channel the coefficients differ per lane: one accumulator per prompt, the tile's
+        // block of mix streamed (and reused from cache by the next image of the group).
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          for (int64_t j = 0; j < Np; ++j) {
+            const acc_t* mj = a.mix + (j * N + (rows.p_begin - p.P)) * d + c;
+            V acc{};
+            for (int64_t r = 0; r < patch_rows; ++r) {
+              acc = load<V>(mj + r * d, n) * load<V>(xg_tile + r * d + c, n) + acc;
+            }
+            store(g_part + j * d + c, acc, n);
+          }
+        });
+      }
+    }
+  }
+}
+
+// g[b, j, :] = sum over tiles of g_partial[b, tile, j, :], in tile order, for the (b, j) rows
+// [begin, end); scratch: one opmath row.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void reduce_g_rows(const at::opmath_type<scalar_t>* g_partial, scalar_t* g,
+                                      const Problem& p, const Tiling& tl, int64_t begin, int64_t end,
+                                      at::opmath_type<scalar_t>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  const int64_t d = p.d, Np = p.Np;
+  for (int64_t bj = begin; bj < end; ++bj) {
+    const int64_t b = bj / Np, j = bj % Np;
+    scalar_t* g_row = g + bj * d;
+    acc_t* out = row_out(g_row, scratch);
+    for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+      V acc{};
+      for (int64_t tile = 0; tile < tl.tiles; ++tile) {
+        acc += load<V>(g_partial + ((b * tl.tiles + tile) * Np + j) * d + c, n);
+      }
+      store(out + c, acc, n);
+    });
+    row_out_commit<kBytes>(out, g_row, d);
+  }
+}
+
+template <typename scalar_t>
+void norm_and_project_fwd_kernel(const FwdArgs<scalar_t>& a, scalar_t* g, const Problem& p,
+                                 const Tiling& tl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(fwd_scratch_size(p, tl));
+    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+      norm_and_project_fwd_items<decltype(isa)::kBytes>(a, p, tl, begin, end, scratch.data());
+    });
+  });
+  at::parallel_for(0, p.B * p.Np, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(p.d);
+    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+      reduce_g_rows<decltype(isa)::kBytes>(a.g_partial, g, p, tl, begin, end, scratch.data());
+    });
   });
 }
 
@@ -456,267 +409,219 @@ struct BwdArgs {
   acc_t* dmix_partial;                              // (groups, Np, N) shared, (1, Np, N, d) per channel
 };
 
-template <typename scalar_t>
-void norm_and_project_bwd_kernel(const BwdArgs<scalar_t>& a, const Problem& p, const Tiling& tl) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
-  const int64_t dmix_group_size = Np * N * (p.per_channel ? d : 1);
-
-  at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: x and dh rows in opmath, an output row; per tile (R x d) the centred
-    // rows, LN_g rows, dxg rows and rstd1 * dh * w1; the mix coefficients (R x Np); per row the
-    // LN_1 sums.
-    std::vector<acc_t> scratch(3 * d + 4 * R * d + R * Np + 2 * R);
-    acc_t* x_buf = scratch.data();
-    acc_t* dh_buf = x_buf + d;
-    acc_t* out_buf = dh_buf + d;
-    acc_t* xc_tile = out_buf + d;
-    acc_t* xg_tile = xc_tile + R * d;
-    acc_t* dxg_tile = xg_tile + R * d;
-    acc_t* dy_tile = dxg_tile + R * d;
-    acc_t* mix_t = dy_tile + R * d;
-    acc_t* s1 = mix_t + R * Np;
-    acc_t* s2 = s1 + R;
-
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / tl.tiles, tile = item % tl.tiles;
-      const TileRows rows(p, tl, tile);
-      const int64_t patch_rows = rows.t_end - rows.p_begin;
-      const int64_t prefix_rows = rows.p_begin - rows.t_begin;
-      acc_t* dw1 = a.w_partial + item * 4 * d;
-      acc_t* db1 = dw1 + d;
-      acc_t* dwg = db1 + d;
-      acc_t* dbg = dwg + d;
-      std::fill_n(dw1, 4 * d, acc_t(0));
-      acc_t* dmix = a.dmix_partial + group * dmix_group_size;
-      if (!p.per_channel) {
-        gather_mix_columns(a.mix, p, rows, mix_t);
-      }
-
-      for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
-        const acc_t* dgb = a.dg + b * Np * d;
-
-        // Rows of the tile (prefix rows first, then patch rows, as in x): centre, LN_1 term's
-        // sums and weight/bias gradients, LN_g(x) for the patch rows. Lanes past d load as zero,
-        // so dy is zero there and the sums need no mask.
-        for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
-          const int64_t r = t - rows.t_begin, row = b * p.T + t;
-          const acc_t* xr = row_in(a.x + row * d, x_buf, d);
-          const acc_t* dhr = row_in(a.dh + row * d, dh_buf, d);
-          const acc_t mu = a.mean[row], r1 = a.rstd1[row], rg = a.rstd_g[row];
-          acc_t* xc = xc_tile + r * d;
-          acc_t* xg = xg_tile + (r - prefix_rows) * d;  // only written for patch rows
-          acc_t* dy = dy_tile + r * d;
-          const bool patch = t >= p.P;
-          V s1v(0), s2v(0);
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-            const V v = V::loadu(xr + c, n) - V(mu);
-            v.store(xc + c, n);
-            const V dhv = V::loadu(dhr + c, n);
-            const V dyv = dhv * V::loadu(a.w1 + c, n);
-            s1v += dyv;
-            s2v += dyv * v;
-            (dyv * V(r1)).store(dy + c, n);
-            at::vec::fmadd(dhv, v * V(r1), V::loadu(dw1 + c, n)).store(dw1 + c, n);
-            (dhv + V::loadu(db1 + c, n)).store(db1 + c, n);
-            if (patch) {
-              at::vec::fmadd(v * V(rg), V::loadu(a.wg + c, n), V::loadu(a.bg + c, n)).store(xg + c, n);
-            }
-          });
-          s1[r] = lane_sum(s1v);
-          s2[r] = lane_sum(s2v);
-        }
-
-        // The prompt terms of the patch rows: dxg[r, c] = sum_j mix[j, n(, c)] * dg[b, j, c] and
-        // dmix[j, n(, c)] (+)= dg[b, j, c] * LN_g(x)[r, c].
-        if (!p.per_channel) {
-          acc_t* dmix_rows = dmix + (rows.p_begin - p.P);
-          int64_t r0 = 0;
-          for (; r0 + kBlock <= patch_rows; r0 += kBlock) {
-            back_project_block<kBlock>(mix_t, dgb, Np, d, r0, dxg_tile);
-          }
-          for (; r0 + kBlock / 2 <= patch_rows; r0 += kBlock / 2) {
-            back_project_block<kBlock / 2>(mix_t, dgb, Np, d, r0, dxg_tile);
-          }
-          for (; r0 < patch_rows; ++r0) {
-            back_project_block<1>(mix_t, dgb, Np, d, r0, dxg_tile);
-          }
-          for (r0 = 0; r0 + 4 <= patch_rows; r0 += 4) {
-            mix_grad_rows<4>(dgb, xg_tile, Np, d, N, r0, dmix_rows);
-          }
-          for (; r0 < patch_rows; ++r0) {
-            mix_grad_rows<1>(dgb, xg_tile, Np, d, N, r0, dmix_rows);
-          }
-        } else {
-          // Per channel both are elementwise in c; dmix[:, n, :] belongs to this work item, which
-          // sees every image, so it accumulates in place.
-          for (int64_t r = 0; r < patch_rows; ++r) {
-            const int64_t n_idx = rows.p_begin - p.P + r;
-            for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-              const V xgv = V::loadu(xg_tile + r * d + c, n);
-              V acc(0);
-              for (int64_t j = 0; j < Np; ++j) {
-                const V dgv = V::loadu(dgb + j * d + c, n);
-                const int64_t off = (j * N + n_idx) * d + c;
-                acc = at::vec::fmadd(V::loadu(a.mix + off, n), dgv, acc);
-                at::vec::fmadd(dgv, xgv, V::loadu(dmix + off, n)).store(dmix + off, n);
-              }
-              acc.store(dxg_tile + r * d + c, n);
-            });
-          }
-        }
-
-        // dx per row. Each LayerNorm term is rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-        // with xhat = xc * rstd, i.e. rstd * dy - rstd * s / d - xc * rstd^3 * s' / d where
-        // s = sum(dy), s' = sum(dy * xc); both terms are summed here.
-        const acc_t inv_d = acc_t(1) / d;
-        for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
-          const int64_t r = t - rows.t_begin, row = b * p.T + t;
-          const acc_t r1 = a.rstd1[row], rg = a.rstd_g[row];
-          const acc_t* xc = xc_tile + r * d;
-          const acc_t* dy = dy_tile + r * d;
-          const acc_t* dxg = dxg_tile + (r - prefix_rows) * d;
-          const bool patch = t >= p.P;
-          V sg1(0), sg2(0);
-          if (patch) {
-            for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-              const V v = V::loadu(xc + c, n);
-              const V dxgv = V::loadu(dxg + c, n);
-              const V dyg = dxgv * V::loadu(a.wg + c, n);
-              sg1 += dyg;
-              sg2 += dyg * v;
-              at::vec::fmadd(dxgv, v * V(rg), V::loadu(dwg + c, n)).store(dwg + c, n);
-              (dxgv + V::loadu(dbg + c, n)).store(dbg + c, n);
-            });
-          }
-          const acc_t shift = -(r1 * s1[r] + rg * lane_sum(sg1)) * inv_d;
-          const acc_t slope = -(r1 * r1 * r1 * s2[r] + rg * rg * rg * lane_sum(sg2)) * inv_d;
-          scalar_t* dx_row = a.dx + row * d;
-          acc_t* out = row_out(dx_row, out_buf);
-          for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-            V v = at::vec::fmadd(V::loadu(xc + c, n), V(slope), V(shift)) + V::loadu(dy + c, n);
-            if (patch) {
-              v = at::vec::fmadd(V::loadu(dxg + c, n) * V(rg), V::loadu(a.wg + c, n), v);
-            }
-            v.store(out + c, n);
-          });
-          row_out_commit(out, dx_row, d);
-        }
-      }
-    }
-  });
+// Per-thread scratch of the backward work items, in opmath elements: x and dh rows, an output
+// row; per tile (R x d) the centred rows, LN_g rows, dxg rows and rstd1 * dh * w1; the mix
+// coefficients (R x Np); per row the LN_1 sums.
+int64_t bwd_scratch_size(const Problem& p, const Tiling& tl) {
+  return 3 * p.d + tl.rows_per_tile * (4 * p.d + p.Np + 2);
 }
 
-// out[k][c] = sum over items of w_partial[item][k][c] for the 4 weight/bias gradients, in item order.
-template <typename acc_t>
-void reduce_weight_grads(const acc_t* w_partial, int64_t items, int64_t d,
-                         acc_t* const out[4]) {
-  using V = Vec<acc_t>;
-  for (int64_t k = 0; k < 4; ++k) {
-    for_chunks<acc_t>(d, [&](int64_t c, int64_t n) {
-      V acc(0);
-      for (int64_t item = 0; item < items; ++item) {
-        acc += V::loadu(w_partial + (item * 4 + k) * d + c, n);
+// Work items [begin, end) of the backward pass.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, const Problem& p,
+                                                   const Tiling& tl, int64_t begin, int64_t end,
+                                                   at::opmath_type<scalar_t>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
+  const int64_t dmix_group_size = Np * N * (p.per_channel ? d : 1);
+  acc_t* x_buf = scratch;
+  acc_t* dh_buf = x_buf + d;
+  acc_t* out_buf = dh_buf + d;
+  acc_t* xc_tile = out_buf + d;
+  acc_t* xg_tile = xc_tile + R * d;
+  acc_t* dxg_tile = xg_tile + R * d;
+  acc_t* dy_tile = dxg_tile + R * d;
+  acc_t* mix_t = dy_tile + R * d;
+  acc_t* s1 = mix_t + R * Np;
+  acc_t* s2 = s1 + R;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t group = item / tl.tiles, tile = item % tl.tiles;
+    const TileRows rows(p, tl, tile);
+    const int64_t patch_rows = rows.t_end - rows.p_begin;
+    const int64_t prefix_rows = rows.p_begin - rows.t_begin;
+    acc_t* dw1 = a.w_partial + item * 4 * d;
+    acc_t* db1 = dw1 + d;
+    acc_t* dwg = db1 + d;
+    acc_t* dbg = dwg + d;
+    std::fill_n(dw1, 4 * d, acc_t(0));
+    acc_t* dmix = a.dmix_partial + group * dmix_group_size;
+    if (!p.per_channel) {
+      gather_mix_columns(a.mix, p, rows, mix_t);
+    }
+
+    for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
+      const acc_t* dgb = a.dg + b * Np * d;
+
+      // Rows of the tile (prefix rows first, then patch rows, as in x): centre, LN_1 term's
+      // sums and weight/bias gradients, LN_g(x) for the patch rows. Lanes past d load as zero,
+      // so dy is zero there and the sums need no mask.
+      for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
+        const int64_t r = t - rows.t_begin, row = b * p.T + t;
+        const acc_t* xr = row_in<kBytes>(a.x + row * d, x_buf, d);
+        const acc_t* dhr = row_in<kBytes>(a.dh + row * d, dh_buf, d);
+        const acc_t mu = a.mean[row], r1 = a.rstd1[row], rg = a.rstd_g[row];
+        acc_t* xc = xc_tile + r * d;
+        acc_t* xg = xg_tile + (r - prefix_rows) * d;  // only written for patch rows
+        acc_t* dy = dy_tile + r * d;
+        const bool patch = t >= p.P;
+        V s1v{}, s2v{};
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          const V v = load<V>(xr + c, n) - mu;
+          store(xc + c, v, n);
+          const V dhv = load<V>(dhr + c, n);
+          const V dyv = dhv * load<V>(a.w1 + c, n);
+          s1v += dyv;
+          s2v += dyv * v;
+          store(dy + c, dyv * r1, n);
+          store(dw1 + c, dhv * (v * r1) + load<V>(dw1 + c, n), n);
+          store(db1 + c, dhv + load<V>(db1 + c, n), n);
+          if (patch) {
+            store(xg + c, v * rg * load<V>(a.wg + c, n) + load<V>(a.bg + c, n), n);
+          }
+        });
+        s1[r] = simd::reduce_add(s1v);
+        s2[r] = simd::reduce_add(s2v);
       }
-      acc.store(out[k] + c, n);
+
+      // The prompt terms of the patch rows: dxg[r, c] = sum_j mix[j, n(, c)] * dg[b, j, c] and
+      // dmix[j, n(, c)] (+)= dg[b, j, c] * LN_g(x)[r, c].
+      if (!p.per_channel) {
+        acc_t* dmix_rows = dmix + (rows.p_begin - p.P);
+        int64_t r0 = 0;
+        for (; r0 + kBlock <= patch_rows; r0 += kBlock) {
+          back_project_block<kBytes, kBlock>(mix_t, dgb, Np, d, r0, dxg_tile);
+        }
+        for (; r0 + kBlock / 2 <= patch_rows; r0 += kBlock / 2) {
+          back_project_block<kBytes, kBlock / 2>(mix_t, dgb, Np, d, r0, dxg_tile);
+        }
+        for (; r0 < patch_rows; ++r0) {
+          back_project_block<kBytes, 1>(mix_t, dgb, Np, d, r0, dxg_tile);
+        }
+        for (r0 = 0; r0 + 4 <= patch_rows; r0 += 4) {
+          mix_grad_rows<kBytes, 4>(dgb, xg_tile, Np, d, N, r0, dmix_rows);
+        }
+        for (; r0 < patch_rows; ++r0) {
+          mix_grad_rows<kBytes, 1>(dgb, xg_tile, Np, d, N, r0, dmix_rows);
+        }
+      } else {
+        // Per channel both are elementwise in c; dmix[:, n, :] belongs to this work item, which
+        // sees every image, so it accumulates in place.
+        for (int64_t r = 0; r < patch_rows; ++r) {
+          const int64_t n_idx = rows.p_begin - p.P + r;
+          for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+            const V xgv = load<V>(xg_tile + r * d + c, n);
+            V acc{};
+            for (int64_t j = 0; j < Np; ++j) {
+              const V dgv = load<V>(dgb + j * d + c, n);
+              const int64_t off = (j * N + n_idx) * d + c;
+              acc = load<V>(a.mix + off, n) * dgv + acc;
+              store(dmix + off, dgv * xgv + load<V>(dmix + off, n), n);
+            }
+            store(dxg_tile + r * d + c, acc, n);
+          });
+        }
+      }
+
+      // dx per row. Each LayerNorm term is rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+      // with xhat = xc * rstd, i.e. rstd * dy - rstd * s / d - xc * rstd^3 * s' / d where
+      // s = sum(dy), s' = sum(dy * xc); both terms are summed here.
+      const acc_t inv_d = acc_t(1) / d;
+      for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
+        const int64_t r = t - rows.t_begin, row = b * p.T + t;
+        const acc_t r1 = a.rstd1[row], rg = a.rstd_g[row];
+        const acc_t* xc = xc_tile + r * d;
+        const acc_t* dy = dy_tile + r * d;
+        const acc_t* dxg = dxg_tile + (r - prefix_rows) * d;
+        const bool patch = t >= p.P;
+        V sg1{}, sg2{};
+        if (patch) {
+          for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+            const V v = load<V>(xc + c, n);
+            const V dxgv = load<V>(dxg + c, n);
+            const V dyg = dxgv * load<V>(a.wg + c, n);
+            sg1 += dyg;
+            sg2 += dyg * v;
+            store(dwg + c, dxgv * (v * rg) + load<V>(dwg + c, n), n);
+            store(dbg + c, dxgv + load<V>(dbg + c, n), n);
+          });
+        }
+        const acc_t shift = -(r1 * s1[r] + rg * simd::reduce_add(sg1)) * inv_d;
+        const acc_t slope = -(r1 * r1 * r1 * s2[r] + rg * rg * rg * simd::reduce_add(sg2)) * inv_d;
+        scalar_t* dx_row = a.dx + row * d;
+        acc_t* out = row_out(dx_row, out_buf);
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          V v = load<V>(xc + c, n) * slope + shift + load<V>(dy + c, n);
+          if (patch) {
+            v = load<V>(dxg + c, n) * rg * load<V>(a.wg + c, n) + v;
+          }
+          store(out + c, v, n);
+        });
+        row_out_commit<kBytes>(out, dx_row, d);
+      }
+    }
+  }
+}
+
+// out[k][c] = sum over items of w_partial[item][k][c] for the 4 weight/bias gradients, in item
+// order.
+template <int kBytes, typename acc_t>
+VAPT_ALWAYS_INLINE void reduce_weight_grads(const acc_t* w_partial, int64_t items, int64_t d,
+                                            acc_t* const out[4]) {
+  using V = typename simd::Simd<acc_t, kBytes>::V;
+  for (int64_t k = 0; k < 4; ++k) {
+    for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+      V acc{};
+      for (int64_t item = 0; item < items; ++item) {
+        acc += load<V>(w_partial + (item * 4 + k) * d + c, n);
+      }
+      store(out[k] + c, acc, n);
     });
   }
 }
 
-}  // namespace
-}  // namespace vapt
-
-#if VAPT_NAP_AVX2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif
-
-namespace vapt {
-namespace {
-
-// ------------------------------------------------------------------------------------------------
-// Checks and entry points
-// ------------------------------------------------------------------------------------------------
-
-void check_cpu_features(const char* op) {
-#if VAPT_NAP_AVX2
-  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                  __builtin_cpu_supports("f16c"),
-              op, ": this build's CPU kernels need AVX2, FMA and F16C, which this CPU lacks; ",
-              "use the torch backend");
-#else
-  (void)op;
-#endif
-}
-
-void check_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ",
-              t.device());
-}
-
-void check_input(const at::Tensor& x, const char* op) {
-  check_cpu(x, "x", op);
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, T, d), got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 ||
-                  dtype == at::kHalf,
-              op, ": x must be float64, float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-}
-
-void check_affine(const std::optional<at::Tensor>& w, const char* name, const at::Tensor& x,
-                  const char* op) {
-  if (!w.has_value()) {
-    return;
+// Runs the work items, then sums their partials: weight_grads[4] (d,) and, for the shared mix,
+// dmix (Np, N) (the per-channel dmix was accumulated in place).
+template <typename scalar_t>
+void norm_and_project_bwd_kernel(const BwdArgs<scalar_t>& a, const Problem& p, const Tiling& tl,
+                                 at::opmath_type<scalar_t>* const weight_grads[4],
+                                 at::opmath_type<scalar_t>* dmix) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(bwd_scratch_size(p, tl));
+    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+      norm_and_project_bwd_items<decltype(isa)::kBytes>(a, p, tl, begin, end, scratch.data());
+    });
+  });
+  simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+    reduce_weight_grads<decltype(isa)::kBytes>(a.w_partial, tl.items(), p.d, weight_grads);
+  });
+  if (!p.per_channel) {
+    // dmix[j, n] = sum over images of the per-image partials, in image order.
+    const int64_t size = p.Np * p.N;
+    for (int64_t b = 0; b < p.B; ++b) {
+      for (int64_t i = 0; i < size; ++i) {
+        dmix[i] += a.dmix_partial[b * size + i];
+      }
+    }
   }
-  check_cpu(*w, name, op);
-  TORCH_CHECK(w->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
-              x.scalar_type(), ", got ", w->scalar_type());
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(2), op, ": ", name, " must be (d,) = (",
-              x.size(2), ",), got shape ", w->sizes());
 }
 
-void check_mix(const at::Tensor& mix, const at::Tensor& x, int64_t num_prefix, const char* op) {
-  const int64_t T = x.size(1), d = x.size(2);
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= T, op, ": num_prefix must be in [0, T = ", T,
-              "], got ", num_prefix);
-  const int64_t N = T - num_prefix;
-  check_cpu(mix, "mix", op);
-  const auto stats = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(mix.scalar_type() == stats, op, ": mix must be ", stats, " for ", x.scalar_type(),
-              " x, got ", mix.scalar_type());
-  const bool shape_ok = (mix.dim() == 2 && mix.size(1) == N) ||
-                        (mix.dim() == 3 && mix.size(1) == N && mix.size(2) == d);
-  TORCH_CHECK(shape_ok, op, ": mix must be (Np, N) or (Np, N, d) with N = T - num_prefix = ", N,
-              " and d = ", d, ", got shape ", mix.sizes());
-}
-
-void check_stats(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
-  check_cpu(t, name, op);
-  const auto stats = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(t.scalar_type() == stats, op, ": ", name, " must be ", stats, " for ",
-              x.scalar_type(), " x, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
-              " must be (B, T) = (", x.size(0), ", ", x.size(1), "), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
+// ------------------------------------------------------------------------------------------------
+// Entry points
+// ------------------------------------------------------------------------------------------------
 
 // A weight or bias as a contiguous (d,) opmath tensor; None becomes `fill` (ones or zeros).
 at::Tensor affine_or(const std::optional<at::Tensor>& w, double fill, const at::Tensor& x) {
-  const auto stats = at::toOpMathType(x.scalar_type());
   if (w.has_value()) {
-    return w->to(stats).contiguous();
+    return w->to(stats_dtype(x));
   }
-  return at::full({x.size(2)}, fill, x.options().dtype(stats));
+  return at::full({x.size(2)}, fill, x.options().dtype(stats_dtype(x)));
 }
 
 Problem make_problem(const at::Tensor& x, const at::Tensor& mix, int64_t num_prefix) {
-  return Problem{x.size(0),          x.size(1), num_prefix, x.size(1) - num_prefix,
-                 x.size(2),          mix.size(0), mix.dim() == 3};
+  return Problem{x.size(0), x.size(1), num_prefix, x.size(1) - num_prefix, x.size(2), mix.size(0), mix.dim() == 3};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_project_fwd_cpu(
@@ -725,34 +630,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
     const std::optional<at::Tensor>& gen_weight, const std::optional<at::Tensor>& gen_bias,
     double eps_g, const at::Tensor& mix, int64_t num_prefix) {
   constexpr const char* op = "vapt::norm_and_project_fwd (CPU)";
-  check_cpu_features(op);
-  check_input(x, op);
-  check_affine(norm1_weight, "norm1_weight", x, op);
-  check_affine(norm1_bias, "norm1_bias", x, op);
-  check_affine(gen_weight, "gen_weight", x, op);
-  check_affine(gen_bias, "gen_bias", x, op);
-  check_mix(mix, x, num_prefix, op);
+  check_norm_and_project_inputs(op, at::kCPU, x, mix, num_prefix,
+                                {{"norm1_weight", &norm1_weight}, {"norm1_bias", &norm1_bias},
+                                 {"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
 
   const Problem p = make_problem(x, mix, num_prefix);
-  const auto stats_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const auto stats_opts = x.options().dtype(stats_dtype(x));
   at::Tensor h = at::empty_like(x);
+  at::Tensor g = at::empty({p.B, p.Np, p.d}, x.options());
   at::Tensor mean = at::empty({p.B, p.T}, stats_opts);
   at::Tensor rstd1 = at::empty({p.B, p.T}, stats_opts);
   at::Tensor rstd_g = at::empty({p.B, p.T}, stats_opts);
   if (p.B == 0 || p.T == 0) {
-    return {h, at::zeros({p.B, p.Np, p.d}, x.options()), mean, rstd1, rstd_g};
+    return {h, g.zero_(), mean, rstd1, rstd_g};
   }
-  TORCH_CHECK(p.d > 0, op, ": x must have at least one channel, got shape ", x.sizes());
-  at::Tensor g = at::empty({p.B, p.Np, p.d}, x.options());
 
   const Tiling tl = make_tiling(p);
   const at::Tensor w1 = affine_or(norm1_weight, 1.0, x), b1 = affine_or(norm1_bias, 0.0, x);
   const at::Tensor wg = affine_or(gen_weight, 1.0, x), bg = affine_or(gen_bias, 0.0, x);
-  const at::Tensor mix_c = mix.contiguous();
   at::Tensor g_partial = at::empty({p.B, tl.tiles, p.Np, p.d}, stats_opts);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "norm_and_project_fwd_cpu", [&] {
+  VAPT_DISPATCH_CPU_TYPES(x.scalar_type(), "norm_and_project_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FwdArgs<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
@@ -762,14 +660,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
     a.bg = bg.const_data_ptr<acc_t>();
     a.eps1 = static_cast<acc_t>(eps1);
     a.eps_g = static_cast<acc_t>(eps_g);
-    a.mix = mix_c.const_data_ptr<acc_t>();
+    a.mix = mix.const_data_ptr<acc_t>();
     a.h = h.mutable_data_ptr<scalar_t>();
     a.mean = mean.mutable_data_ptr<acc_t>();
     a.rstd1 = rstd1.mutable_data_ptr<acc_t>();
     a.rstd_g = rstd_g.mutable_data_ptr<acc_t>();
     a.g_partial = g_partial.mutable_data_ptr<acc_t>();
-    norm_and_project_fwd_kernel<scalar_t>(a, p, tl);
-    reduce_g<scalar_t>(a.g_partial, g.mutable_data_ptr<scalar_t>(), p, tl);
+    norm_and_project_fwd_kernel<scalar_t>(a, g.mutable_data_ptr<scalar_t>(), p, tl);
   });
   return {h, g, mean, rstd1, rstd_g};
 }
@@ -782,31 +679,13 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
                          const at::Tensor& mean, const at::Tensor& rstd1,
                          const at::Tensor& rstd_g, int64_t num_prefix) {
   constexpr const char* op = "vapt::norm_and_project_bwd (CPU)";
-  check_cpu_features(op);
-  check_input(x, op);
-  check_affine(norm1_weight, "norm1_weight", x, op);
-  check_affine(gen_weight, "gen_weight", x, op);
-  check_affine(gen_bias, "gen_bias", x, op);
-  check_mix(mix, x, num_prefix, op);
-  check_stats(mean, "mean", x, op);
-  check_stats(rstd1, "rstd1", x, op);
-  check_stats(rstd_g, "rstd_g", x, op);
-  check_cpu(dh, "dh", op);
-  check_cpu(dg, "dg", op);
-  TORCH_CHECK(dh.scalar_type() == x.scalar_type() && dg.scalar_type() == x.scalar_type(), op,
-              ": dh and dg must have x's dtype ", x.scalar_type(), ", got ", dh.scalar_type(),
-              " and ", dg.scalar_type());
-  TORCH_CHECK(dh.sizes() == x.sizes(), op, ": dh must have x's shape ", x.sizes(), ", got ",
-              dh.sizes());
-  TORCH_CHECK(dg.dim() == 3 && dg.size(0) == x.size(0) && dg.size(1) == mix.size(0) &&
-                  dg.size(2) == x.size(2),
-              op, ": dg must be (B, Np, d) = (", x.size(0), ", ", mix.size(0), ", ", x.size(2),
-              "), got shape ", dg.sizes());
-  TORCH_CHECK(dh.is_contiguous() && dg.is_contiguous(), op, ": dh and dg must be contiguous");
+  check_norm_and_project_inputs(op, at::kCPU, x, mix, num_prefix,
+                                {{"norm1_weight", &norm1_weight}, {"gen_weight", &gen_weight},
+                                 {"gen_bias", &gen_bias}});
+  check_norm_and_project_grads(op, x, mix, dh, dg, mean, rstd1, rstd_g);
 
   const Problem p = make_problem(x, mix, num_prefix);
-  const auto stats = at::toOpMathType(x.scalar_type());
-  const auto stats_opts = x.options().dtype(stats);
+  const auto stats_opts = x.options().dtype(stats_dtype(x));
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw1 = at::zeros({p.d}, stats_opts), db1 = at::zeros({p.d}, stats_opts);
   at::Tensor dwg = at::zeros({p.d}, stats_opts), dbg = at::zeros({p.d}, stats_opts);
@@ -814,19 +693,16 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
   if (p.B == 0 || p.T == 0) {
     return {dx, dw1, db1, dwg, dbg, dmix};
   }
-  TORCH_CHECK(p.d > 0, op, ": x must have at least one channel, got shape ", x.sizes());
 
   const Tiling tl = make_tiling(p);
   const at::Tensor w1 = affine_or(norm1_weight, 1.0, x);
   const at::Tensor wg = affine_or(gen_weight, 1.0, x), bg = affine_or(gen_bias, 0.0, x);
-  const at::Tensor mix_c = mix.contiguous();
-  const at::Tensor dg_acc = dg.to(stats);  // small (B, Np, d); converted once, not per row
+  const at::Tensor dg_acc = dg.to(stats_dtype(x));  // small (B, Np, d); converted once, not per row
   at::Tensor w_partial = at::empty({tl.items(), 4, p.d}, stats_opts);
   // Per-image dmix partials for the shared mix; the per-channel mix accumulates into dmix itself.
   at::Tensor dmix_partial = p.per_channel ? dmix : at::zeros({p.B, p.Np, p.N}, stats_opts);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "norm_and_project_bwd_cpu", [&] {
+  VAPT_DISPATCH_CPU_TYPES(x.scalar_type(), "norm_and_project_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BwdArgs<scalar_t> a;
     a.dh = dh.const_data_ptr<scalar_t>();
@@ -835,29 +711,16 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
     a.w1 = w1.const_data_ptr<acc_t>();
     a.wg = wg.const_data_ptr<acc_t>();
     a.bg = bg.const_data_ptr<acc_t>();
-    a.mix = mix_c.const_data_ptr<acc_t>();
+    a.mix = mix.const_data_ptr<acc_t>();
     a.mean = mean.const_data_ptr<acc_t>();
     a.rstd1 = rstd1.const_data_ptr<acc_t>();
     a.rstd_g = rstd_g.const_data_ptr<acc_t>();
     a.dx = dx.mutable_data_ptr<scalar_t>();
     a.w_partial = w_partial.mutable_data_ptr<acc_t>();
     a.dmix_partial = dmix_partial.mutable_data_ptr<acc_t>();
-    norm_and_project_bwd_kernel<scalar_t>(a, p, tl);
-
-    acc_t* const grads[4] = {dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>(),
-                             dwg.mutable_data_ptr<acc_t>(), dbg.mutable_data_ptr<acc_t>()};
-    reduce_weight_grads<acc_t>(a.w_partial, tl.items(), p.d, grads);
-    if (!p.per_channel) {
-      // dmix[j, n] = sum over images of the per-image partials, in image order.
-      const acc_t* part = a.dmix_partial;
-      acc_t* out = dmix.mutable_data_ptr<acc_t>();
-      const int64_t size = p.Np * p.N;
-      for (int64_t b = 0; b < p.B; ++b) {
-        for (int64_t i = 0; i < size; ++i) {
-          out[i] += part[b * size + i];
-        }
-      }
-    }
+    acc_t* const weight_grads[4] = {dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>(),
+                                    dwg.mutable_data_ptr<acc_t>(), dbg.mutable_data_ptr<acc_t>()};
+    norm_and_project_bwd_kernel<scalar_t>(a, p, tl, weight_grads, dmix.mutable_data_ptr<acc_t>());
   });
   return {dx, dw1, db1, dwg, dbg, dmix};
 }

@@ -25,24 +25,22 @@
 //   extension cannot call it. Where no BLAS symbol is found, the products go through at::addmm_
 //   (same result, microseconds more per call). The row strides of q/k/v are the BLAS leading
 //   dimensions, so the packed-QKV views are read in place.
-// * The row-wise softmax parts use GCC vector extensions compiled for AVX-512, AVX2 and baseline
-//   x86-64 (target_clones, chosen at load time). at::vec::Vectorized is not used because an
-//   extension is compiled without -mavx*: there at::vec falls back to scalar loops and a libm exp
-//   per element, which costs more than the GEMMs at ViT shapes.
+// * The row-wise softmax parts (max, exp and sum, the softmax gradient) and the bfloat16
+//   conversions use the vector types of simd.h: the loop over a thread's work items is compiled
+//   once per ISA variant (baseline, AVX2, AVX-512) and simd::with_isa runs the one this CPU takes.
+//   A libm exp per element would cost more than the GEMMs at ViT shapes.
 // * Everything is accumulated in at::opmath_type (float for bfloat16).
 // * Work is split with at::parallel_for. With PyTorch's OpenMP backend (the Linux wheels) that is
 //   inline code in ATen/ParallelOpenMP.h, so this file must be compiled with -fopenmp to run on
 //   more than one thread; a build without it gets a compiler warning.
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,6 +49,9 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+
+#include "../common.h"
+#include "simd.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "prefix_attention_kernel.cpp compiled without -fopenmp: its at::parallel_for loops run on one thread"
@@ -67,6 +68,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
+namespace vapt {
 namespace {
 
 using at::Tensor;
@@ -106,204 +108,86 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, acc_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row kernels of the softmax (64-byte vectors: one AVX-512 register, two AVX2 ones, ...)
+// Row kernels of the softmax (kBytes-wide vectors, compiled into each ISA variant)
 // ---------------------------------------------------------------------------------------------
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define VAPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VAPT_CLONES
-#endif
-#define VAPT_INLINE inline __attribute__((always_inline))
-// 64-byte vectors cross no call boundary (the helpers are always inlined into the clones), so
-// GCC's warning that their ABI depends on AVX-512 does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-template <typename T>
-struct Simd;
-
-// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in a
-// high part exact in n * hi and a low correction, Cody-Waite), exp(r) by its Taylor polynomial to
-// the degree where the remainder r^(deg+1)/(deg+1)! is below half an ulp. 2^n is built in the
-// exponent field. Below kLo the result is 0 (the true value is subnormal or 0); arguments are
-// clamped to kHi, which keeps 2^n finite (the kernels only take arguments <= ~0).
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int kLanes = 16;
-  static constexpr float kLo = -87.33654f, kHi = 88.f, kLog2e = 1.44269504f;
-  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  static constexpr int kMantissa = 23, kBias = 127;
-  // Adding then subtracting 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer.
-  static constexpr float kRound = 12582912.f;
-  static VAPT_INLINE V poly(V r) {
-    return 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-  }
-};
-
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int kLanes = 8;
-  static constexpr double kLo = -708.3964185322641, kHi = 709., kLog2e = 1.4426950408889634;
-  static constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
-  static constexpr int kMantissa = 52, kBias = 1023;
-  static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
-  static VAPT_INLINE V poly(V r) {
-    V p = V{} + 1.0 / 479001600;  // 1/12!
-    const double c[] = {1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720,
-                        1.0 / 120,      1.0 / 24,      1.0 / 6,      0.5,         1.0,        1.0};
-    for (double ci : c) {
-      p = p * r + ci;
-    }
-    return p;
-  }
-};
-
-template <typename T>
-VAPT_INLINE typename Simd<T>::V vexp(typename Simd<T>::V x) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  using I = typename S::I;
-  const auto under = x < S::kLo;
-  x = x > S::kHi ? V{} + S::kHi : x;
-  const V n = (x * S::kLog2e + S::kRound) - S::kRound;
-  V r = x - n * S::kLn2Hi;
-  r = r - n * S::kLn2Lo;
-  const I e = (__builtin_convertvector(n, I) + S::kBias) << S::kMantissa;
-  V two_n;
-  __builtin_memcpy(&two_n, &e, sizeof(V));
-  const V y = S::poly(r) * two_n;
-  return under ? V{} : y;
-}
-
-template <typename T>
-VAPT_INLINE typename Simd<T>::V vload(const T* p) {
-  typename Simd<T>::V v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// The first n < kLanes values of p, the other lanes set to fill.
-template <typename T>
-VAPT_INLINE typename Simd<T>::V vload_tail(const T* p, int64_t n, T fill) {
-  typename Simd<T>::V v = typename Simd<T>::V{} + fill;
-  __builtin_memcpy(&v, p, n * sizeof(T));
-  return v;
-}
-
-template <typename T>
-VAPT_INLINE void vstore(T* p, const typename Simd<T>::V& v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-VAPT_INLINE T hsum(const typename Simd<T>::V& v) {
-  T s = 0;
-  for (int j = 0; j < Simd<T>::kLanes; ++j) {
-    s += v[j];
-  }
-  return s;
-}
-
-template <typename T>
-VAPT_INLINE T row_max_impl(const T* x, int64_t n) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
+template <int kBytes, typename T>
+VAPT_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
+  using V = typename simd::Simd<T, kBytes>::V;
+  constexpr int64_t L = simd::kLanes<V>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  V m = V{} + kNegInf;
+  V m = simd::splat<V>(kNegInf);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    const V v = vload(x + i);
-    m = v > m ? v : m;
+    m = simd::max(simd::load<V>(x + i), m);
   }
   if (i < n) {
-    const V v = vload_tail(x + i, n - i, kNegInf);
-    m = v > m ? v : m;
+    m = simd::max(simd::load<V>(x + i, n - i, kNegInf), m);
   }
-  T r = m[0];
-  for (int j = 1; j < L; ++j) {
-    r = m[j] > r ? m[j] : r;
-  }
-  return r;
+  return simd::reduce_max(m);
 }
 
 // x <- exp(x - m) in place; returns the sum of the new values.
-template <typename T>
-VAPT_INLINE T exp_sum_impl(T* x, int64_t n, T m) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
-  V acc = V{};
+template <int kBytes, typename T>
+VAPT_ALWAYS_INLINE T exp_sum(T* x, int64_t n, T m) {
+  using V = typename simd::Simd<T, kBytes>::V;
+  constexpr int64_t L = simd::kLanes<V>;
+  V acc{};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    const V p = vexp<T>(vload(x + i) - m);
-    vstore(x + i, p);
+    const V p = simd::exp(simd::load<V>(x + i) - m);
+    simd::store(x + i, p);
     acc += p;
   }
   if (i < n) {
     // Padding lanes hold -inf, whose exp is 0.
-    const V p = vexp<T>(vload_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - m);
-    __builtin_memcpy(x + i, &p, (n - i) * sizeof(T));
+    const V p = simd::exp(simd::load<V>(x + i, n - i, -std::numeric_limits<T>::infinity()) - m);
+    simd::store(x + i, p, n - i);
     acc += p;
   }
-  return hsum<T>(acc);
+  return simd::reduce_add(acc);
 }
 
 // Softmax backward of one row: s <- p = exp(s - lse), dp <- ds = p * (dp - delta).
-template <typename T>
-VAPT_INLINE void softmax_grad_impl(T* s, T* dp, int64_t n, T lse, T delta) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    const V p = vexp<T>(vload(s + i) - lse);
-    vstore(s + i, p);
-    vstore(dp + i, p * (vload(dp + i) - delta));
-  }
-  if (i < n) {
-    const V p = vexp<T>(vload_tail(s + i, n - i, T(0)) - lse);
-    const V ds = p * (vload_tail(dp + i, n - i, T(0)) - delta);
-    __builtin_memcpy(s + i, &p, (n - i) * sizeof(T));
-    __builtin_memcpy(dp + i, &ds, (n - i) * sizeof(T));
-  }
+template <int kBytes, typename T>
+VAPT_ALWAYS_INLINE void softmax_grad(T* s, T* dp, int64_t n, T lse, T delta) {
+  using V = typename simd::Simd<T, kBytes>::V;
+  simd::for_chunks<V>(n, [&](int64_t i, int64_t len) VAPT_INLINE_LAMBDA {
+    const V p = simd::exp(simd::load<V>(s + i, len) - lse);
+    simd::store(s + i, p, len);
+    simd::store(dp + i, p * (simd::load<V>(dp + i, len) - delta), len);
+  });
+}
+
+template <int kBytes, typename T>
+VAPT_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t n) {
+  using V = typename simd::Simd<T, kBytes>::V;
+  V acc{};
+  simd::for_chunks<V>(n, [&](int64_t i, int64_t len) VAPT_INLINE_LAMBDA {
+    acc += simd::load<V>(a + i, len) * simd::load<V>(b + i, len);
+  });
+  return simd::reduce_add(acc);
 }
 
 template <typename T>
-VAPT_INLINE T dot_impl(const T* a, const T* b, int64_t n) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
-  V acc = V{};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    acc += vload(a + i) * vload(b + i);
-  }
-  if (i < n) {
-    acc += vload_tail(a + i, n - i, T(0)) * vload_tail(b + i, n - i, T(0));
-  }
-  return hsum<T>(acc);
-}
-
-template <typename T>
-VAPT_INLINE void scale_row_impl(T* x, int64_t n, T c) {
+VAPT_ALWAYS_INLINE void scale_row(T* x, int64_t n, T c) {
   for (int64_t i = 0; i < n; ++i) {
     x[i] *= c;
   }
 }
 
-// One compiled copy per ISA of each row kernel, for float and double.
-#define VAPT_ROW_KERNELS(T)                                                                       \
-  VAPT_CLONES T row_max(const T* x, int64_t n) { return row_max_impl<T>(x, n); }                \
-  VAPT_CLONES T exp_sum(T* x, int64_t n, T m) { return exp_sum_impl<T>(x, n, m); }              \
-  VAPT_CLONES void softmax_grad(T* s, T* dp, int64_t n, T lse, T delta) {                       \
-    softmax_grad_impl<T>(s, dp, n, lse, delta);                                                  \
-  }                                                                                             \
-  VAPT_CLONES T dot(const T* a, const T* b, int64_t n) { return dot_impl<T>(a, b, n); }         \
-  VAPT_CLONES void scale_row(T* x, int64_t n, T c) { scale_row_impl<T>(x, n, c); }
-VAPT_ROW_KERNELS(float)
-VAPT_ROW_KERNELS(double)
-#undef VAPT_ROW_KERNELS
+// dst[i] = src[i] * c in dst's dtype, i < n (src is scratch: it may be scaled in place).
+template <int kBytes, typename acc_t, typename scalar_t>
+VAPT_ALWAYS_INLINE void store_scaled_row(acc_t* src, acc_t c, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = src[i] * c;
+    }
+  } else {
+    scale_row(src, n, c);
+    simd::convert<kBytes>(src, dst, n);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Operands
@@ -336,16 +220,15 @@ int64_t forward_query_blocks(int64_t T, int64_t heads) {
 
 // A (rows x D) matrix of an operand in the accumulation type: the operand itself when its dtype is
 // the accumulation type (ld = its row stride), else a converted copy in scratch (ld = D).
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* scratch, int64_t& ld_out) {
+template <int kBytes, typename scalar_t, typename acc_t>
+VAPT_ALWAYS_INLINE const acc_t* as_acc(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* scratch,
+                                       int64_t& ld_out) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     ld_out = ld;
     return src;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t d = 0; d < D; ++d) {
-        scratch[r * D + d] = static_cast<acc_t>(src[r * ld + d]);
-      }
+      simd::convert<kBytes>(src + r * ld, scratch + r * D, D);
     }
     ld_out = D;
     return scratch;
@@ -367,17 +250,17 @@ void prefix_scores(int64_t rows, int64_t np, int64_t D, acc_t alpha, const acc_t
   }
 }
 
-template <typename acc_t, typename scalar_t>
-void store_rows(const acc_t* src, int64_t ld_src, int64_t rows, int64_t D, scalar_t* dst, int64_t ld_dst) {
+// dst (rows x D, ld_dst) = src (rows x D, ld_src) in dst's dtype.
+template <int kBytes, typename acc_t, typename scalar_t>
+VAPT_ALWAYS_INLINE void store_rows(const acc_t* src, int64_t ld_src, int64_t rows, int64_t D, scalar_t* dst,
+                                   int64_t ld_dst) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < D; ++d) {
-      dst[r * ld_dst + d] = static_cast<scalar_t>(src[r * ld_src + d]);
-    }
+    simd::convert<kBytes>(src + r * ld_src, dst + r * ld_dst, D);
   }
 }
 
 // Strides of a (batch, H, rows, D) operand in elements: batch (0 when broadcast), head, row.
-struct Layout {
+struct Strides {
   int64_t sb, sh, sr;
 };
 
@@ -388,7 +271,7 @@ Tensor rows_for_blas(const Tensor& t) {
   return rows > 1 && t.stride(2) < D ? t.contiguous() : t;
 }
 
-Layout layout_of(const Tensor& t) {
+Strides strides_of(const Tensor& t) {
   const int64_t rows = t.size(2), D = t.size(3);
   return {t.size(0) == 1 ? 0 : t.stride(0), t.stride(1), rows > 1 ? t.stride(2) : D};
 }
@@ -403,8 +286,8 @@ void prefix_attention_fwd_kernel(const Tensor& q, const Tensor& k, const Tensor&
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
-  const Layout lq = layout_of(q), lk = layout_of(k), lv = layout_of(v);
-  const Layout lkp = layout_of(k_prefix), lvp = layout_of(v_prefix);
+  const Strides lq = strides_of(q), lk = strides_of(k), lv = strides_of(v);
+  const Strides lkp = strides_of(k_prefix), lvp = strides_of(v_prefix);
   const int64_t ld_out = H * D;  // out is (B, T, H, D) in memory
 
   const int64_t n_qblocks = forward_query_blocks(T, B * H);
@@ -438,65 +321,67 @@ void prefix_attention_fwd_kernel(const Tensor& q, const Tensor& k, const Tensor&
     acc_t* k_conv = q_conv + BQ * D;
     acc_t* v_conv = k_conv + W * D;
 
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % n_qblocks, bh = item / n_qblocks, b = bh / H, h = bh % H;
-      const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
-      int64_t ldq;
-      const acc_t* Q = as_acc(q_data + b * lq.sb + h * lq.sh + m0 * lq.sr, lq.sr, rows, D, q_conv, ldq);
+    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+      constexpr int kBytes = decltype(isa)::kBytes;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t qb = item % n_qblocks, bh = item / n_qblocks, b = bh / H, h = bh % H;
+        const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
+        int64_t ldq;
+        const acc_t* Q = as_acc<kBytes>(q_data + b * lq.sb + h * lq.sh + m0 * lq.sr, lq.sr, rows, D, q_conv, ldq);
 
-      for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-        const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
-        const int64_t np = kb == 0 ? Np : 0;  // the prefix keys lead the first key block
-        const int64_t width = np + nk;
-        int64_t ldkp = D, ldvp = D, ldk, ldv;
-        const acc_t* Kp = nullptr;
-        const acc_t* Vp = nullptr;
-        if (np > 0) {
-          Kp = as_acc(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, np, D, k_conv, ldkp);
-          Vp = as_acc(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, np, D, v_conv, ldvp);
-        }
-        const acc_t* K = as_acc(k_data + b * lk.sb + h * lk.sh + n0 * lk.sr, lk.sr, nk, D, k_conv + np * D, ldk);
-        const acc_t* V = as_acc(v_data + b * lv.sb + h * lv.sh + n0 * lv.sr, lv.sr, nk, D, v_conv + np * D, ldv);
-
-        // Scaled scores of the block: columns [0, np) prefix, [np, width) tokens.
-        if (np > 0) {
-          prefix_scores(rows, np, D, alpha, Q, ldq, Kp, ldkp, St, S, W);
-        }
-        gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Q, ldq, K, ldk, 0, S + np, W);
-
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s = S + r * W;
-          const acc_t block_max = row_max(s, width);
-          if (kb == 0) {
-            row_m[r] = block_max;
-            row_l[r] = exp_sum(s, width, block_max);
-          } else {
-            // Online softmax: rescale the sum and the accumulator to the new running max.
-            const acc_t m_new = std::max(row_m[r], block_max);
-            const acc_t correction = std::exp(row_m[r] - m_new);
-            row_l[r] = row_l[r] * correction + exp_sum(s, width, m_new);
-            row_m[r] = m_new;
-            scale_row(acc + r * D, D, correction);
+        for (int64_t kb = 0; kb < n_kblocks; ++kb) {
+          const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
+          const int64_t np = kb == 0 ? Np : 0;  // the prefix keys lead the first key block
+          const int64_t width = np + nk;
+          int64_t ldkp = D, ldvp = D, ldk, ldv;
+          const acc_t* Kp = nullptr;
+          const acc_t* Vp = nullptr;
+          if (np > 0) {
+            Kp = as_acc<kBytes>(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, np, D, k_conv, ldkp);
+            Vp = as_acc<kBytes>(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, np, D, v_conv, ldvp);
           }
+          const acc_t* K =
+              as_acc<kBytes>(k_data + b * lk.sb + h * lk.sh + n0 * lk.sr, lk.sr, nk, D, k_conv + np * D, ldk);
+          const acc_t* V =
+              as_acc<kBytes>(v_data + b * lv.sb + h * lv.sh + n0 * lv.sr, lv.sr, nk, D, v_conv + np * D, ldv);
+
+          // Scaled scores of the block: columns [0, np) prefix, [np, width) tokens.
+          if (np > 0) {
+            prefix_scores(rows, np, D, alpha, Q, ldq, Kp, ldkp, St, S, W);
+          }
+          gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Q, ldq, K, ldk, 0, S + np, W);
+
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* s = S + r * W;
+            const acc_t block_max = row_max<kBytes>(s, width);
+            if (kb == 0) {
+              row_m[r] = block_max;
+              row_l[r] = exp_sum<kBytes>(s, width, block_max);
+            } else {
+              // Online softmax: rescale the sum and the accumulator to the new running max.
+              const acc_t m_new = std::max(row_m[r], block_max);
+              const acc_t correction = std::exp(row_m[r] - m_new);
+              row_l[r] = row_l[r] * correction + exp_sum<kBytes>(s, width, m_new);
+              row_m[r] = m_new;
+              scale_row(acc + r * D, D, correction);
+            }
+          }
+
+          // acc (+)= P V; the first product of the first block initialises acc.
+          if (np > 0) {
+            gemm_rm<acc_t>(false, false, rows, D, np, 1, S, W, Vp, ldvp, 0, acc, D);
+          }
+          gemm_rm<acc_t>(false, false, rows, D, nk, 1, S + np, W, V, ldv, (kb == 0 && np == 0) ? 0 : 1, acc, D);
         }
 
-        // acc (+)= P V; the first product of the first block initialises acc.
-        if (np > 0) {
-          gemm_rm<acc_t>(false, false, rows, D, np, 1, S, W, Vp, ldvp, 0, acc, D);
+        scalar_t* o = out_data + (b * T + m0) * ld_out + h * D;
+        acc_t* l = lse_data + bh * T + m0;
+        for (int64_t r = 0; r < rows; ++r) {
+          store_scaled_row<kBytes>(acc + r * D, acc_t(1) / row_l[r], o + r * ld_out, D);
+          l[r] = row_m[r] + std::log(row_l[r]);
         }
-        gemm_rm<acc_t>(false, false, rows, D, nk, 1, S + np, W, V, ldv, (kb == 0 && np == 0) ? 0 : 1, acc, D);
       }
-
-      scalar_t* o = out_data + (b * T + m0) * ld_out + h * D;
-      acc_t* l = lse_data + bh * T + m0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t inv = acc_t(1) / row_l[r];
-        for (int64_t d = 0; d < D; ++d) {
-          o[r * ld_out + d] = static_cast<scalar_t>(acc[r * D + d] * inv);
-        }
-        l[r] = row_m[r] + std::log(row_l[r]);
-      }
-    }
+    });
   });
 }
 
@@ -512,8 +397,9 @@ void prefix_attention_bwd_kernel(const Tensor& dout, const Tensor& q, const Tens
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
-  const Layout lq = layout_of(q), lk = layout_of(k), lv = layout_of(v), ldo = layout_of(dout), lo = layout_of(out);
-  const Layout lkp = layout_of(k_prefix), lvp = layout_of(v_prefix);
+  const Strides lq = strides_of(q), lk = strides_of(k), lv = strides_of(v);
+  const Strides ldo = strides_of(dout), lo = strides_of(out);
+  const Strides lkp = strides_of(k_prefix), lvp = strides_of(v_prefix);
   const int64_t ld_grad = H * D;  // dq, dk, dv are (B, T, H, D) in memory
   const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_st = lse.stride(2);
 
@@ -561,196 +447,149 @@ void prefix_attention_bwd_kernel(const Tensor& dout, const Tensor& q, const Tens
     acc_t* dk_acc = dq_acc + BQ * D;
     acc_t* dv_acc = dk_acc + T * D;
 
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      int64_t ldq, ldk, ldv, lddo, ldkp = D, ldvp = D;
-      const acc_t* Q = as_acc(q_data + b * lq.sb + h * lq.sh, lq.sr, T, D, q_conv, ldq);
-      const acc_t* K = as_acc(k_data + b * lk.sb + h * lk.sh, lk.sr, T, D, k_conv, ldk);
-      const acc_t* V = as_acc(v_data + b * lv.sb + h * lv.sh, lv.sr, T, D, v_conv, ldv);
-      const acc_t* dO = as_acc(do_data + b * ldo.sb + h * ldo.sh, ldo.sr, T, D, do_conv, lddo);
-      const acc_t* Kp = nullptr;
-      const acc_t* Vp = nullptr;
-      acc_t* dKp = nullptr;
-      acc_t* dVp = nullptr;
-      if (Np > 0) {
-        Kp = as_acc(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, Np, D, kp_conv, ldkp);
-        Vp = as_acc(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, Np, D, vp_conv, ldvp);
-        dKp = dkp_data + bh * Np * D;
-        dVp = dvp_data + bh * Np * D;
-      }
-      // dk and dv of the head: accumulated in place when the dtype allows it.
-      acc_t* dK;
-      acc_t* dV;
-      int64_t lddk;
-      if constexpr (kSameType) {
-        dK = dk_data + b * T * ld_grad + h * D;
-        dV = dv_data + b * T * ld_grad + h * D;
-        lddk = ld_grad;
-      } else {
-        dK = dk_acc;
-        dV = dv_acc;
-        lddk = D;
-      }
-
-      for (int64_t qb = 0; qb < n_qblocks; ++qb) {
-        const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
-        const acc_t* Qb = Q + m0 * ldq;
-        const acc_t* dOb = dO + m0 * lddo;
-        const acc_t beta_kv = qb == 0 ? 0 : 1;  // the first query block initialises dk, dv
-        const acc_t* lse_b = lse_data + b * lse_sb + h * lse_sh + m0 * lse_st;
-
-        // delta_i = dout_i . out_i
-        int64_t ldob;
-        const acc_t* Ob = as_acc(o_data + b * lo.sb + h * lo.sh + m0 * lo.sr, lo.sr, rows, D, o_conv, ldob);
-        for (int64_t r = 0; r < rows; ++r) {
-          delta[r] = dot(dOb + r * lddo, Ob + r * ldob, D);
+    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
+      constexpr int kBytes = decltype(isa)::kBytes;
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        int64_t ldq, ldk, ldv, lddo, ldkp = D, ldvp = D;
+        const acc_t* Q = as_acc<kBytes>(q_data + b * lq.sb + h * lq.sh, lq.sr, T, D, q_conv, ldq);
+        const acc_t* K = as_acc<kBytes>(k_data + b * lk.sb + h * lk.sh, lk.sr, T, D, k_conv, ldk);
+        const acc_t* V = as_acc<kBytes>(v_data + b * lv.sb + h * lv.sh, lv.sr, T, D, v_conv, ldv);
+        const acc_t* dO = as_acc<kBytes>(do_data + b * ldo.sb + h * ldo.sh, ldo.sr, T, D, do_conv, lddo);
+        const acc_t* Kp = nullptr;
+        const acc_t* Vp = nullptr;
+        acc_t* dKp = nullptr;
+        acc_t* dVp = nullptr;
+        if (Np > 0) {
+          Kp = as_acc<kBytes>(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, Np, D, kp_conv, ldkp);
+          Vp = as_acc<kBytes>(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, Np, D, vp_conv, ldvp);
+          dKp = dkp_data + bh * Np * D;
+          dVp = dvp_data + bh * Np * D;
         }
-
-        acc_t* dQ;
-        int64_t lddq;
+        // dk and dv of the head: accumulated in place when the dtype allows it.
+        acc_t* dK;
+        acc_t* dV;
+        int64_t lddk;
         if constexpr (kSameType) {
-          dQ = dq_data + (b * T + m0) * ld_grad + h * D;
-          lddq = ld_grad;
+          dK = dk_data + b * T * ld_grad + h * D;
+          dV = dv_data + b * T * ld_grad + h * D;
+          lddk = ld_grad;
         } else {
-          dQ = dq_acc;
-          lddq = D;
+          dK = dk_acc;
+          dV = dv_acc;
+          lddk = D;
         }
 
-        for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-          const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
-          const int64_t np = kb == 0 ? Np : 0;
-          const int64_t width = np + nk;
-          const acc_t* Kb = K + n0 * ldk;
-          const acc_t* Vb = V + n0 * ldv;
+        for (int64_t qb = 0; qb < n_qblocks; ++qb) {
+          const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
+          const acc_t* Qb = Q + m0 * ldq;
+          const acc_t* dOb = dO + m0 * lddo;
+          const acc_t beta_kv = qb == 0 ? 0 : 1;  // the first query block initialises dk, dv
+          const acc_t* lse_b = lse_data + b * lse_sb + h * lse_sh + m0 * lse_st;
 
-          // Scaled scores and dP = dout V^T of the block: columns [0, np) prefix, [np, width) tokens.
-          if (np > 0) {
-            prefix_scores<acc_t>(rows, np, D, alpha, Qb, ldq, Kp, ldkp, St, P, W);
-            prefix_scores<acc_t>(rows, np, D, 1, dOb, lddo, Vp, ldvp, St, dS, W);
-          }
-          gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Qb, ldq, Kb, ldk, 0, P + np, W);
-          gemm_rm<acc_t>(false, true, rows, nk, D, 1, dOb, lddo, Vb, ldv, 0, dS + np, W);
+          // delta_i = dout_i . out_i
+          int64_t ldob;
+          const acc_t* Ob = as_acc<kBytes>(o_data + b * lo.sb + h * lo.sh + m0 * lo.sr, lo.sr, rows, D, o_conv, ldob);
           for (int64_t r = 0; r < rows; ++r) {
-            softmax_grad(P + r * W, dS + r * W, width, lse_b[r * lse_st], delta[r]);
+            delta[r] = dot<kBytes>(dOb + r * lddo, Ob + r * ldob, D);
           }
 
-          // dv_j (+)= sum_i p_ij dout_i ; dk_j (+)= scale sum_i ds_ij q_i
-          if (np > 0) {
-            gemm_rm<acc_t>(true, false, np, D, rows, 1, P, W, dOb, lddo, beta_kv, dVp, D);
-            gemm_rm<acc_t>(true, false, np, D, rows, alpha, dS, W, Qb, ldq, beta_kv, dKp, D);
+          acc_t* dQ;
+          int64_t lddq;
+          if constexpr (kSameType) {
+            dQ = dq_data + (b * T + m0) * ld_grad + h * D;
+            lddq = ld_grad;
+          } else {
+            dQ = dq_acc;
+            lddq = D;
           }
-          gemm_rm<acc_t>(true, false, nk, D, rows, 1, P + np, W, dOb, lddo, beta_kv, dV + n0 * lddk, lddk);
-          gemm_rm<acc_t>(true, false, nk, D, rows, alpha, dS + np, W, Qb, ldq, beta_kv, dK + n0 * lddk, lddk);
-          // dq_i (+)= scale sum_j ds_ij k_j; the first product initialises dq.
-          if (np > 0) {
-            gemm_rm<acc_t>(false, false, rows, D, np, alpha, dS, W, Kp, ldkp, 0, dQ, lddq);
+
+          for (int64_t kb = 0; kb < n_kblocks; ++kb) {
+            const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
+            const int64_t np = kb == 0 ? Np : 0;
+            const int64_t width = np + nk;
+            const acc_t* Kb = K + n0 * ldk;
+            const acc_t* Vb = V + n0 * ldv;
+
+            // Scaled scores and dP = dout V^T of the block: columns [0, np) prefix, [np, width) tokens.
+            if (np > 0) {
+              prefix_scores<acc_t>(rows, np, D, alpha, Qb, ldq, Kp, ldkp, St, P, W);
+              prefix_scores<acc_t>(rows, np, D, 1, dOb, lddo, Vp, ldvp, St, dS, W);
+            }
+            gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Qb, ldq, Kb, ldk, 0, P + np, W);
+            gemm_rm<acc_t>(false, true, rows, nk, D, 1, dOb, lddo, Vb, ldv, 0, dS + np, W);
+            for (int64_t r = 0; r < rows; ++r) {
+              softmax_grad<kBytes>(P + r * W, dS + r * W, width, lse_b[r * lse_st], delta[r]);
+            }
+
+            // dv_j (+)= sum_i p_ij dout_i ; dk_j (+)= scale sum_i ds_ij q_i
+            if (np > 0) {
+              gemm_rm<acc_t>(true, false, np, D, rows, 1, P, W, dOb, lddo, beta_kv, dVp, D);
+              gemm_rm<acc_t>(true, false, np, D, rows, alpha, dS, W, Qb, ldq, beta_kv, dKp, D);
+            }
+            gemm_rm<acc_t>(true, false, nk, D, rows, 1, P + np, W, dOb, lddo, beta_kv, dV + n0 * lddk, lddk);
+            gemm_rm<acc_t>(true, false, nk, D, rows, alpha, dS + np, W, Qb, ldq, beta_kv, dK + n0 * lddk, lddk);
+            // dq_i (+)= scale sum_j ds_ij k_j; the first product initialises dq.
+            if (np > 0) {
+              gemm_rm<acc_t>(false, false, rows, D, np, alpha, dS, W, Kp, ldkp, 0, dQ, lddq);
+            }
+            gemm_rm<acc_t>(false, false, rows, D, nk, alpha, dS + np, W, Kb, ldk, (kb == 0 && np == 0) ? 0 : 1, dQ,
+                           lddq);
           }
-          gemm_rm<acc_t>(false, false, rows, D, nk, alpha, dS + np, W, Kb, ldk, (kb == 0 && np == 0) ? 0 : 1, dQ,
-                         lddq);
+          if constexpr (!kSameType) {
+            store_rows<kBytes>(dq_acc, D, rows, D, dq_data + (b * T + m0) * ld_grad + h * D, ld_grad);
+          }
         }
         if constexpr (!kSameType) {
-          store_rows(dq_acc, D, rows, D, dq_data + (b * T + m0) * ld_grad + h * D, ld_grad);
+          store_rows<kBytes>(dk_acc, D, T, D, dk_data + b * T * ld_grad + h * D, ld_grad);
+          store_rows<kBytes>(dv_acc, D, T, D, dv_data + b * T * ld_grad + h * D, ld_grad);
         }
       }
-      if constexpr (!kSameType) {
-        store_rows(dk_acc, D, T, D, dk_data + b * T * ld_grad + h * D, ld_grad);
-        store_rows(dv_acc, D, T, D, dv_data + b * T * ld_grad + h * D, ld_grad);
-      }
-    }
+    });
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks and entry points
+// Entry points
 // ---------------------------------------------------------------------------------------------
 
-void check_operand(const Tensor& t, const char* name, const Tensor& q) {
-  TORCH_CHECK(t.device().is_cpu(), "prefix_attention (CPU): ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "prefix_attention (CPU): ", name, " has dtype ", t.scalar_type(),
-              " but q has ", q.scalar_type(), "; all operands must share q's dtype");
-  TORCH_CHECK(t.dim() == 4, "prefix_attention (CPU): ", name, " must be 4-D (batch, heads, rows, head_dim), got ",
-              t.dim(), "-D");
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "prefix_attention (CPU): ", name,
-              " must have a unit last stride, got strides ", t.strides());
-}
-
-// Checks q, k, v (B, H, T, D) and the prefix (Bp, H, Np, D); returns the prefix batch Bp.
-int64_t check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_prefix,
-                     const Tensor& v_prefix) {
-  TORCH_CHECK(q.scalar_type() == at::kDouble || q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "prefix_attention (CPU): dtype ", q.scalar_type(), " is not supported (float64, float32, bfloat16)");
-  check_operand(q, "q", q);
-  check_operand(k, "k", q);
-  check_operand(v, "v", q);
-  check_operand(k_prefix, "k_prefix", q);
-  check_operand(v_prefix, "v_prefix", q);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "prefix_attention (CPU): q, k, v must have the "
-              "same shape (B, H, T, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(v_prefix.sizes() == k_prefix.sizes(), "prefix_attention (CPU): k_prefix and v_prefix must have the "
-              "same shape (Bp, H, Np, D), got ", k_prefix.sizes(), " and ", v_prefix.sizes());
-  const int64_t B = q.size(0), Bp = k_prefix.size(0);
-  TORCH_CHECK(Bp == B || Bp == 1, "prefix_attention (CPU): the prefix batch must be 1 (broadcast) or q's batch ", B,
-              ", got ", Bp);
-  TORCH_CHECK(k_prefix.size(1) == q.size(1), "prefix_attention (CPU): the prefix has ", k_prefix.size(1),
-              " heads but q has ", q.size(1));
-  TORCH_CHECK(k_prefix.size(3) == q.size(3), "prefix_attention (CPU): the prefix head dim ", k_prefix.size(3),
-              " differs from q's ", q.size(3));
-  TORCH_CHECK(q.size(3) > 0, "prefix_attention (CPU): the head dim must be at least 1");
-  return Bp;
-}
-
-at::ScalarType stats_type(const Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// (B, H, T, D) view of a new (B, T, H, D) tensor.
-Tensor empty_bthd(const Tensor& q) {
-  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
-}
-
-std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const Tensor& k_prefix, const Tensor& v_prefix, double scale) {
-  check_inputs(q, k, v, k_prefix, v_prefix);
+std::tuple<Tensor, Tensor> prefix_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& k_prefix, const Tensor& v_prefix, double scale) {
+  check_prefix_attention_inputs("vapt::prefix_attention_fwd (CPU)", at::kCPU, q, k, v, k_prefix, v_prefix);
   Tensor out = empty_bthd(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(stats_type(q)));
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(stats_dtype(q)));
   if (out.numel() == 0) {
+    // No query, or D == 0 (all scores 0: lse = log(Np + T)).
+    lse.fill_(std::log(static_cast<double>(k_prefix.size(2) + q.size(2))));
     return {out, lse};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "prefix_attention_fwd", [&] {
+  VAPT_DISPATCH_CPU_TYPES(q.scalar_type(), "prefix_attention_fwd_cpu", [&] {
     prefix_attention_fwd_kernel<scalar_t>(rows_for_blas(q), rows_for_blas(k), rows_for_blas(v),
                                           rows_for_blas(k_prefix), rows_for_blas(v_prefix), scale, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_prefix,
     const Tensor& v_prefix, const Tensor& out, const Tensor& lse, double scale) {
-  const int64_t Bp = check_inputs(q, k, v, k_prefix, v_prefix);
-  check_operand(dout, "dout", q);
-  check_operand(out, "out", q);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_bwd (CPU): dout and out must "
-              "have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.device().is_cpu(), "prefix_attention_bwd (CPU): lse must be a CPU tensor, got one on ", lse.device());
-  TORCH_CHECK(lse.scalar_type() == stats_type(q), "prefix_attention_bwd (CPU): lse must be ", stats_type(q),
-              " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "prefix_attention_bwd (CPU): lse must have shape (B, H, T) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "), got ", lse.sizes());
+  constexpr const char* op = "vapt::prefix_attention_bwd (CPU)";
+  check_prefix_attention_inputs(op, at::kCPU, q, k, v, k_prefix, v_prefix);
+  check_prefix_attention_grads(op, q, dout, out, lse);
 
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Np = k_prefix.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Bp = k_prefix.size(0), Np = k_prefix.size(2);
   Tensor dq = empty_bthd(q), dk = empty_bthd(q), dv = empty_bthd(q);
   if (dq.numel() == 0) {
-    // No query: the prefix receives no gradient.
+    // No query or no channel: the prefix receives no gradient.
     return {dq, dk, dv, at::zeros(k_prefix.sizes(), q.options()), at::zeros(k_prefix.sizes(), q.options())};
   }
-  const auto acc_type = stats_type(q);
+  const auto acc_type = stats_dtype(q);
   // Per-batch prefix gradients in the accumulation type; with a prefix of batch B in that type they
   // are the outputs themselves.
   const bool direct = Bp == B && acc_type == q.scalar_type();
   Tensor dkp_partial = at::empty({B, H, Np, D}, q.options().dtype(acc_type));
   Tensor dvp_partial = at::empty({B, H, Np, D}, q.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "prefix_attention_bwd", [&] {
+  VAPT_DISPATCH_CPU_TYPES(q.scalar_type(), "prefix_attention_bwd_cpu", [&] {
     prefix_attention_bwd_kernel<scalar_t>(rows_for_blas(dout), rows_for_blas(q), rows_for_blas(k), rows_for_blas(v),
                                           rows_for_blas(k_prefix), rows_for_blas(v_prefix), rows_for_blas(out), lse,
                                           scale, dq, dk, dv, dkp_partial, dvp_partial);
@@ -769,6 +608,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vapt, CPU, m) {
-  m.impl("prefix_attention_fwd", &prefix_attention_fwd);
-  m.impl("prefix_attention_bwd", &prefix_attention_bwd);
+  m.impl("prefix_attention_fwd", &prefix_attention_fwd_cpu);
+  m.impl("prefix_attention_bwd", &prefix_attention_bwd_cpu);
 }
+
+}  // namespace vapt

@@ -4,8 +4,8 @@
 //
 // Shapes: x, h, dh, dx (B, T, d) with T = P + N (P prefix tokens, N patches); g, dg (B, Np, d);
 // mix (Np, N) shared by all channels or (Np, N, d) per channel; weights/biases (d,) in x's dtype
-// (None = ones/zeros); mean, rstd1, rstd_g (B, T). acc_t is the stats and accumulation dtype:
-// float, or double for double inputs (at::opmath_type).
+// (None = ones/zeros); mean, rstd1, rstd_g (B, T). acc_t is the stats and accumulation dtype,
+// float (at::opmath_type of float32, float16 and bfloat16, the dtypes these kernels take).
 //
 // Why this layout of work:
 // * Both LayerNorms normalise the same rows, so one warp per row computes the mean/variance once
@@ -21,7 +21,6 @@
 // Loads and stores of x-sized tensors move 16 bytes per thread when d and the pointers allow it.
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,11 +31,13 @@
 #include <optional>
 #include <tuple>
 
+#include "../common.h"
+#include "common.cuh"
+
 namespace vapt {
 namespace {
 
 constexpr int kThreads = 256;  // threads per block of the two main kernels
-constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxFwdTileRows = 32;
 constexpr int64_t kFwdRowBufferBytes = 48 * 1024;  // the default dynamic shared-memory limit
@@ -72,17 +73,6 @@ __device__ __forceinline__ void load_param(const scalar_t* p, int64_t c, acc_t f
 #pragma unroll
   for (int v = 0; v < VEC; ++v) out[v] = static_cast<acc_t>(pack.v[v]);
 }
-
-// Sum over the 32 lanes; every lane gets the total. All lanes of the warp must call it.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
-__device__ __forceinline__ double inv_sqrt(double v) { return rsqrt(v); }
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -168,8 +158,8 @@ __global__ void __launch_bounds__(kThreads) norm_and_project_fwd_kernel(
       }
     }
     const acc_t var = warp_sum(sq) * inv_d;
-    const acc_t rs1 = inv_sqrt(var + eps1);
-    const acc_t rsg = inv_sqrt(var + eps_g);
+    const acc_t rs1 = rsqrtf(var + eps1);
+    const acc_t rsg = rsqrtf(var + eps_g);
     for (int64_t c = lane * VEC; c < d; c += kWarpSize * VEC) {
       acc_t w1v[VEC], b1v[VEC], wgv[VEC], bgv[VEC];
       load_param<VEC>(w1, c, acc_t(1), w1v);
@@ -441,53 +431,23 @@ __global__ void __launch_bounds__(kThreads) dmix_per_channel_kernel(
 // Host side: checks, allocation, launches.
 // ---------------------------------------------------------------------------------------------
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 template <typename scalar_t>
 const scalar_t* optional_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<scalar_t>() : nullptr;
 }
 
-void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, T, d), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
-                  x.scalar_type() == at::kDouble,
-              op, ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK(x.size(2) > 0, op, ": x must have at least one channel, got shape ", x.sizes());
+// The MixStrides of a contiguous mix.
+MixStrides mix_strides(const at::Tensor& mix) {
+  const int64_t N = mix.size(1);
+  return mix.dim() == 2 ? MixStrides{N, 1, 0} : MixStrides{N * mix.size(2), mix.size(2), 1};
+}
+
+// The kernels' own limits: the batch is grid y, and a tile's rows fit the shared-memory row buffer.
+void check_tiling(const at::Tensor& x, const char* op) {
+  const int64_t d = x.size(2), max_d = kFwdRowBufferBytes / static_cast<int64_t>(sizeof(float));
+  TORCH_CHECK(d >= 1 && d <= max_d, op, ": the kernels' ", kFwdRowBufferBytes, "-byte row buffer holds 1 to ",
+              max_d, " channels, got d = ", d);
   TORCH_CHECK(x.size(0) <= kMaxGridY, op, ": batch size ", x.size(0), " exceeds the kernel's limit of ", kMaxGridY);
-}
-
-// t must sit on x's device, be contiguous, and have the given dtype and shape.
-void check_like(const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype, at::IntArrayRef shape,
-                const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_param(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name, const char* op) {
-  if (t.has_value() && t->defined()) check_like(*t, x, x.scalar_type(), {x.size(2)}, name, op);
-}
-
-// mix: (Np, N) or (Np, N, d) in the stats dtype; returns its strides as MixStrides.
-MixStrides check_mix(const at::Tensor& mix, const at::Tensor& x, int64_t num_prefix, const char* op) {
-  const int64_t T = x.size(1), d = x.size(2);
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= T, op, ": num_prefix must lie in [0, T = ", T, "], got ",
-              num_prefix);
-  const int64_t N = T - num_prefix;
-  TORCH_CHECK(mix.dim() == 2 || mix.dim() == 3, op, ": mix must have shape (Np, N) or (Np, N, d), got ",
-              mix.sizes());
-  const int64_t Np = mix.size(0);
-  if (mix.dim() == 2) {
-    check_like(mix, x, at::toOpMathType(x.scalar_type()), {Np, N}, "mix (Np, N)", op);
-    return MixStrides{N, 1, 0};
-  }
-  check_like(mix, x, at::toOpMathType(x.scalar_type()), {Np, N, d}, "mix (Np, N, d)", op);
-  return MixStrides{N * d, d, 1};
 }
 
 template <typename scalar_t, int VEC>
@@ -511,19 +471,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
     double eps1, const std::optional<at::Tensor>& gen_weight, const std::optional<at::Tensor>& gen_bias,
     double eps_g, const at::Tensor& mix, int64_t num_prefix) {
   constexpr const char* op = "vapt::norm_and_project_fwd (CUDA)";
-  check_x(x, op);
-  check_param(norm1_weight, x, "norm1_weight", op);
-  check_param(norm1_bias, x, "norm1_bias", op);
-  check_param(gen_weight, x, "gen_weight", op);
-  check_param(gen_bias, x, "gen_bias", op);
-  const MixStrides ms = check_mix(mix, x, num_prefix, op);
+  check_norm_and_project_inputs(op, at::kCUDA, x, mix, num_prefix,
+                                {{"norm1_weight", &norm1_weight}, {"norm1_bias", &norm1_bias},
+                                 {"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
+  check_tiling(x, op);
+  const MixStrides ms = mix_strides(mix);
 
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), Np = mix.size(0);
-  const at::ScalarType stats = at::toOpMathType(x.scalar_type());
+  const at::ScalarType stats = stats_dtype(x);
   const int64_t row_bytes = d * static_cast<int64_t>(c10::elementSize(stats));
-  TORCH_CHECK(row_bytes <= kFwdRowBufferBytes, op, ": d = ", d, " channels do not fit the kernel's ",
-              kFwdRowBufferBytes, "-byte shared-memory row buffer (at most ", kFwdRowBufferBytes / 4,
-              " channels, ", kFwdRowBufferBytes / 8, " for float64)");
 
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor h = at::empty_like(x);
@@ -539,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
   const int64_t tiles = (T + tile_rows - 1) / tile_rows;
   at::Tensor g_part = at::empty({B, tiles, Np, d}, x.options().dtype(stats));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_and_project_fwd_cuda", [&] {
+  VAPT_DISPATCH_CUDA_TYPES(x.scalar_type(), "norm_and_project_fwd_cuda", [&] {
     const scalar_t* w1 = optional_ptr<scalar_t>(norm1_weight);
     const scalar_t* b1 = optional_ptr<scalar_t>(norm1_bias);
     const scalar_t* wg = optional_ptr<scalar_t>(gen_weight);
@@ -599,18 +555,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& gen_weight, const std::optional<at::Tensor>& gen_bias, const at::Tensor& mix,
     const at::Tensor& mean, const at::Tensor& rstd1, const at::Tensor& rstd_g, int64_t num_prefix) {
   constexpr const char* op = "vapt::norm_and_project_bwd (CUDA)";
-  check_x(x, op);
-  check_param(norm1_weight, x, "norm1_weight", op);
-  check_param(gen_weight, x, "gen_weight", op);
-  check_param(gen_bias, x, "gen_bias", op);
-  const MixStrides ms = check_mix(mix, x, num_prefix, op);
+  check_norm_and_project_inputs(op, at::kCUDA, x, mix, num_prefix,
+                                {{"norm1_weight", &norm1_weight}, {"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
+  check_norm_and_project_grads(op, x, mix, dh, dg, mean, rstd1, rstd_g);
+  check_tiling(x, op);
+  const MixStrides ms = mix_strides(mix);
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), Np = mix.size(0);
-  const at::ScalarType stats = at::toOpMathType(x.scalar_type());
-  check_like(dh, x, x.scalar_type(), {B, T, d}, "dh", op);
-  check_like(dg, x, x.scalar_type(), {B, Np, d}, "dg", op);
-  check_like(mean, x, stats, {B, T}, "mean", op);
-  check_like(rstd1, x, stats, {B, T}, "rstd1", op);
-  check_like(rstd_g, x, stats, {B, T}, "rstd_g", op);
+  const at::ScalarType stats = stats_dtype(x);
 
   c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions stats_opts = x.options().dtype(stats);
@@ -626,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dmix_out = shared_mix ? at::empty({B, Np, mix.size(1)}, stats_opts) : at::empty(mix.sizes(), stats_opts);
 
   at::Tensor col_part;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_and_project_bwd_cuda", [&] {
+  VAPT_DISPATCH_CUDA_TYPES(x.scalar_type(), "norm_and_project_bwd_cuda", [&] {
     const scalar_t* w1 = optional_ptr<scalar_t>(norm1_weight);
     const scalar_t* wg = optional_ptr<scalar_t>(gen_weight);
     const scalar_t* bg = optional_ptr<scalar_t>(gen_bias);

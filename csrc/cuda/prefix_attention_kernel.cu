@@ -7,7 +7,7 @@
 //   k_prefix, v_prefix (Bp, H, Np, D)   Bp == B, or Bp == 1 broadcast (batch stride forced to 0)
 //   out, dq, dk, dv    (B, H, T, D)     allocated as (B, T, H, D) memory, so that the block's
 //                                        o.transpose(1, 2).reshape(B, T, H * D) is free
-//   lse, delta         (B, H, T)        stats dtype (fp32; fp64 for fp64 inputs), contiguous
+//   lse, delta         (B, H, T)        fp32, contiguous
 //   dk/dv_prefix       (Bp, H, Np, D)   contiguous; from fp32 per-batch partials (B, H, Np, D)
 //                                        summed over the batch when the prefix is broadcast
 //
@@ -19,7 +19,7 @@
 //   of block_gemm, C (+)= A * B on shared-memory tiles: WMMA 16x16x16 fragments with fp32
 //   accumulators for fp16/bf16 (each warp owns whole 16x16 output tiles; the accumulator is
 //   loaded from and stored back to shared memory, so no code depends on the unspecified
-//   fragment-to-thread layout), and a plain SIMT loop for fp32/fp64. Everything elementwise
+//   fragment-to-thread layout), and a plain SIMT loop for fp32. Everything elementwise
 //   (online softmax, ds) is ordinary code on shared memory between __syncthreads().
 // * Keys form one sequence [prefix (Np) ; tokens (T)] cut into tiles of BN; a tile may straddle
 //   the boundary, each of its rows being read from the tensor it belongs to (key_row), so the
@@ -32,7 +32,6 @@
 //   looping over all key tiles. p is recomputed from lse.
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,11 +47,14 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../common.h"
+#include "common.cuh"
+
 namespace vapt {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = kThreads / kWarpSize;
 constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) == exp2(x * log2(e))
 constexpr double kLn2 = 0.6931471805599453;     // ln(2):   log(x) == log2(x) * ln(2)
 
@@ -91,15 +93,6 @@ struct Elem<float> {
   static __device__ __forceinline__ float from_acc(float x) { return x; }
 };
 
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static constexpr bool kTensorCores = false;
-  static constexpr int kPad = 1, kAccPad = 1, kBM = 16, kBN = 16, kBMKv = 16;
-  static __device__ __forceinline__ double to_acc(double x) { return x; }
-  static __device__ __forceinline__ double from_acc(double x) { return x; }
-};
-
 template <typename S>
 struct CudaType {
   using type = S;
@@ -112,28 +105,6 @@ template <>
 struct CudaType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
-__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
-__device__ __forceinline__ float fast_log2(float x) { return log2f(x); }
-__device__ __forceinline__ double fast_log2(double x) { return log2(x); }
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_max(Acc x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const Acc y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
-  }
-  return x;
-}
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 constexpr int align128(size_t bytes) { return static_cast<int>((bytes + 127) / 128 * 128); }
@@ -364,10 +335,10 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const Fw
       }
       tile_max = warp_max(tile_max);
       const Acc m_new = tile_max > m_run[j] ? tile_max : m_run[j];  // finite: nv >= 1 keys
-      const Acc alpha = fast_exp2(m_run[j] - m_new);                // 0 on the first tile
+      const Acc alpha = exp2f(m_run[j] - m_new);                    // 0 on the first tile
       Acc sum = Acc(0);
       for (int c = lane; c < BN; c += 32) {
-        const Acc pv = c < nv ? fast_exp2(sS[r * L::LDS + c] * scale_log2 - m_new) : Acc(0);
+        const Acc pv = c < nv ? exp2f(sS[r * L::LDS + c] * scale_log2 - m_new) : Acc(0);
         sP[r * L::LDP + c] = E::from_acc(pv);
         sum += pv;
       }
@@ -390,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const Fw
       const Acc inv_l = Acc(1) / l_run[j];  // l >= 1: the max key contributes exp2(0)
       T* o = slab<T>(p.out, b, h) + (q0 + r) * p.out.st;
       for (int c = lane; c < p.D; c += 32) o[c] = E::from_acc(sO[r * L::LDO + c] * inv_l);
-      if (lane == 0) lse[r] = (m_run[j] + fast_log2(l_run[j])) * static_cast<Acc>(kLn2);
+      if (lane == 0) lse[r] = (m_run[j] + log2f(l_run[j])) * static_cast<Acc>(kLn2);
     }
   }
 }
@@ -499,7 +470,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dkdv_kernel(const B
       const int m = i / BN, n = i % BN;
       Acc pv = Acc(0), ds = Acc(0);
       if (m < mv && n < nv) {
-        pv = fast_exp2(sS[m * L::LDS + n] * scale_log2 - sLse[m]);
+        pv = exp2f(sS[m * L::LDS + n] * scale_log2 - sLse[m]);
         ds = pv * (sdP[m * L::LDS + n] - sDelta[m]);
       }
       sP[m * L::LDP + n] = E::from_acc(pv);
@@ -605,7 +576,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dq_kernel(const Bwd
       const int m = i / BN, n = i % BN;
       Acc ds = Acc(0);
       if (m < mv && n < nv) {
-        const Acc pv = fast_exp2(sS[m * L::LDS + n] * scale_log2 - sLse[m]);
+        const Acc pv = exp2f(sS[m * L::LDS + n] * scale_log2 - sLse[m]);
         ds = pv * (sdP[m * L::LDS + n] - sDelta[m]);
       }
       sdS[m * L::LDP + n] = E::from_acc(ds);
@@ -635,7 +606,7 @@ Strided4 strided(const at::Tensor& t, bool broadcast_batch = false) {
 // 16-byte vector loads are legal for t when its base and every row start are 16-byte aligned.
 bool rows_aligned16(const at::Tensor& t) {
   const int64_t vec = 16 / t.element_size();
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.size(0) == 1 || t.stride(0) % vec == 0) &&
+  return aligned16(t.data_ptr()) && (t.size(0) == 1 || t.stride(0) % vec == 0) &&
          (t.size(1) == 1 || t.stride(1) % vec == 0) && (t.size(2) == 1 || t.stride(2) % vec == 0);
 }
 
@@ -671,69 +642,29 @@ void with_padded_head_dim(int64_t D, F&& f) {
   }
 }
 
-at::ScalarType stats_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_unit_last_stride(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "prefix_attention: ", name,
-              " must have a unit last stride, got strides ", t.strides());
-}
-
-// Checks shared by forward and backward; returns nothing, fails with a readable message.
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_prefix,
-                  const at::Tensor& v_prefix) {
-  const std::pair<const at::Tensor*, const char*> named[] = {
-      {&q, "q"}, {&k, "k"}, {&v, "v"}, {&k_prefix, "k_prefix"}, {&v_prefix, "v_prefix"}};
-  TORCH_CHECK(q.is_cuda(), "prefix_attention (CUDA): q must be a CUDA tensor, got device ", q.device());
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "prefix_attention (CUDA): q must be float32, float16, bfloat16 or float64, got ", dt);
-  for (const auto& [t, name] : named) {
-    TORCH_CHECK(t->device() == q.device(), "prefix_attention: ", name, " is on ", t->device(), " but q is on ",
-                q.device());
-    TORCH_CHECK(t->scalar_type() == dt, "prefix_attention: ", name, " has dtype ", t->scalar_type(),
-                " but q has dtype ", dt);
-    TORCH_CHECK(t->dim() == 4, "prefix_attention: ", name, " must have 4 dims (batch, heads, rows, head_dim), got ",
-                t->dim());
-    check_unit_last_stride(*t, name);
-  }
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "prefix_attention: q, k, v must have the same shape (B, H, T, D), got ", q.sizes(), ", ", k.sizes(),
-              ", ", v.sizes());
-  TORCH_CHECK(k_prefix.sizes() == v_prefix.sizes(),
-              "prefix_attention: k_prefix and v_prefix must have the same shape, got ", k_prefix.sizes(), " and ",
-              v_prefix.sizes());
-  TORCH_CHECK(k_prefix.size(0) == 1 || k_prefix.size(0) == q.size(0),
-              "prefix_attention: the prefix batch must be 1 or B = ", q.size(0), ", got ", k_prefix.size(0));
-  TORCH_CHECK(k_prefix.size(1) == q.size(1) && k_prefix.size(3) == q.size(3),
-              "prefix_attention: k_prefix must be (B or 1, H, Np, D) with H = ", q.size(1), ", D = ", q.size(3),
-              ", got ", k_prefix.sizes());
-  TORCH_CHECK(q.size(3) <= 128, "prefix_attention (CUDA): head dim up to 128 supported, got ", q.size(3));
-  // Grid x is B*H (< 2^31); grid y counts query tiles of at least 16 rows (< 2^16); key indices
-  // j < Np + T are 32-bit ints.
+// The kernels' own limits, after check_prefix_attention_inputs: a padded head dim of at most 128,
+// B*H blocks in grid x, query tiles (of at least 16 rows) in grid y, 32-bit key indices j < Np + T,
+// and the tensor cores of sm_80+ for float16/bfloat16.
+void check_tiling(const char* op, const at::Tensor& q, const at::Tensor& k_prefix) {
+  TORCH_CHECK(q.size(3) <= 128, op, ": the kernels' tiles hold head dims up to 128, got ", q.size(3));
   constexpr int64_t kMaxRows = 65535 * 16;
   TORCH_CHECK(q.size(0) * q.size(1) <= std::numeric_limits<int32_t>::max() && q.size(2) <= kMaxRows &&
                   k_prefix.size(2) <= kMaxRows,
-              "prefix_attention (CUDA): needs B*H < 2^31 and T, Np <= ", kMaxRows, ", got sizes ", q.sizes(),
-              " and ", k_prefix.sizes());
-  if (dt == at::kHalf || dt == at::kBFloat16) {
+              op, ": the kernels' grid needs B*H < 2^31 and T, Np <= ", kMaxRows, ", got sizes ", q.sizes(), " and ",
+              k_prefix.sizes());
+  if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
-    TORCH_CHECK(prop->major >= 8,
-                "prefix_attention (CUDA): float16/bfloat16 kernels use sm_80+ tensor cores, device is sm_",
+    TORCH_CHECK(prop->major >= 8, op, ": the ", q.scalar_type(), " kernels use sm_80+ tensor cores, device is sm_",
                 prop->major, prop->minor);
   }
-}
-
-// (B, H, T, D) tensor laid out in memory as (B, T, H, D).
-at::Tensor empty_bthd(const at::Tensor& like) {
-  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& k_prefix,
                                                               const at::Tensor& v_prefix, double scale) {
-  check_inputs(q, k, v, k_prefix, v_prefix);
+  constexpr const char* op = "vapt::prefix_attention_fwd (CUDA)";
+  check_prefix_attention_inputs(op, at::kCUDA, q, k, v, k_prefix, v_prefix);
+  check_tiling(op, q, k_prefix);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
   at::Tensor out = empty_bthd(q);
@@ -761,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cuda(const at::Tensor& q
   p.vec = can_vectorize({&q, &k, &v, &k_prefix, &v_prefix}, D, q.element_size());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_fwd_cuda", [&] {
+  VAPT_DISPATCH_CUDA_TYPES(q.scalar_type(), "prefix_attention_fwd_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     with_padded_head_dim(D, [&](auto dp) {
       constexpr int DP = decltype(dp)::value;
@@ -779,26 +710,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cuda(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_prefix,
     const at::Tensor& v_prefix, const at::Tensor& out, const at::Tensor& lse_in, double scale) {
-  check_inputs(q, k, v, k_prefix, v_prefix);
-  const std::pair<const at::Tensor*, const char*> grads[] = {{&dout, "dout"}, {&out, "out"}};
-  for (const auto& [t, name] : grads) {
-    TORCH_CHECK(t->device() == q.device(), "prefix_attention backward: ", name, " is on ", t->device(),
-                " but q is on ", q.device());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "prefix_attention backward: ", name, " has dtype ",
-                t->scalar_type(), " but q has dtype ", q.scalar_type());
-    TORCH_CHECK(t->sizes() == q.sizes(), "prefix_attention backward: ", name, " must have q's shape ", q.sizes(),
-                ", got ", t->sizes());
-    check_unit_last_stride(*t, name);
-  }
+  constexpr const char* op = "vapt::prefix_attention_bwd (CUDA)";
+  check_prefix_attention_inputs(op, at::kCUDA, q, k, v, k_prefix, v_prefix);
+  check_prefix_attention_grads(op, q, dout, out, lse_in);
+  check_tiling(op, q, k_prefix);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
   const at::ScalarType stats = stats_dtype(q);
-  TORCH_CHECK(lse_in.device() == q.device(), "prefix_attention backward: lse is on ", lse_in.device(),
-              " but q is on ", q.device());
-  TORCH_CHECK(lse_in.scalar_type() == stats, "prefix_attention backward: lse must have dtype ", stats, ", got ",
-              lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == T,
-              "prefix_attention backward: lse must have shape (B, H, T) = (", B, ", ", H, ", ", T, "), got ",
-              lse_in.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = empty_bthd(q), dk = empty_bthd(q), dv = empty_bthd(q);
@@ -834,7 +751,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   p.vec = can_vectorize({&q, &k, &v, &k_prefix, &v_prefix, &dout}, D, q.element_size());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_attention_bwd_cuda", [&] {
+  VAPT_DISPATCH_CUDA_TYPES(q.scalar_type(), "prefix_attention_bwd_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using Acc = typename Elem<T_>::Acc;
     const int64_t rows = B * H * T;
