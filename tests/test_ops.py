@@ -24,6 +24,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from typing import Any, NamedTuple, Optional
 
 import pytest
@@ -906,6 +908,31 @@ def test_extension_has_cuda_kernels_when_built_with_cuda():
     info = native.build_info()
     assert native.has_device_kernels("cpu")
     assert native.has_device_kernels("cuda") == bool(info.get("cuda")), info
+
+
+def _lower_simd_variants() -> list[str]:
+    """The CPU capabilities below this CPU's whose SIMD variants the native kernels also carry:
+    the baseline (what a CPU without AVX2 runs) and, under AVX-512, AVX2."""
+    here = torch.backends.cpu.get_cpu_capability()
+    lower = {"AVX512": ["AVX2", "DEFAULT"], "AVX2": ["DEFAULT"]}.get(here, [])
+    return lower if ops.unavailable_reason("native", "cpu") is None else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", _lower_simd_variants())
+def test_native_cpu_simd_variant_passes_the_op_suite(capability):
+    """The native CPU kernels pick their SIMD variant from the CPU capability ATen reports
+    (``torch.backends.cpu.get_cpu_capability()``, overridden by ``ATEN_CPU_CAPABILITY``): this
+    machine's variant runs the suite above; the lower ones run the suite's native CPU cases of
+    every output and gradient against the references, in a process forced to them."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "native-cpu and (test_matches_reference or test_low_precision or test_empty_batch or nan)"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1], run.stdout[-500:]
 
 
 def test_missing_extension_is_explained(monkeypatch):

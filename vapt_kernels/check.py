@@ -90,12 +90,10 @@ def devices() -> list[torch.device]:
 
 def describe(device: torch.device) -> str:
     if device.type == "cpu":
-        text = (
+        return (
             f"{cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads, "
-            f"capability {torch.backends.cpu.get_cpu_capability()}"
+            f"capability {torch.backends.cpu.get_cpu_capability()} (the native kernels' SIMD variant)"
         )
-        reason = native.cpu_unsupported_reason()
-        return text + (f"; {reason}" if reason else "")
     p = torch.cuda.get_device_properties(device)
     return f"{p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs"
 

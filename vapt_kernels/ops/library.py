@@ -369,11 +369,11 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 def norm_and_project(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
     """``backend``'s ``norm_and_project`` on inputs the contract accepted: brings them into the
-    layout and dtypes the kernels take (contiguous ``x``, weights in ``x``'s dtype, ``mix`` in the
-    stats dtype) and returns ``(h, g)``."""
+    layout and dtypes the kernels take (contiguous ``x`` and weights, weights in ``x``'s dtype,
+    ``mix`` in the stats dtype) and returns ``(h, g)``."""
 
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.to(x.dtype)
+        return None if t is None else t.to(x.dtype).contiguous()
 
     h, g, _, _, _ = _NormAndProject.apply(
         backend,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import platform
 from pathlib import Path
 from typing import Optional
 
@@ -53,17 +52,6 @@ def build_info() -> dict:
         return json.loads(_BUILD_INFO.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def cpu_unsupported_reason() -> Optional[str]:
-    """Why this CPU cannot run the native CPU kernels, or None. On x86-64 the LayerNorm kernels are
-    compiled for AVX2 + FMA (x86-64-v3; see csrc/cpu/norm_and_project_kernel.cpp)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    check = getattr(torch.cpu, "_is_avx2_supported", None)
-    if check is not None and not check():
-        return "the native CPU kernels need AVX2 and FMA (x86-64-v3), which this CPU lacks; use backend='torch'"
-    return None
 
 
 def has_device_kernels(device_type: str) -> bool:
