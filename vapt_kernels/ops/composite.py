@@ -69,6 +69,26 @@ def _affine(t: Optional[torch.Tensor], fill: float, d: int, like: torch.Tensor) 
     return torch.full((d,), fill, dtype=like.dtype, device=like.device) if t is None else t.to(like.dtype)
 
 
+def _pad_prefix(mix: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``mix`` with zero columns for the prefix tokens: ``(Np, T)`` or ``(Np, T, d)``.
+
+    Projecting all ``T`` rows through a zero-padded matrix reads ``x`` as it lies in memory (a
+    slice of the patch rows would be copied, forward and backward) at the price of ``P`` zero
+    columns; the rows those columns meet are zeroed too (:func:`_patch_rows_only`).
+    """
+    if num_prefix == 0:
+        return mix
+    pad = (num_prefix, 0) if mix.dim() == 2 else (0, 0, num_prefix, 0)
+    return F.pad(mix, pad)
+
+
+def _patch_rows_only(t: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``t (B, T, d)`` with its prefix rows zeroed, in place: the prompts depend on the patch tokens
+    only, and a NaN in a prefix token would otherwise reach them through ``0 * NaN``."""
+    t[:, :num_prefix] = 0
+    return t
+
+
 def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
     """Composite ``norm_and_project_fwd``: ``(h, g, mean, rstd1, rstd_g)`` as the kernels return
     them (``h``, ``g`` in x's dtype; row statistics ``(B, T)`` in the stats dtype)."""
@@ -81,8 +101,7 @@ def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias
         h, mean, rstd1 = torch.native_layer_norm(xs, (d,), w1, b1, eps1)
         wg, bg = _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
         xg, _, rstd_g = torch.native_layer_norm(xs, (d,), wg, bg, eps_g)
-        # Only the patch rows are projected: the prefix rows of xg (never read) cannot leak into g.
-        g = _project(mix.to(xs.dtype), xg[:, num_prefix:])
+        g = _project(_pad_prefix(mix.to(xs.dtype), num_prefix), _patch_rows_only(xg, num_prefix))
     return h.to(x.dtype), g.to(x.dtype), mean.view(B, T), rstd1.view(B, T), rstd_g.view(B, T)
 
 
@@ -93,37 +112,41 @@ def norm_and_project_bwd(
     dgen_bias, dmix)``, dx in x's dtype and the rest in the stats dtype, as the kernels return
     them.
 
-    ``LN_g`` of the patch rows is rebuilt from the saved statistics; with ``recompute_eps_g`` it is
-    recomputed from ``x`` instead, so that every output is a differentiable function of the inputs
-    (the saved statistics carry no gradient; aten's LayerNorm backward has its own derivative):
-    the backward of a backward, for every backend.
+    ``LN_g(x)`` is rebuilt from the saved statistics; with ``recompute_eps_g`` it is recomputed
+    from ``x`` instead, so that every output is a differentiable function of the inputs (the saved
+    statistics carry no gradient; aten's LayerNorm backward has its own derivative): the backward
+    of a backward, for every backend.
     """
     d = x.shape[-1]
     P = num_prefix
     xs = x.to(stats_dtype(x.dtype))
     w1, wg, bg = _affine(norm1_weight, 1.0, d, xs), _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
-    dgs = dg.to(xs.dtype)
-    # aten's LayerNorm backward reads the statistics as contiguous buffers.
-    patches, mean_p, rstd_p = xs[:, P:], mean[:, P:, None].contiguous(), rstd_g[:, P:, None].contiguous()
+    mean, rstd1, rstd_g = mean.unsqueeze(-1), rstd1.unsqueeze(-1), rstd_g.unsqueeze(-1)
     if recompute_eps_g is None:
-        xg = (patches - mean_p) * rstd_p * wg + bg
+        xhat = torch.addcmul(-mean * rstd_g, xs, rstd_g)  # (x - mean) * rstd_g in one pass
     else:
-        xg = F.layer_norm(patches, (d,), wg, bg, recompute_eps_g)
-    mix = mix.to(xs.dtype)
+        xhat = F.layer_norm(xs, (d,), None, None, recompute_eps_g)
+    xhat = _patch_rows_only(xhat, P)  # LN_g(x) = xhat * wg + bg, never materialised
+    mix_t = _pad_prefix(mix.to(xs.dtype), P)
+    dgs = dg.to(xs.dtype)
+    # With y = mix @ xhat (B, Np, d), the affine gradients are small contractions:
+    # dgen_weight = sum dg * y, dgen_bias = sum_j (sum_t mix[j, t]) sum_b dg[b, j].
     if mix.dim() == 2:
-        dmix = torch.einsum("bjc,bnc->jn", dgs, xg)
-        dxg = torch.matmul(mix.t(), dgs)  # (B, N, d)
+        y = torch.matmul(mix_t, xhat)
+        dmix = torch.bmm(dgs * wg, xhat.transpose(1, 2)).sum(0) + (dgs @ bg).sum(0).unsqueeze(1)
+        dxg = torch.matmul(mix_t.t(), dgs)  # (B, T, d); the prefix rows are zero
+        dbg = (mix_t.sum(1, keepdim=True) * dgs.sum(0)).sum(0)
     else:
-        dmix = torch.einsum("bjc,bnc->jnc", dgs, xg)
-        dxg = torch.einsum("jnc,bjc->bnc", mix, dgs)
-    dx_g, dwg, dbg = torch.ops.aten.native_layer_norm_backward(
-        dxg, patches, (d,), mean_p, rstd_p, wg, bg, [True, True, True]
-    )
+        y = torch.einsum("jtc,btc->bjc", mix_t, xhat)
+        dmix = torch.einsum("bjc,btc->jtc", dgs, xhat) * wg + (dgs.sum(0) * bg).unsqueeze(1)
+        dxg = torch.einsum("jtc,bjc->btc", mix_t, dgs)
+        dbg = (mix_t.sum(1) * dgs.sum(0)).sum(0)
+    dwg = (dgs * y).sum((0, 1))
+    dx_g = torch.ops.aten.native_layer_norm_backward(dxg, xs, (d,), mean, rstd_g, wg, bg, [True, False, False])[0]
     dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
-        dh.to(xs.dtype), xs, (d,), mean[..., None], rstd1[..., None], w1, torch.zeros_like(w1), [True, True, True]
+        dh.to(xs.dtype), xs, (d,), mean, rstd1, w1, torch.zeros_like(w1), [True, True, True]
     )
-    dx = torch.cat((dx[:, :P], dx[:, P:] + dx_g), dim=1)
-    return dx.to(x.dtype), dw1, db1, dwg, dbg, dmix
+    return dx.add_(dx_g).to(x.dtype), dw1, db1, dwg, dbg, dmix[:, P:]
 
 
 def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, scale):
