@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vapt_kernels as vk  # noqa: E402
 from vapt_kernels import ops, reference  # noqa: E402
+from vapt_kernels.check import poisoned_allocations  # noqa: E402
 from vapt_kernels.checkpoint import official_parameters  # noqa: E402
 from vapt_kernels.ops import library  # noqa: E402
 
@@ -43,17 +44,18 @@ def kernel_cases(*backends: str, dtypes: tuple[torch.dtype, ...] = ()):
     return cases
 
 
+# Fast backends that run float64 on CPU tensors: the composite path and, when built, the native
+# C++ kernels; the oracle comparisons at 1e-10 run over these.
+FLOAT64_BACKENDS = [pytest.param("torch", id="torch")] + [
+    pytest.param(*p.values[:1], marks=p.marks, id=p.values[0]) for p in kernel_cases("native") if p.values[1] == "cpu"
+]
+
 @pytest.fixture
 def poison_uninitialized():
-    """Every tensor allocated uninitialised (``torch.empty``, ``at::empty``) is filled with NaN, so
-    a kernel that leaves part of its output unwritten fails the comparison."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = fill
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    """Every tensor allocated uninitialised is NaN for the test's duration (the self-test's
+    :func:`vapt_kernels.check.poisoned_allocations`)."""
+    with poisoned_allocations():
+        yield
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:

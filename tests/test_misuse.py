@@ -21,21 +21,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vapt_kernels as vk
 from conftest import (
+    FLOAT64_BACKENDS,
     assert_close_rel,
     forward_and_grads,
     images,
-    kernel_cases,
     official_parameters,
     oracle_and_grads,
     randomize_prompts,
     tiny_vit,
 )
 from vapt_kernels import ops, reference
-
-# float64 backends on CPU tensors (the native one when it is built).
-FLOAT64_BACKENDS = [pytest.param("torch", id="torch")] + [
-    pytest.param(*p.values[:1], marks=p.marks, id=p.values[0]) for p in kernel_cases("native") if p.values[1] == "cpu"
-]
 
 
 def trainable(model) -> list[torch.Tensor]:

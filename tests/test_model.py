@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import vapt_kernels as vk
 from vapt_kernels import reference
 from conftest import (
+    FLOAT64_BACKENDS,
     assert_backends_agree,
     assert_close_rel,
     forward_and_grads,
@@ -23,10 +24,6 @@ from conftest import (
     tiny_vit,
 )
 
-# float64 backends on CPU tensors: the composite path and the native C++ kernels.
-FLOAT64_BACKENDS = [pytest.param("torch", id="torch")] + [
-    pytest.param(*p.values[:1], marks=p.marks, id=p.values[0]) for p in kernel_cases("native") if p.values[1] == "cpu"
-]
 
 CONFIGS = {
     "default": {},

@@ -190,7 +190,7 @@ def _attention_cases(gen: torch.Generator) -> list[tuple[list[torch.Tensor], Cal
 
 
 @contextlib.contextmanager
-def _poisoned():
+def poisoned_allocations():
     """Fresh allocations (``torch.empty``, ``at::empty``) filled with NaN, so an output a kernel
     leaves partly unwritten fails the comparison."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
@@ -236,7 +236,7 @@ def compare(op: str, backend: str, device: torch.device, dtype: torch.dtype, see
             return [d.double() for d in douts]
 
         exact = _outputs_and_grads(reference, [t.double().requires_grad_() for t in rounded], make_args, draw)
-        with _poisoned():
+        with poisoned_allocations():
             got = _outputs_and_grads(
                 lambda *a: public(*a, backend=backend),
                 [t.to(device).requires_grad_() for t in rounded],
