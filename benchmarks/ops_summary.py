@@ -4,7 +4,8 @@
 * prefix attention (forward + backward) of each backend against SDPA over pre-concatenated keys and
   against concatenation + SDPA;
 * ``norm_and_project`` (forward + backward) bandwidth, counting the bytes it must move, as a
-  fraction of a device-to-device copy's.
+  fraction of a device-to-device copy's;
+* per op, the backends fastest first: the evidence for ``vapt_kernels.ops.AUTO_PREFERENCE``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def summarize(report: dict) -> list[str]:
                 f"norm_and_project {backend}: {b['stats']['median'] * 1e3:.3f} ms, {bw / 1e9:.1f} GB/s = "
                 f"{bw / copy_bw:.0%} of the copy (target >= 70%)"
             )
+    for op in ("prefix_attention", "norm_and_project"):
+        prefix = f"test_{op}_fwd_bwd["
+        timed = sorted((t, name[len(prefix) : -1]) for name, t in median.items() if name.startswith(prefix))
+        ranking = [b for _, b in timed if b != "cat+sdpa"]
+        if ranking:
+            lines.append(f"{op}, fastest first: {', '.join(ranking)}")
     return lines
 
 

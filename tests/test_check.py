@@ -34,8 +34,9 @@ def test_report_lists_versions_backends_and_auto(capsys):
         reason = ops.unavailable_reason(backend, "cpu")
         expected = f"available ({', '.join(check._name(d) for d in library.input_dtypes(backend, 'cpu'))}"
         assert f"{backend:<10} cpu   " + (expected if reason is None else f"unavailable: {reason}") in out
-    auto_row = "  cpu     " + "".join(f"{ops.auto_backend('cpu', dt):<11}" for dt in library.FLOATING)
-    assert auto_row in out.splitlines()
+    for op in ops.AUTO_PREFERENCE:
+        auto_row = f"  {op:<18}cpu     " + "".join(f"{ops.auto_backend('cpu', dt, op=op):<11}" for dt in library.FLOATING)
+        assert auto_row in out.splitlines()
 
 
 def test_wrong_values_fail_and_say_where(capsys, monkeypatch):

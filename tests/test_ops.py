@@ -784,10 +784,11 @@ def test_contract_refuses(backend, device, case):
             forward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()))
 
 
-def _auto_expectation(device: str, dtype: torch.dtype, head_dim: Optional[int]) -> str:
-    """``auto``'s pick, worked out from the contract's tables: the first backend of the device's
-    preference that can run here, takes ``dtype`` and (for attention) ``head_dim``; else torch."""
-    for backend in ops.AUTO_PREFERENCE.get(device, ()):
+def _auto_expectation(op: str, device: str, dtype: torch.dtype, head_dim: Optional[int]) -> str:
+    """``auto``'s pick, worked out from the contract's tables: the first backend of the op's
+    preference on the device that can run here, takes ``dtype`` and (for attention) ``head_dim``;
+    else torch."""
+    for backend in ops.AUTO_PREFERENCE[op].get(device, ()):
         limit = library.MAX_HEAD_DIM.get(backend, {}).get(device)
         fits = head_dim is None or limit is None or head_dim <= limit
         if ops.unavailable_reason(backend, device) is None and dtype in library.input_dtypes(backend, device) and fits:
@@ -802,9 +803,21 @@ def test_auto_picks_by_the_contract():
     for device in DEVICES:
         for dtype in library.FLOATING:
             for head_dim in (8, 64, 128, 200, 300):
-                assert ops.auto_backend(device, dtype, head_dim) == _auto_expectation(device, dtype, head_dim), (
-                    device, dtype, head_dim,
-                )  # fmt: skip
+                assert ops.auto_backend(device, dtype, head_dim) == _auto_expectation(
+                    "prefix_attention", device, dtype, head_dim
+                ), (device, dtype, head_dim)
+            assert ops.auto_backend(device, dtype, op="norm_and_project") == _auto_expectation(
+                "norm_and_project", device, dtype, None
+            ), (device, dtype)
+
+
+def test_auto_on_cuda_sends_attention_to_sdpa_until_measured():
+    """The CUDA preference is the README's stated expectation: attention on PyTorch's flash SDPA
+    (the torch backend there), norm_and_project on Triton first."""
+    assert ops.AUTO_PREFERENCE["prefix_attention"]["cuda"] == ("torch",)
+    assert ops.AUTO_PREFERENCE["norm_and_project"]["cuda"][0] == "triton"
+    with pytest.raises(ValueError, match="unknown VAPT op 'attention'; choose one of norm_and_project, prefix_attention"):
+        ops.auto_backend("cpu", op="attention")
 
 
 @pytest.mark.parametrize("dtype", library.FLOATING, ids=lambda d: str(d).removeprefix("torch."))
@@ -816,7 +829,8 @@ def test_auto_runs_every_floating_input(shape, device, dtype):
     """``auto`` never fails on a floating input the torch backend takes, and runs it as the backend
     its contract picks."""
     args = shape.inputs(dtype, device)
-    expected = _auto_expectation(device, dtype, args["q"].shape[-1] if shape.op == "prefix_attention" else None)
+    head_dim = args["q"].shape[-1] if shape.op == "prefix_attention" else None
+    expected = _auto_expectation(shape.op, device, dtype, head_dim)
     outs = call(shape, "auto", args)
     picked = call(shape, expected, args)
     for name, out, ref in zip(shape.outputs, outs, picked):

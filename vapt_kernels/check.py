@@ -140,18 +140,19 @@ def print_report(devs: list[torch.device]) -> None:
 
 
 def print_auto_table(devs: list[torch.device], failed: set[tuple[str, str, torch.dtype]]) -> None:
-    print("\nauto picks (ops.auto_backend; prefix_attention with head dim 64, norm_and_project alike)")
-    print("  " + f"{'device':<8}" + "".join(f"{_name(dt):<11}" for dt in library.FLOATING))
-    for device in devs:
-        picks = []
-        for dtype in library.FLOATING:
-            try:
-                pick = ops.auto_backend(device, dtype)
-            except Exception as error:  # e.g. a CUDA context a failed kernel left broken
-                picks.append(type(error).__name__)
-                continue
-            picks.append(pick + ("*" if (pick, str(device), dtype) in failed else ""))
-        print("  " + f"{str(device):<8}" + "".join(f"{p:<11}" for p in picks))
+    print("\nauto picks (ops.auto_backend; prefix_attention with head dim 64)")
+    print("  " + f"{'op':<18}{'device':<8}" + "".join(f"{_name(dt):<11}" for dt in library.FLOATING))
+    for op in ops.AUTO_PREFERENCE:
+        for device in devs:
+            picks = []
+            for dtype in library.FLOATING:
+                try:
+                    pick = ops.auto_backend(device, dtype, op=op)
+                except Exception as error:  # e.g. a CUDA context a failed kernel left broken
+                    picks.append(type(error).__name__)
+                    continue
+                picks.append(pick + ("*" if (pick, str(device), dtype) in failed else ""))
+            print("  " + f"{op:<18}{str(device):<8}" + "".join(f"{p:<11}" for p in picks))
     if failed:
         print("  * failed its self-test above")
 

@@ -16,8 +16,8 @@ runs. Backends:
   is for tests.
 * ``native``: the compiled extension (:mod:`.native`, ``csrc/``): C++ kernels for CPU tensors, CUDA
   kernels for GPU tensors when it was built with a CUDA toolkit.
-* ``auto``: per call, the first backend of :data:`AUTO_PREFERENCE` for the tensors' device that
-  can run here and whose contract accepts the inputs (dtype, head dim, ...); ``torch`` accepts
+* ``auto``: per call, the first backend of :data:`AUTO_PREFERENCE` for the op and the tensors'
+  device that can run here and whose contract accepts the inputs (dtype, head dim, ...); ``torch`` accepts
   every floating input, so ``auto`` fails only on inputs no backend takes.
 
 An explicitly requested backend is checked twice: when it is set on a model
@@ -40,8 +40,14 @@ from . import composite, library
 BACKENDS = ("auto", "reference", "torch", "triton", "native")
 KERNEL_BACKENDS = ("native", "triton")
 
-# Device type -> concrete backends `auto` tries, fastest first (by the benchmarks in the README).
-AUTO_PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+# Op -> device type -> concrete backends `auto` tries, fastest first. CPU: measured (README,
+# Benchmark). CUDA: an expectation until a GPU has measured every candidate per op
+# (benchmarks/gpu_check.sh): attention goes to the torch backend, which there is PyTorch's flash
+# SDPA over the concatenated keys (a FlashAttention-2-class kernel), and norm_and_project to Triton.
+AUTO_PREFERENCE = {
+    "norm_and_project": {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")},
+    "prefix_attention": {"cuda": ("torch",), "cpu": ("native", "torch")},
+}
 
 _TRITON_KERNELS = "vapt_kernels.ops.triton.prefix_attention"
 
@@ -131,20 +137,20 @@ def _load(backend: str) -> None:
         importlib.import_module(f".{backend}", __name__)
 
 
-def _auto(device_type: str, rules) -> str:
-    """``auto``'s pick: the first preferred backend that can run on ``device_type`` and whose
-    contract accepts the inputs (``rules(candidate)``); else ``torch``."""
-    for candidate in AUTO_PREFERENCE.get(device_type, ()):
+def _auto(op: str, device_type: str, rules) -> str:
+    """``auto``'s pick for ``op``: the first preferred backend that can run on ``device_type`` and
+    whose contract accepts the inputs (``rules(candidate)``); else ``torch``."""
+    for candidate in AUTO_PREFERENCE[op].get(device_type, ()):
         if unavailable_reason(candidate, device_type) is None and library.violation(rules(candidate)) is None:
             return candidate
     return "torch"
 
 
-def _select(backend: str, device_type: str, rules) -> str:
-    """The concrete backend to run: ``backend`` itself after checking that it can run on these
-    inputs (raising what it cannot), or ``auto``'s pick."""
+def _select(op: str, backend: str, device_type: str, rules) -> str:
+    """The concrete backend to run ``op``: ``backend`` itself after checking that it can run on
+    these inputs (raising what it cannot), or ``auto``'s pick."""
     if backend == "auto":
-        backend = _auto(device_type, rules)
+        backend = _auto(op, device_type, rules)
     elif backend not in BACKENDS:
         raise ValueError(f"unknown VAPT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     reason = unavailable_reason(backend, device_type)
@@ -154,16 +160,28 @@ def _select(backend: str, device_type: str, rules) -> str:
     return backend
 
 
-def auto_backend(device: str | torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
-    """The backend ``auto`` runs ``prefix_attention`` as on ``device`` inputs of ``dtype`` with
-    ``head_dim`` (``norm_and_project`` has no head dim and follows the same dtype rules)."""
+def auto_backend(
+    device: str | torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64, op: str = "prefix_attention"
+) -> str:
+    """The backend ``auto`` runs ``op`` as on ``device`` inputs of ``dtype`` (``prefix_attention``
+    with ``head_dim``; ``norm_and_project`` on a ViT-sized input, whose rules have no head dim)."""
+    if op not in AUTO_PREFERENCE:
+        raise ValueError(f"unknown VAPT op {op!r}; choose one of {', '.join(AUTO_PREFERENCE)}")
     device = torch.device(device)
-    q = torch.zeros(1, 1, 2, head_dim, device=device, dtype=dtype)
+    if op == "prefix_attention":
+        q = torch.zeros(1, 1, 2, head_dim, device=device, dtype=dtype)
 
-    def rules(candidate: str):
-        return library.prefix_attention_rules(q, q, q, q, q, 1.0, dtype, candidate)
+        def rules(candidate: str):
+            return library.prefix_attention_rules(q, q, q, q, q, 1.0, dtype, candidate)
 
-    return _auto(device.type, rules)
+    else:
+        x = torch.zeros(1, 2, 8, device=device, dtype=dtype)
+        mix = torch.zeros(1, 1, device=device, dtype=dtype)
+
+        def rules(candidate: str):
+            return library.norm_and_project_rules(x, None, None, None, None, mix, 1, candidate)
+
+    return _auto(op, device.type, rules)
 
 
 def norm_and_project(
@@ -198,7 +216,7 @@ def norm_and_project(
             x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, candidate
         )
 
-    chosen = _select(backend, x.device.type, rules)
+    chosen = _select("norm_and_project", backend, x.device.type, rules)
     args = (x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
     if chosen == "reference":
         return composite.norm_and_project_reference(*args)
@@ -232,7 +250,7 @@ def prefix_attention(
     def rules(candidate: str):
         return library.prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, dtype, candidate)
 
-    chosen = _select(backend, q.device.type, rules)
+    chosen = _select("prefix_attention", backend, q.device.type, rules)
     if chosen == "reference":
         return composite.prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
     if chosen == "torch":

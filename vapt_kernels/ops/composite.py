@@ -172,14 +172,17 @@ def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, scale):
 def prefix_attention(q, k, v, k_prefix, v_prefix, scale):
     """The ``torch`` backend's ``prefix_attention``.
 
-    When a gradient is needed it is the plain formulation (:func:`prefix_attention_reference`):
-    on CPU its forward and backward together beat concatenation + SDPA at ViT shapes (21.7 vs
-    24.0 ms at ViT-S, batch 8: SDPA's CPU backward is the slow part), and it can be
-    differentiated twice, which SDPA's fused kernels cannot. Without gradients it is
-    concatenation + SDPA, twice as fast as the plain forward; a query row holding a NaN gets a NaN
-    output row there too (SDPA's CPU kernel returns zeros for it), as on every backend.
+    Concatenation + SDPA, except for CPU tensors that need a gradient: there it is the plain
+    formulation (:func:`prefix_attention_reference`), whose forward and backward together beat
+    concatenation + SDPA at ViT shapes (21.7 vs 24.0 ms at ViT-S, batch 8: SDPA's CPU backward is
+    the slow part) and which can be differentiated twice. On CUDA, SDPA's fused kernels (flash or
+    memory-efficient attention) never materialise the (T, Np + T) scores, forward or backward; their
+    backward cannot be differentiated again (PyTorch says so when asked), except in float64, where
+    SDPA runs its plain math. A query row holding a NaN gets a NaN output row (SDPA's CPU kernel
+    returns zeros for it), as on every backend.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_prefix, v_prefix)):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_prefix, v_prefix))
+    if grad and q.device.type == "cpu":
         return prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
     B = q.shape[0]
     k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
