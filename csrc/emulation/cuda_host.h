@@ -37,7 +37,9 @@
 // * The tensor-core product's internal rounding and summation order are not documented; here the
 //   16 products are summed in fp32 in k order, then added to the accumulator.
 // * Atomics, cooperative groups, clusters, texture memory and __trap with a device backtrace are
-//   not provided. Math functions are the host's (exp2f, log2f, ...), within the same ulp bounds.
+//   not provided. Math functions are glibc's (exp2f, log2f, and __expf/__fdividef computed
+//   exactly), while the device's are within their documented ulp bounds: last-bit differences
+//   from a GPU run are expected, larger ones are not.
 
 #pragma once
 
@@ -513,6 +515,15 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+// CUDA's integer min/max overloads (the float ones are fminf/fmaxf from math.h).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
 
 // The host's `kernel<<<grid, block, shared_bytes>>>(args...)`.
 template <typename... Params, typename... Args>
