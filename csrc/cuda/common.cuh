@@ -1,9 +1,17 @@
-// Helpers shared by the CUDA kernel files (cuda/*.cu): warp reductions and the alignment test of
-// 16-byte vector loads.
+// Helpers shared by the CUDA kernel files (cuda/*.cu, *.cuh): warp reductions, the alignment test
+// of 16-byte vector loads, and the spelling of dynamic shared memory.
 
 #pragma once
 
 #include <cstdint>
+
+#ifdef VAPT_CUDA_EMULATION
+// Under the host emulation (csrc/emulation/cuda_host.h) the buffer is the running block's.
+#define VAPT_EXTERN_SHARED(type, name) type* name = reinterpret_cast<type*>(::vapt_emu::dynamic_shared())
+#else
+// The block's dynamic shared memory as an array of `type` (one spelling for the device and the host emulation).
+#define VAPT_EXTERN_SHARED(type, name) extern __shared__ __align__(16) unsigned char name##_bytes[]; type* name = reinterpret_cast<type*>(name##_bytes)
+#endif
 
 namespace vapt {
 namespace {
