@@ -142,3 +142,82 @@ def test_every_kernel_fits_without_spills(resources, arch):
         or r["SHARED"] > STATIC_SMEM_LIMIT
     ]
     assert not bad, f"{arch}: kernels over their resource bounds:\n" + "\n".join(bad)
+
+
+# The launches of norm_and_project at the shapes the gate covers, printed by the launcher's own
+# geometry functions: "kernel threads grid_x grid_y grid_z dynamic_smem" per line. The largest
+# supported shapes: d up to 2048 (and odd widths), Np up to 200, ViT-B and larger token counts,
+# batches up to 1024; the geometry does not depend on the dtype (float, half and bfloat16 alike).
+LAUNCH_PROGRAM = r"""
+#include <cstdio>
+#include <initializer_list>
+
+#include "norm_and_project_launch.h"
+using namespace vapt::nap;
+
+static void show(const char* kernel, const Geometry& g) {
+  std::printf("%s %d %lld %lld %lld %lld\n", kernel, g.threads, (long long)g.grid_x, (long long)g.grid_y,
+              (long long)g.grid_z, (long long)g.dynamic_smem);
+}
+
+int main() {
+  for (long long B : {1LL, 128LL, 1024LL})
+    for (long long N : {196LL, 1024LL, 4096LL})
+      for (long long P : {0LL, 1LL, 5LL})
+        for (long long d : {1LL, 7LL, 768LL, 2047LL, 2048LL})
+          for (long long Np : {1LL, 10LL, 200LL}) {
+            const long long T = P + N;
+            show("rows_fwd_kernel", rows_fwd_geometry(B, T));
+            show("rows_bwd_kernel", rows_bwd_geometry(B, T));
+            // forward g (Z = B, M = Np), backward dxg (Z = B, M = N), per-channel dmix (Z = N, M = Np)
+            show("project_kernel", project_geometry<SharedMixTile>(B, Np, d));
+            show("project_kernel", project_geometry<SharedMixTile>(B, N, d));
+            show("project_kernel", project_geometry<ChannelMixTile>(B, Np, d));
+            show("project_kernel", project_geometry<ChannelMixTile>(B, N, d));
+            show("project_kernel", project_geometry<ChannelMixTile>(N, Np, d));
+          }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def launches(tmp_path_factory) -> list[tuple[str, int, int, int, int, int]]:
+    """The launches LAUNCH_PROGRAM prints, compiled once per session with the host C++ compiler."""
+    _built_archs()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.fail("no host C++ compiler (g++) to build the launch-geometry program")
+    folder = tmp_path_factory.mktemp("launch_geometry")
+    source, binary = folder / "launch.cpp", folder / "launch"
+    source.write_text(LAUNCH_PROGRAM)
+    subprocess.run(
+        [cxx, "-std=c++17", "-Wall", "-Werror", "-I", str(ROOT / "csrc" / "cuda"), str(source), "-o", str(binary)],
+        check=True, capture_output=True, text=True,
+    )
+    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    return [(k, *map(int, rest)) for k, *rest in (line.split() for line in out.splitlines())]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_norm_and_project_launches_fit_the_device(resources, launches, arch):
+    """Every launch of norm_and_project at the covered shapes: a block of at most 1024 threads, a
+    grid within CUDA's limits, and the kernel's static shared memory (the largest over its
+    instantiations) plus the dynamic bytes within the per-block limit (48 KiB: the launcher does
+    not opt in to more, which also keeps within the opt-in limits of sm_80 and sm_90)."""
+    if arch not in resources:
+        pytest.skip(f"the extension was not built for {arch}")
+    static = {name: w["SHARED"] for name, w in _worst_by_kernel(resources[arch]).items()}
+    limit = min(DEFAULT_DYNAMIC_SMEM_LIMIT, OPT_IN_SMEM_LIMIT[arch])
+    worst: dict[str, tuple[int, int]] = {}
+    bad = []
+    for kernel, threads, gx, gy, gz, dynamic in launches:
+        assert kernel in static, f"{kernel} is launched but not in the extension ({sorted(static)})"
+        smem = static[kernel] + dynamic
+        worst[kernel] = max(worst.get(kernel, (0, 0)), (smem, threads))
+        if not (0 < threads <= 1024 and gx <= 2**31 - 1 and gy <= 65535 and gz <= 65535 and smem <= limit):
+            bad.append(f"{kernel}: {threads} threads, grid ({gx}, {gy}, {gz}), {smem} bytes of shared memory")
+    print(f"\n{arch}: worst shared memory per block (static + dynamic) and threads, limit {limit} bytes")
+    for kernel, (smem, threads) in sorted(worst.items()):
+        print(f"  {kernel:<40} smem:{smem} threads:{threads}")
+    assert not bad, f"{arch}: launches over the limits:\n" + "\n".join(bad[:20])

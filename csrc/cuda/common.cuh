@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+// The block's dynamic shared memory as an array of `type` (one spelling for the device and the host emulation).
+#define VAPT_EXTERN_SHARED(type, name) extern __shared__ __align__(16) unsigned char name##_bytes[]; type* name = reinterpret_cast<type*>(name##_bytes)
+
 namespace vapt {
 namespace {
 
