@@ -169,9 +169,11 @@ int main() {
             const long long T = P + N;
             show("rows_fwd_kernel", rows_fwd_geometry(B, T));
             show("rows_bwd_kernel", rows_bwd_geometry(B, T));
-            // forward g (Z = B, M = Np), backward dxg (Z = B, M = N), per-channel dmix (Z = N, M = Np)
+            // forward g (Z = B, M = Np), backward dxg (Z = B, M = N), shared-mix dmix per image
+            // (Z = B, M = Np, C = N), per-channel dmix (Z = N, M = Np)
             show("project_kernel", project_geometry<SharedMixTile>(B, Np, d));
             show("project_kernel", project_geometry<SharedMixTile>(B, N, d));
+            show("project_kernel", project_geometry<SharedMixTile>(B, Np, N));
             show("project_kernel", project_geometry<ChannelMixTile>(B, Np, d));
             show("project_kernel", project_geometry<ChannelMixTile>(B, N, d));
             show("project_kernel", project_geometry<ChannelMixTile>(N, Np, d));

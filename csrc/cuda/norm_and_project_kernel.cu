@@ -4,8 +4,8 @@
 //
 // Memory beyond the outputs: the forward none (g is reduced inside project_kernel); the backward
 // dxg (B, N, d) float (the prompt gradient reaching LN_g(x), computed once), the column partials
-// (B * ceil(T / 32) * groups, 4, d) float and, for the shared mix, the dmix partials (B, Np, N) float,
-// summed by at::sum in a fixed order: no atomics, deterministic.
+// (B * ceil(T / 32) * groups, 4, d) float and, for the shared mix, the per-image dmix (B, Np, N)
+// float, summed by at::sum in a fixed order: no atomics, deterministic.
 // Loads and stores of x-sized tensors in the row kernels move 16 bytes per thread when d and the
 // pointers allow it.
 
@@ -43,10 +43,11 @@ void check_launchable(const nap::Geometry& g, const char* op, const char* kernel
               nap::kMaxGridYZ, ")");
 }
 
-// out[z, m, c] = sum_k A[m, k(, c)] * Bop[z, k, c] for z < Z, m < M, c < C, k < K, on `Tile`.
+// out[z, m, c] = sum_k A[z, m, k(, c)] * Bop[z, k, c] for z < Z, m < M, c < C, k < K, on `Tile`.
 template <typename Tile, typename a_t, typename scalar_t, typename out_t>
 void launch_project(const char* op, StridedOperand<a_t> A, RowOperand<scalar_t> Bop, out_t* out, int64_t oz,
                     int64_t om, int64_t Z, int64_t M, int64_t K, int64_t C) {
+  TORCH_INTERNAL_ASSERT(A.z_stride == 0 || Tile::BZ == 1, op, ": project_kernel stages A once per block of z");
   const nap::Geometry g = nap::project_geometry<Tile>(Z, M, C);
   check_launchable(g, op, "project_kernel");
   project_kernel<Tile, a_t, scalar_t, out_t><<<grid_of(g), g.threads, g.dynamic_smem,
@@ -54,18 +55,19 @@ void launch_project(const char* op, StridedOperand<a_t> A, RowOperand<scalar_t> 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Both layouts of mix through one call: (Np, N) is addressed as A[j, n, c] = mix[j * N + n], (Np, N, d)
-// as mix[(j * N + n) * d + c]. `transpose` swaps the roles of j and n (A[n, j, c], the backward).
+// mix as the A operand, the same for every image: (Np, N) as A[j, n] = mix[j * N + n], (Np, N, d)
+// as A[j, n, c] = mix[(j * N + n) * d + c]. `transpose` swaps the roles of j and n (A[n, j(, c)],
+// the backward).
 StridedOperand<float> mix_operand(const at::Tensor& mix, bool transpose) {
   const int64_t N = mix.size(1);
   const bool shared = mix.dim() == 2;
   const int64_t sj = shared ? N : N * mix.size(2), sn = shared ? 1 : mix.size(2), sc = shared ? 0 : 1;
-  return transpose ? StridedOperand<float>{mix.data_ptr<float>(), sn, sj, sc}
-                   : StridedOperand<float>{mix.data_ptr<float>(), sj, sn, sc};
+  return {.a = mix.data_ptr<float>(), .z_stride = 0, .m_stride = transpose ? sn : sj,
+          .k_stride = transpose ? sj : sn, .c_stride = sc};
 }
 
 // The prompt projection g[b] = mix @ LN_g(x[b, P:]), or the prompt gradient dxg[b] = mix^T dg[b]
-// (`transpose`): Z = B images, M output rows, K summed rows; `Bop` reads the summed rows.
+// (`transpose`): out (B, M, d) from Z = B images, M output rows, K summed rows that `Bop` reads.
 template <typename scalar_t, typename out_t>
 void launch_mix(const char* op, const at::Tensor& mix, bool transpose, RowOperand<scalar_t> Bop, out_t* out,
                 int64_t B, int64_t M, int64_t K, int64_t d) {
@@ -114,8 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
         rstd_g.data_ptr<float>(), B * T, d, static_cast<float>(eps1), static_cast<float>(eps_g));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // g[b, j, c] = sum_n mix[j, n(, c)] * LN_g(x)[b, P + n, c]: summed rows P + n of image b.
-    const RowOperand<scalar_t> xg{x.data_ptr<scalar_t>(), T, 1, P, d, mean.data_ptr<float>(),
-                                  rstd_g.data_ptr<float>(), wg, bg};
+    const RowOperand<scalar_t> xg{.rows = x.data_ptr<scalar_t>(), .z_stride = T, .row_stride = 1, .row0 = P,
+                                  .d = d, .mean = mean.data_ptr<float>(), .rstd = rstd_g.data_ptr<float>(),
+                                  .w = wg, .b = bg};
     launch_mix(op, mix, /*transpose=*/false, xg, g.data_ptr<scalar_t>(), B, Np, N, d);
   });
   return {h, g, mean, rstd1, rstd_g};
@@ -151,13 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const scalar_t* wg = optional_ptr<scalar_t>(gen_weight);
     const scalar_t* bg = optional_ptr<scalar_t>(gen_bias);
     // dxg[b, n, c] = sum_j mix[j, n(, c)] * dg[b, j, c]: summed rows j of dg[b], as they are.
-    const RowOperand<scalar_t> dg_rows{dg.data_ptr<scalar_t>(), Np, 1, 0, d, nullptr, nullptr, nullptr, nullptr};
+    const RowOperand<scalar_t> dg_rows{.rows = dg.data_ptr<scalar_t>(), .z_stride = Np, .row_stride = 1, .row0 = 0,
+                                       .d = d};
     launch_mix(op, mix, /*transpose=*/true, dg_rows, dxg.data_ptr<float>(), B, N, Np, d);
 
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = d % kVec == 0 && aligned16(dh.data_ptr()) && aligned16(dg.data_ptr()) &&
-                     aligned16(x.data_ptr()) && aligned16(dx.data_ptr()) && aligned16(w1) && aligned16(wg) &&
-                     aligned16(bg);
+    const bool vec = d % kVec == 0 && aligned16(dh.data_ptr()) && aligned16(x.data_ptr()) &&
+                     aligned16(dx.data_ptr()) && aligned16(w1) && aligned16(wg);
     const int v = vec ? kVec : 1;
     const int groups = nap::bwd_row_groups(d, v);
     col_part = at::empty({nap::bwd_column_slots(B, T, d, v), 4, d}, stats_opts);
@@ -165,16 +168,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_launchable(rg, op, "rows_bwd_kernel");
     const auto rows_kernel = vec ? rows_bwd_kernel<scalar_t, kVec> : rows_bwd_kernel<scalar_t, 1>;
     rows_kernel<<<grid_of(rg), rg.threads, rg.dynamic_smem, stream>>>(
-        dh.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1, wg, bg, dxg.data_ptr<float>(),
-        mean.data_ptr<float>(), rstd1.data_ptr<float>(), rstd_g.data_ptr<float>(), dx.data_ptr<scalar_t>(),
-        col_part.data_ptr<float>(), shared_mix ? dmix_out.data_ptr<float>() : nullptr, T, d, P, Np, groups);
+        dh.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1, wg, dxg.data_ptr<float>(), mean.data_ptr<float>(),
+        rstd1.data_ptr<float>(), rstd_g.data_ptr<float>(), dx.data_ptr<scalar_t>(), col_part.data_ptr<float>(), T, d,
+        P, groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    if (!shared_mix) {
+    if (shared_mix) {
+      // dmix_out[b, j, n] = sum_c dg[b, j, c] * LN_g(x)[b, P + n, c]: z = b, m = j, summed k = c, and
+      // the output's c = n.
+      const StridedOperand<scalar_t> dg_b{.a = dg.data_ptr<scalar_t>(), .z_stride = Np * d, .m_stride = d,
+                                          .k_stride = 1, .c_stride = 0};
+      const RowOperand<scalar_t> xg{.rows = x.data_ptr<scalar_t>(), .z_stride = T, .row_stride = 1, .row0 = P,
+                                    .d = d, .channels_along_k = true, .mean = mean.data_ptr<float>(),
+                                    .rstd = rstd_g.data_ptr<float>(), .w = wg, .b = bg};
+      launch_project<nap::SharedMixTile>(op, dg_b, xg, dmix_out.data_ptr<float>(), Np * N, N, B, Np, d, N);
+    } else {
       // dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, P + n, c]: z = n, m = j, summed k = b.
-      const StridedOperand<scalar_t> dg_by_prompt{dg.data_ptr<scalar_t>(), d, Np * d, 1};
-      const RowOperand<scalar_t> xg{x.data_ptr<scalar_t>(), 1, T, P, d, mean.data_ptr<float>(),
-                                    rstd_g.data_ptr<float>(), wg, bg};
+      const StridedOperand<scalar_t> dg_by_prompt{.a = dg.data_ptr<scalar_t>(), .z_stride = 0, .m_stride = d,
+                                                  .k_stride = Np * d, .c_stride = 1};
+      const RowOperand<scalar_t> xg{.rows = x.data_ptr<scalar_t>(), .z_stride = 1, .row_stride = T, .row0 = P,
+                                    .d = d, .mean = mean.data_ptr<float>(), .rstd = rstd_g.data_ptr<float>(),
+                                    .w = wg, .b = bg};
       launch_project<nap::ChannelMixTile>(op, dg_by_prompt, xg, dmix_out.data_ptr<float>(), d, N * d, N, Np, B, d);
     }
   });

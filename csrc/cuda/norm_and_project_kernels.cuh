@@ -12,9 +12,9 @@
 // the block: no partials, no atomics, deterministic. It rebuilds LN_g(x) from x and the statistics
 // while staging it, so LN_g(x) is never stored.
 // Backward: project_kernel computes the gradient reaching LN_g(x), dxg = mix^T dg (B, N, d) float,
-// once; rows_bwd_kernel turns it and dh into dx (both LayerNorm backward terms in one pass), the
-// weight/bias gradients (per-block column partials) and, for the shared mix, per-image dmix
-// partials; for the per-channel mix, project_kernel computes dmix itself (a sum over the batch).
+// once; rows_bwd_kernel turns it and dh into dx (both LayerNorm backward terms in one pass) and the
+// weight/bias gradients (per-block column partials); project_kernel also computes dmix: per image
+// for the shared mix (a sum over channels), summed over the batch for the per-channel mix.
 
 #pragma once
 
@@ -29,8 +29,6 @@ namespace {
 using nap::kBwdTileRows;
 using nap::kRowThreads;
 using nap::kRowWarps;
-
-constexpr int kPromptBlock = 4;  // prompts whose shared-mix dmix dot products share a pass over a row
 
 // VEC consecutive elements, aligned so that one load/store instruction moves them all.
 template <typename T, int VEC>
@@ -123,37 +121,42 @@ __global__ void __launch_bounds__(kRowThreads) rows_fwd_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// project_kernel: out[z, m, c] = sum_k A[m, k(, c)] * Bop[z, k, c] on register tiles.
+// project_kernel: out[z, m, c] = sum_k A[z, m, k(, c)] * Bop[z, k, c] on register tiles.
 // ---------------------------------------------------------------------------------------------
 
-// A[m, k, c] = a[m * m_stride + k * k_stride + c * c_stride]: mix (float) or dg (x's dtype).
+// A[z, m, k, c] = a[z * z_stride + m * m_stride + k * k_stride + c * c_stride]: mix (float, the same
+// for every z) or dg (x's dtype).
 template <typename a_t>
 struct StridedOperand {
   const a_t* a;
-  int64_t m_stride, k_stride, c_stride;
+  int64_t z_stride, m_stride, k_stride, c_stride;
 
-  __device__ __forceinline__ float load(int64_t m, int64_t k, int64_t c) const {
-    return static_cast<float>(a[m * m_stride + k * k_stride + c * c_stride]);
+  __device__ __forceinline__ float load(int64_t z, int64_t m, int64_t k, int64_t c) const {
+    return static_cast<float>(a[z * z_stride + m * m_stride + k * k_stride + c * c_stride]);
   }
 };
 
-// Bop[z, k, c] = channel c of row r = z * z_stride + k * k_stride + row0 of a (rows, d) matrix in x's
-// dtype (x or dg), as LN_g of the row, rebuilt from the saved statistics, when mean != nullptr.
+// Bop[z, k, c] = element (r, ch) of a (rows, d) matrix in x's dtype (x or dg), with
+// r = z * z_stride + i * row_stride + row0 and (i, ch) = (k, c), or (c, k) when channels_along_k
+// (the sum runs over channels: the shared-mix dmix). With mean != nullptr the element is taken from
+// LN_g of its row, rebuilt from the saved statistics.
 template <typename scalar_t>
 struct RowOperand {
   const scalar_t* rows;
-  int64_t z_stride, k_stride, row0, d;
-  const float* mean;    // (rows,) or nullptr: the row as it is
-  const float* rstd;    // (rows,), with mean
-  const scalar_t* w;    // (d,) or nullptr, with mean
-  const scalar_t* b;    // (d,) or nullptr, with mean
+  int64_t z_stride, row_stride, row0, d;
+  bool channels_along_k = false;
+  const float* mean = nullptr;  // (rows,) or nullptr: the rows as they are
+  const float* rstd = nullptr;  // (rows,), with mean
+  const scalar_t* w = nullptr;  // (d,) or nullptr, with mean
+  const scalar_t* b = nullptr;  // (d,) or nullptr, with mean
 
   __device__ __forceinline__ float load(int64_t z, int64_t k, int64_t c) const {
-    const int64_t r = z * z_stride + k * k_stride + row0;
-    const float v = static_cast<float>(rows[r * d + c]);
+    const int64_t r = z * z_stride + (channels_along_k ? c : k) * row_stride + row0;
+    const int64_t ch = channels_along_k ? k : c;
+    const float v = static_cast<float>(rows[r * d + ch]);
     if (mean == nullptr) return v;
-    const float wv = w == nullptr ? 1.0f : static_cast<float>(w[c]);
-    const float bv = b == nullptr ? 0.0f : static_cast<float>(b[c]);
+    const float wv = w == nullptr ? 1.0f : static_cast<float>(w[ch]);
+    const float bv = b == nullptr ? 0.0f : static_cast<float>(b[ch]);
     return (v - mean[r]) * rstd[r] * wv + bv;
   }
 };
@@ -164,7 +167,8 @@ struct RowOperand {
 // and Bop (BK, BZ, BC) in shared memory (zeros outside the shapes, so partial tiles need no
 // branches in the product), then thread (tz, tm, tc) accumulates its TZ x TM x TC sub-tile:
 // acc[iz][im][ic] += A[tm*TM + im, k, tc*TC + ic] * Bop[tz*TZ + iz, k, tc*TC + ic].
-// out[z, m, c] lives at out[z * oz + m * om + c].
+// out[z, m, c] lives at out[z * oz + m * om + c]. A is staged once per block, for z0: it may depend
+// on z (z_stride != 0) only when BZ == 1 (the launcher checks).
 template <typename Tile, typename a_t, typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a_t> A, RowOperand<scalar_t> Bop,
                                                                 out_t* __restrict__ out, int64_t oz, int64_t om,
@@ -190,11 +194,12 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
       for (int ic = 0; ic < TC; ++ic) acc[iz][im][ic] = 0.0f;
 
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    // Staging: consecutive threads take consecutive channels (coalesced rows of x, dg, per-channel mix).
+    // Staging: consecutive threads take consecutive c (coalesced rows of x, dg and the per-channel
+    // mix when c is the channel; for the shared-mix dmix, c is the patch and the rows come from L1).
     for (int i = threadIdx.x; i < BK * BM * AC; i += Tile::threads) {
       const int c = i % AC, m = i / AC % BM, k = i / AC / BM;
       const bool inside = k0 + k < K && m0 + m < M && c0 + c < C;
-      a_s[k][m][c] = inside ? A.load(m0 + m, k0 + k, c0 + c) : 0.0f;
+      a_s[k][m][c] = inside ? A.load(z0, m0 + m, k0 + k, c0 + c) : 0.0f;
     }
     for (int i = threadIdx.x; i < BK * BZ * BC; i += Tile::threads) {
       const int c = i % BC, z = i / BC % BZ, k = i / BC / BZ;
@@ -242,36 +247,32 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward rows: dx, column partials of the affine gradients, shared-mix dmix partials.
+// Backward rows: dx and column partials of the affine gradients.
 // ---------------------------------------------------------------------------------------------
 
 // Geometry nap::rows_bwd_geometry: block (b, k) owns rows t0 = k * kBwdTileRows ... of image b (the
 // image is a grid index rather than a division of a flattened row index: a 64-bit division is a
 // long subroutine call on the GPU).
 // Phase 1 (warp per row): coef[0..3][r] = mean over channels of dy1, dy1 * xhat1, dyg, dyg * xhatg,
-// with dy1 = dh * w1, dyg = dxg * wg (dxg = 0 on prefix rows); for the shared mix also
-// dmix_part[b, j, n] = sum_c dg[b, j, c] * LN_g(x)[c] for the row's patch n.
+// with dy1 = dh * w1, dyg = dxg * wg (dxg = 0 on prefix rows).
 // Phase 2 (thread per pack of VEC channels): dx = rstd1 (dy1 - coef0 - xhat1 coef1)
 // + rstd_g (dyg - coef2 - xhatg coef3) for every row, and sums of dh * xhat1, dh, dxg * xhatg, dxg
 // over the block's rows into col_part[slot, 0..3, :] (added over slots on the host: deterministic).
 // __launch_bounds__ with a minimum of one block per SM: with the block size alone, ptxas 13 allots
-// the VEC = 1 variants 64 registers and spills.
+// some variants 48 registers and spills.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
     const scalar_t* __restrict__ dh,  // (B, T, d)
-    const scalar_t* __restrict__ dg,  // (B, Np, d)
     const scalar_t* __restrict__ x,   // (B, T, d)
     const scalar_t* __restrict__ w1,  // (d,) or nullptr
     const scalar_t* __restrict__ wg,  // (d,) or nullptr
-    const scalar_t* __restrict__ bg,  // (d,) or nullptr
     const float* __restrict__ dxg,    // (B, N, d): mix^T dg, the gradient reaching LN_g(x)
     const float* __restrict__ mean,   // (B, T)
     const float* __restrict__ rstd1,  // (B, T)
     const float* __restrict__ rstd_g, // (B, T)
     scalar_t* __restrict__ dx,        // (B, T, d)
     float* __restrict__ col_part,     // (B * tiles * groups, 4, d): this block writes its `groups` slots
-    float* __restrict__ dmix_part,    // (B, Np, N), or nullptr for the per-channel mix
-    int64_t T, int64_t d, int64_t P, int64_t Np, int groups) {
+    int64_t T, int64_t d, int64_t P, int groups) {
   __shared__ float coef[4][kBwdTileRows];
 
   const int64_t b = blockIdx.x;
@@ -310,36 +311,6 @@ __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
     if (lane == 0) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) coef[k][r] = s[k] * inv_d;
-    }
-
-    if (dmix_part != nullptr && n >= 0) {
-      // kPromptBlock prompts per pass over the row; past Np the last prompt is reread, not stored.
-      const scalar_t* dg_b = dg + b * Np * d;
-      for (int64_t j0 = 0; j0 < Np; j0 += kPromptBlock) {
-        float dot[kPromptBlock];
-#pragma unroll
-        for (int jj = 0; jj < kPromptBlock; ++jj) dot[jj] = 0.0f;
-        for (int64_t c = lane * VEC; c < d; c += kWarpSize * VEC) {
-          const Pack<scalar_t, VEC> xp = load_pack<VEC>(x + row * d + c);
-          float wgv[VEC], bgv[VEC], xg[VEC];
-          load_param<VEC>(wg, c, 1.0f, wgv);
-          load_param<VEC>(bg, c, 0.0f, bgv);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) xg[v] = (static_cast<float>(xp.v[v]) - mu) * rsg * wgv[v] + bgv[v];
-#pragma unroll
-          for (int jj = 0; jj < kPromptBlock; ++jj) {
-            const int64_t j = j0 + jj < Np ? j0 + jj : Np - 1;
-            const Pack<scalar_t, VEC> dgp = load_pack<VEC>(dg_b + j * d + c);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) dot[jj] += static_cast<float>(dgp.v[v]) * xg[v];
-          }
-        }
-#pragma unroll
-        for (int jj = 0; jj < kPromptBlock; ++jj) {
-          const float total = warp_sum(dot[jj]);
-          if (lane == 0 && j0 + jj < Np) dmix_part[(b * Np + j0 + jj) * N + n] = total;
-        }
-      }
     }
   }
   __syncthreads();
