@@ -108,7 +108,8 @@ def resources() -> dict[str, dict[str, dict[str, int]]]:
         elif m := re.match(r"\s*Function : (\S+)", line):
             function = m.group(1)
         elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(STL|LDL)\b", line):
-            table[arch][function][m.group(1)] += 1
+            entry = table[arch].setdefault(function, dict(REG=0, STACK=0, SHARED=0, LOCAL=0, STL=0, LDL=0))
+            entry[m.group(1)] += 1
     names = _short_names(sorted({f for kernels in table.values() for f in kernels}))
     missing = [a for a in archs if not table.get(a)]
     assert not missing, f"{so} carries no kernels for {missing} (built for {archs}, found {sorted(table)})"

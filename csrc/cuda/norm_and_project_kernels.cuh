@@ -166,7 +166,7 @@ struct RowOperand {
 // by one thread in a fixed order. Per step of BK values of k, the block stages A (BK, BM, BC or 1)
 // and Bop (BK, BZ, BC) in shared memory (zeros outside the shapes, so partial tiles need no
 // branches in the product), then thread (tz, tm, tc) accumulates its TZ x TM x TC sub-tile:
-// acc[iz][im][ic] += A[tm*TM + im, k, tc*TC + ic] * Bop[tz*TZ + iz, k, tc*TC + ic].
+// acc[iz][im][ic] += A[z0, tm*TM + im, k(, tc*TC + ic)] * Bop[tz*TZ + iz, k, tc*TC + ic].
 // out[z, m, c] lives at out[z * oz + m * om + c]. A is staged once per block, for z0: it may depend
 // on z (z_stride != 0) only when BZ == 1 (the launcher checks).
 template <typename Tile, typename a_t, typename scalar_t, typename out_t>
