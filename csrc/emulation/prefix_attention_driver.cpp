@@ -14,6 +14,7 @@
 // launch sequence is the launcher's (prefix_attention_kernel.cu).
 
 #include "cuda_host.h"
+#include "driver_io.h"
 
 #include "../cuda/prefix_attention_kernels.cuh"
 
@@ -25,26 +26,14 @@
 namespace {
 
 using namespace vapt::attention;
+using vapt_emu::io::read_floats;
+using vapt_emu::io::to;
+using vapt_emu::io::write_floats;
 
 struct Header {
   int32_t dtype, B, H, T, Np, D, Bp, backward;
   float scale;
 };
-
-std::vector<float> read_floats(FILE* f, size_t n) {
-  std::vector<float> v(n);
-  if (std::fread(v.data(), sizeof(float), n, f) != n) vapt_emu::fail("driver: input file too short");
-  return v;
-}
-
-void write_floats(FILE* f, const std::vector<float>& v) { std::fwrite(v.data(), sizeof(float), v.size(), f); }
-
-template <typename T>
-std::vector<T> to(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = vapt::mma::from_float<T>(v[i]);
-  return out;
-}
 
 // The (B, H, rows, D) tensor `t` (any strides) as contiguous float32.
 template <typename T>
@@ -275,25 +264,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s attention IN OUT | selftest OUT\n", argv[0]);
     return 2;
   }
-  FILE* in = std::fopen(argv[2], "rb");
-  FILE* out = std::fopen(argv[3], "wb");
-  if (in == nullptr || out == nullptr) vapt_emu::fail("driver: cannot open the files");
-  Header hd;
-  if (std::fread(&hd, sizeof(hd), 1, in) != 1) vapt_emu::fail("driver: no header");
-  switch (hd.dtype) {
-    case 0:
-      attention<float>(hd, in, out);
-      break;
-    case 1:
-      attention<vapt::mma::half_t>(hd, in, out);
-      break;
-    case 2:
-      attention<vapt::mma::bf16_t>(hd, in, out);
-      break;
-    default:
-      vapt_emu::fail("driver: unknown dtype");
-  }
-  std::fclose(in);
-  std::fclose(out);
+  vapt_emu::io::Exchange files(argv[2], argv[3]);
+  const auto hd = vapt_emu::io::read_header<Header>(files.in);
+  vapt_emu::io::with_dtype(hd.dtype, [&](auto zero) { attention<decltype(zero)>(hd, files.in, files.out); });
   return 0;
 }
