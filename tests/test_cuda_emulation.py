@@ -326,6 +326,12 @@ NAP_CASES = [
     # 16-byte packs of 3 per row, 85 row groups; Np = 20 > BM = 16; B = 3 < BZ (forward g)
     NapCase(torch.bfloat16, 3, 17, 0, 24, 20, True, AFFINE),
     NapCase(torch.bfloat16, 1, 9, 1, 7, 1, False, ("norm1_bias", "gen_bias")),
+    # B = 9: two z tiles of 8 (forward g, dxg), the second with one image; one-element packs
+    NapCase(torch.float32, 9, 12, 1, 130, 3, True, AFFINE),
+    # 3 backward row tiles; Np = 40: 2 M tiles (forward g, shared dmix), 3 K steps (dxg)
+    NapCase(torch.float16, 2, 70, 1, 72, 40, False, ("gen_weight", "gen_bias")),
+    NapCase(torch.bfloat16, 1, 40, 5, 264, 7, False, AFFINE),  # 33 packs of 16 bytes a row
+    NapCase(torch.float32, 2, 6, 1, 1, 2, False, AFFINE),  # d = 1: x == mean, the normalised x is 0
 ]
 
 
