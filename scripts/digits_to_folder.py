@@ -4,7 +4,7 @@ image folder that ``vapt-train --data-dir`` reads: ``OUT/{train,val,test}/{class
 The split is stratified and fixed by ``--seed``; pixel values 0..16 are scaled to 0..255.
 ``--classes 0-4`` keeps some digits only (the transfer example of the README uses 0-4 and 5-9).
 
-    python scripts/digits_to_folder.py OUT [--classes 0-9] [--val 0.2] [--test 0.2] [--seed 0]
+    python scripts/digits_to_folder.py OUT [--classes 0-9] [--val 0.2] [--test 0.2] [--seed 0] [--per-class N]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def parse_classes(text: str) -> list[int]:
     return sorted(set(digits))
 
 
-def write_digits(out: Path, classes: list[int], val: float, test: float, seed: int) -> dict[str, int]:
+def write_digits(
+    out: Path, classes: list[int], val: float, test: float, seed: int, per_class: int | None = None
+) -> dict[str, int]:
     """Write the folder; returns the number of images per split."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -40,6 +42,7 @@ def write_digits(out: Path, classes: list[int], val: float, test: float, seed: i
     for label in classes:
         idx = np.flatnonzero(digits.target == label)
         rng.shuffle(idx)
+        idx = idx[:per_class]
         n_test = int(round(test * len(idx)))
         n_val = int(round(val * len(idx)))
         parts = {"test": idx[:n_test], "val": idx[n_test : n_test + n_val], "train": idx[n_test + n_val :]}
@@ -61,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=float, default=0.2, help="fraction of each class for val/")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of each class for test/")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=None, help="keep at most N images of each digit (small test sets)")
     args = parser.parse_args(argv)
     if (args.out / "train").exists():
         raise SystemExit(f"{args.out / 'train'} exists already; choose a new folder")
-    counts = write_digits(args.out, parse_classes(args.classes), args.val, args.test, args.seed)
+    counts = write_digits(args.out, parse_classes(args.classes), args.val, args.test, args.seed, args.per_class)
     print(f"wrote {counts} images to {args.out}")
     return 0
 
