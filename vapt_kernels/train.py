@@ -445,7 +445,9 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
     decay = [p for p in trainable(model).values() if id(p) not in head_bias]
     no_decay = [p for p in trainable(model).values() if id(p) in head_bias]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=learning_rate(args), momentum=args.momentum)
+    optimizer = torch.optim.SGD(groups, lr=learning_rate(args), momentum=args.momentum)
+    optimizer.param_names = {id(p): n for n, p in trainable(model).items()}  # FSDP2 swaps module parameters
+    return optimizer
 
 
 def make_scheduler(optimizer, args, steps_per_epoch: int):
@@ -463,7 +465,7 @@ def make_scheduler(optimizer, args, steps_per_epoch: int):
 
 def optimizer_state(optimizer, model: nn.Module) -> dict:
     """Momentum buffers by parameter name, gathered (world-size independent), and the hyper-parameters."""
-    names = {id(p): n for n, p in trainable(model).items()}
+    names = optimizer.param_names
     state = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -475,7 +477,7 @@ def optimizer_state(optimizer, model: nn.Module) -> dict:
 
 
 def load_optimizer_state(optimizer, model: nn.Module, saved: dict) -> None:
-    params = trainable(model)
+    params = {n: p for group in optimizer.param_groups for p in group["params"] for n in [optimizer.param_names[id(p)]]}
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         group.update(saved_group)
     for name, buf in saved["momentum_buffer"].items():
@@ -533,6 +535,8 @@ def evaluate(model: nn.Module, loader, d: Dist, amp: Optional[torch.dtype]) -> d
                 (hit[:, 0].double() * valid).sum(), (hit.any(1).double() * valid).sum(), valid.sum(),
             ])
     _all_reduce(sums, d)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward
+        model.reshard()
     model.train(was)
     loss, top1, top5, n = sums.tolist()
     return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "count": int(n)}
