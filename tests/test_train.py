@@ -146,11 +146,12 @@ def test_tuning_protocol(digits, tmp_path, capsys):
     """Grid on train, scored on val; best retrained on train+val per seed; test mean and std."""
     out = tmp_path / "tune"
     vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--warmup-epochs", 0,
-               "--batch-size", 16, "--lr-grid", 0.05, 0.2, "--wd-grid", 0.0, "--seeds", 1, 2,
+               "--batch-size", 16, "--lr-grid", 0.8, 3.2, "--wd-grid", 0.0, "--seeds", 1, 2,
                "--test-split", "test", "--output", out)
     result = json.loads((out / "result.json").read_text())
+    # Grid rates are per 256 images: 0.8 and 3.2 at a global batch of 16 are 0.05 and 0.2.
     assert [(g["lr"], g["weight_decay"]) for g in result["grid"]] == [(0.05, 0.0), (0.2, 0.0)]
-    assert result["best"] == max(result["grid"], key=lambda g: g["val_top1"])
+    assert result["best"] == max(result["grid"], key=lambda g: (g["val_top1"], -g["lr"]))
     assert [f["seed"] for f in result["final"]] == [1, 2]
     tops = torch.tensor([f["test_top1"] for f in result["final"]], dtype=torch.float64)
     assert result["test_top1_mean"] == pytest.approx(tops.mean().item())
@@ -158,7 +159,7 @@ def test_tuning_protocol(digits, tmp_path, capsys):
     for grid_run in out.glob("grid-*"):  # the choice never saw the test split
         assert "test" not in json.loads((grid_run / "result.json").read_text())
     final = load(out / "final-seed1" / "last.pt")
-    assert final["args"]["train_on_val"] and final["args"]["lr"] == result["best"]["lr"]
+    assert final["args"]["train_on_val"] and final["args"]["lr_base"] == result["best"]["lr_base"]
     assert "test top1" in capsys.readouterr().out
 
 

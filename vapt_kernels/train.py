@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=50, help="steps between progress updates (host syncs)")
 
     g = p.add_argument_group("tuning (VTAB protocol)")
-    g.add_argument("--lr-grid", type=float, nargs="+", default=None, help="absolute learning rates to try")
+    g.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                   help="learning rates per 256 images (as --lr-base) to try")
     g.add_argument("--wd-grid", type=float, nargs="+", default=None, help="weight decays to try")
     g.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of the final train+val runs")
     return p
@@ -340,7 +341,7 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
             raise UsageError(f"--pretrained-path {args.pretrained_path}: no such file")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(args.pretrained_path))
     pretrained = bool(args.pretrained or args.pretrained_path) and weights
-    if args.model not in timm.list_models() and args.model.split(".")[0] not in timm.list_models():
+    if ":" not in args.model and not timm.is_model(args.model.split(".")[0]):
         raise UsageError(f"--model {args.model}: timm has no such model (timm.list_models('vit_*') lists the ViTs)")
     try:
         model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
@@ -848,7 +849,8 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         raise UsageError("tuning scores the final runs on a test split: pass --test-split (never used for the choice)")
     if not args.output:
         raise UsageError("--output DIR is needed for tuning")
-    lrs = args.lr_grid or [learning_rate(args)]
+    # Grid rates are per 256 images, as --lr-base (and the official grids) are.
+    lrs = args.lr_grid or [learning_rate(args) * 256 / args.batch_size]
     wds = args.wd_grid or [args.weight_decay]
     if any(v <= 0 for v in lrs) or any(v < 0 for v in wds):
         raise UsageError("--lr-grid values must be > 0 and --wd-grid values >= 0")
@@ -856,17 +858,19 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
     grid = []
     for lr in lrs:
         for wd in wds:
-            sub = argparse.Namespace(**{**vars(args), "lr": lr, "weight_decay": wd, "test_split": None,
-                                        "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
+            sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
+                                        "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
             r = run(sub, d, quiet=True)
-            grid.append({"lr": lr, "weight_decay": wd, "val_top1": r["best_val_top1"]})
+            grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
             if d.main:
-                print(f"grid lr {lr:g} wd {wd:g}: val top1 {r['best_val_top1']:.2f}", flush=True)
-    best = max(grid, key=lambda g: g["val_top1"])  # first of equals: the grid order decides ties
+                print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: val top1 {r['best_val_top1']:.2f}", flush=True)
+    # Ties go to the smaller learning rate (as the official tuning does), then the grid order.
+    best = max(grid, key=lambda g: (g["val_top1"], -g["lr_base"]))
     finals = []
     for seed in args.seeds:
-        sub = argparse.Namespace(**{**vars(args), "lr": best["lr"], "weight_decay": best["weight_decay"],
-                                    "seed": seed, "train_on_val": True, "output": str(out / f"final-seed{seed}")})
+        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": best["lr_base"],
+                                    "weight_decay": best["weight_decay"], "seed": seed, "train_on_val": True,
+                                    "output": str(out / f"final-seed{seed}")})
         r = run(sub, d, quiet=True)
         # train+val leaves no held-out split to choose an epoch by: the test score is the last epoch's.
         finals.append({"seed": seed, "test_top1": r["test_last"]["top1"], "test_top5": r["test_last"]["top5"]})
@@ -874,10 +878,10 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
     result = {"grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
               "test_top1_std": float(tops.std(ddof=1)) if len(tops) > 1 else 0.0}
     if d.main:
-        print("\n  lr        wd        val top1")
+        print("\n  lr_base   lr        wd        val top1")
         for g in grid:
             mark = "  <- best" if g is best else ""
-            print(f"  {g['lr']:<9g} {g['weight_decay']:<9g} {g['val_top1']:.2f}{mark}")
+            print(f"  {g['lr_base']:<9g} {g['lr']:<9.4g} {g['weight_decay']:<9g} {g['val_top1']:.2f}{mark}")
         print("\n  seed   test top1   test top5  (trained on train+val)")
         for f in finals:
             print(f"  {f['seed']:<6} {f['test_top1']:<11.2f} {f['test_top5']:.2f}")
