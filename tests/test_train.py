@@ -241,3 +241,14 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys
     last = load(out / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert len((out / "summary.csv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs(digits, tmp_path, amp):
+    """Autocast (and the gradient scaler for fp16) through a training epoch and its evaluation."""
+    out = tmp_path / amp
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
+               "--amp", amp, "--output", out)
+    ckpt = load(out / "last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["model"].values())
