@@ -87,9 +87,10 @@ def _tiny_vapt():
 
 
 def test_resume_is_exact(digits, tmp_path, capsys):
-    """With augmentation and dropout on: 3 epochs straight, and epoch 1's checkpoint resumed for
-    epochs 2-3, end bitwise equal (parameters, momentum, schedule, summary); --eval-only reads it."""
-    common = ["--data-dir", digits / "small", *TINY, "--epochs", 3, "--warmup-epochs", 1, "--batch-size", 16,
+    """With augmentation (in a loader worker) and dropout on: 3 epochs straight, and epoch 1's
+    checkpoint resumed for epochs 2-3, end bitwise equal (parameters, momentum, schedule, summary);
+    --eval-only reads it."""
+    common = ["--data-dir", digits / "small", *TINY, "--workers", 1, "--epochs", 3, "--warmup-epochs", 1, "--batch-size", 16,
               "--lr", 0.1, "--conv-dropout", 0.1, "--mlp-dropout", 0.1, "--prompt-dropout", 0.1]
     vapt_train(*common, "--checkpoint-every", 1, "--output", tmp_path / "straight")
     assert (tmp_path / "straight" / "checkpoint-1.pt").exists() and (tmp_path / "straight" / "checkpoint-3.pt").exists()

@@ -308,8 +308,7 @@ def train_loader(ds, args, d: Dist, per_rank: int):
     pin = d.device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers, pin_memory=pin, drop_last=True,
-        persistent_workers=args.workers > 0,
-    )
+    )  # workers restart each epoch, seeded from the main RNG: a resumed run draws the same augmentations
     return loader, sampler
 
 
@@ -640,14 +639,14 @@ def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: b
         t0 = time.perf_counter()
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        train_loss = _train_epoch(wrapped, loader, optimizer, scheduler, scaler, amp, d, epoch, args, quiet)
+        train_loss, lr = _train_epoch(wrapped, loader, optimizer, scheduler, scaler, amp, d, epoch, args, quiet)
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         seconds = time.perf_counter() - t0
         metrics = evaluate(wrapped, val_loader, d, amp)
         row = {
             "epoch": epoch, "train_loss": train_loss, "eval_loss": metrics["loss"], "eval_top1": metrics["top1"],
-            "eval_top5": metrics["top5"], "lr": optimizer.param_groups[0]["lr"],
+            "eval_top5": metrics["top5"], "lr": lr,
             "img_per_s": len(loader) * args.batch_size / seconds, "peak_mem_mib": peak_memory_mib(d.device),
         }
         rows.append(row)
@@ -700,9 +699,9 @@ def _count(model: nn.Module) -> dict:
     if hasattr(model, "vapt"):
         return {k: int(v) if k != "percent" else float(v) for k, v in count_parameters(model).items()}
     total = sum(p.numel() for p in trainable(model).values())
+    head = sum(p.numel() for p in model.get_classifier().parameters() if p.requires_grad)
     backbone = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"prompt": 0, "head": total if total < backbone else sum(p.numel() for p in model.get_classifier().parameters()),
-            "total": total, "backbone": backbone, "percent": 100.0 * total / max(backbone, 1)}
+    return {"prompt": 0, "head": head, "total": total, "backbone": backbone, "percent": 100.0 * total / max(backbone, 1)}
 
 
 def _gather_rng(d: Dist) -> list:
@@ -714,7 +713,8 @@ def _gather_rng(d: Dist) -> list:
     return states
 
 
-def _train_epoch(model, loader, optimizer, scheduler, scaler, amp, d: Dist, epoch: int, args, quiet: bool) -> float:
+def _train_epoch(model, loader, optimizer, scheduler, scaler, amp, d: Dist, epoch: int, args, quiet: bool):
+    """One epoch; returns the mean training loss and the learning rate of its last step."""
     from tqdm import tqdm
 
     show = d.main and not quiet and sys.stderr.isatty()
@@ -730,6 +730,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, amp, d: Dist, epoc
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         loss = loss.detach()
         loss_sum += loss
@@ -743,7 +744,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, amp, d: Dist, epoc
         bar.update(1)
     bar.close()
     total = _all_reduce(loss_sum.clone(), d)
-    return total.item() / (len(loader) * d.world)
+    return total.item() / (len(loader) * d.world), lr
 
 
 def _check_finite(first_bad: torch.Tensor, d: Dist, epoch: int) -> None:
@@ -831,6 +832,8 @@ def eval_only(args: argparse.Namespace, d: Dist) -> dict:
     num_classes = args.num_classes or ckpt["args"].get("num_classes") or (len(classes) if classes else None)
     if num_classes is None:
         raise UsageError("cannot tell the class count; pass --num-classes")
+    # Seeded as in training: without pretrained weights the frozen backbone is the seed's random one.
+    torch.manual_seed(ckpt["args"].get("seed", 0))
     model = prepare(create_model(args, num_classes), args, vapt_config(args)).to(d.device)
     check_classes(ckpt["model"], model, args.checkpoint)
     load_model_state(model, ckpt["model"], args)
