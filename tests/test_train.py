@@ -253,3 +253,17 @@ def test_amp_runs(digits, tmp_path, amp):
     ckpt = load(out / "last.pt")
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_every_vapt_config_field_is_a_flag():
+    """The method flags come from the VAPTConfig dataclass, so they cannot drift from it."""
+    import dataclasses
+
+    import vapt_kernels as vk
+
+    parser = train.build_parser()
+    flags = {a for action in parser._actions for a in action.option_strings}
+    for field in dataclasses.fields(vk.VAPTConfig):
+        assert "--" + field.name.replace("_", "-") in flags, field.name
+    args = parser.parse_args(["--num-prompts", "7", "--no-shared-kernel", "--activation", "gelu", "--mlp-dropout", "0"])
+    assert train.vapt_config(args) == vk.VAPTConfig(num_prompts=7, shared_kernel=False, activation="gelu", mlp_dropout=0.0)
