@@ -701,7 +701,9 @@ def _count(model: nn.Module) -> dict:
     total = sum(p.numel() for p in trainable(model).values())
     head = sum(p.numel() for p in model.get_classifier().parameters() if p.requires_grad)
     backbone = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"prompt": 0, "head": head, "total": total, "backbone": backbone, "percent": 100.0 * total / max(backbone, 1)}
+    # percent: trainable parameters per frozen one, as count_parameters; 100 when nothing is frozen (full)
+    percent = 100.0 * total / backbone if backbone else 100.0
+    return {"prompt": 0, "head": head, "total": total, "backbone": backbone, "percent": percent}
 
 
 def _gather_rng(d: Dist) -> list:
