@@ -122,14 +122,16 @@ def _torchrun(*argv, tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-resume"])
 def test_torchrun_two_processes_train_like_one(digits, tmp_path, mode):
     """No dropout, no augmentation: two gloo processes (global batch 16 = 2 x 8) end with the
-    trainable parameters of one process on batch 16, to float32 rounding."""
+    trainable parameters of one process on batch 16, to float32 rounding. ``fsdp-resume``: the two
+    FSDP2 processes take over the one-process run after its first epoch (sharded momentum)."""
     common = ["--data-dir", digits / "small", *TINY, "--no-aug", "--epochs", 2, "--warmup-epochs", 1,
               "--batch-size", 16, "--lr", 0.1, "--conv-dropout", 0, "--mlp-dropout", 0, "--vpt-depth", 1]
-    vapt_train(*common, "--output", tmp_path / "one")
-    _torchrun(*common, *(["--fsdp"] if mode == "fsdp" else []), "--output", tmp_path / "two", tmp_path=tmp_path)
+    vapt_train(*common, "--checkpoint-every", 1, "--output", tmp_path / "one")
+    extra = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-resume": ["--fsdp", "--resume", tmp_path / "one" / "checkpoint-1.pt"]}
+    _torchrun(*common, *extra[mode], "--output", tmp_path / "two", tmp_path=tmp_path)
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert set(one["model"]) == set(two["model"])
     worst = 0.0

@@ -43,7 +43,7 @@ CONFIG_FIELDS = [f for f in dataclasses.fields(VAPTConfig)]
 RECIPE_KEYS = (
     "dataset", "train_split", "img_size", "crop_pct", "no_aug", "cache_data", "model", "model_kwargs",
     "pretrained", "pretrained_path", "num_classes", "method", "backend", "lr", "lr_base", "batch_size",
-    "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "fsdp", "train_on_val",
+    "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val",
 ) + tuple(f.name for f in CONFIG_FIELDS)
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib")
 
