@@ -248,10 +248,13 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs(digits, tmp_path, amp):
-    """Autocast (and the gradient scaler for fp16) through a training epoch and its evaluation."""
+    """Autocast (and the gradient scaler for fp16) through a training epoch and its evaluation;
+    with matplotlib installed (the plot extra), --plot draws the curves."""
     out = tmp_path / amp
+    plot = ["--plot"] if importlib.util.find_spec("matplotlib") else []
     vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
-               "--amp", amp, "--output", out)
+               "--amp", amp, *plot, "--output", out)
+    assert (out / "curves.png").is_file() == bool(plot)
     ckpt = load(out / "last.pt")
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["model"].values())
