@@ -272,3 +272,19 @@ def test_every_vapt_config_field_is_a_flag():
         assert "--" + field.name.replace("_", "-") in flags, field.name
     args = parser.parse_args(["--num-prompts", "7", "--no-shared-kernel", "--activation", "gelu", "--mlp-dropout", "0"])
     assert train.vapt_config(args) == vk.VAPTConfig(num_prompts=7, shared_kernel=False, activation="gelu", mlp_dropout=0.0)
+
+
+def test_full_training_weights_load_as_pretrained(digits, tmp_path):
+    """--method full writes model.pth (timm weights); --pretrained-path loads it as the backbone of
+    the next run, with a new head for that run's classes (the transfer example's path)."""
+    vapt_train("--data-dir", digits / "low", *TINY[:-2], "--method", "full", "--no-aug", "--cache-data",
+               "--epochs", 1, "--batch-size", 8, "--output", tmp_path / "pre")
+    weights = torch.load(tmp_path / "pre" / "model.pth", weights_only=True)
+    vapt_train("--data-dir", digits / "small", *TINY, "--pretrained-path", tmp_path / "pre" / "model.pth",
+               "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16, "--output", tmp_path / "tuned")
+    args = train.build_parser().parse_args([*map(str, TINY), "--pretrained-path", str(tmp_path / "pre" / "model.pth")])
+    model = train.create_model(args, num_classes=10)
+    for name, value in model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, weights[name]), name
+    assert load(tmp_path / "tuned" / "last.pt")["model"]["head.weight"].shape == (10, 32)

@@ -689,7 +689,7 @@ def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: b
     if d.main:
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         if args.method == "full":
-            torch.save(model_state(model, args), out / "model.pth")  # timm weights for --pretrained-path
+            torch.save(best["state"], out / "model.pth")  # best-on-val timm weights, for --pretrained-path
         if args.plot:
             plot_summary(rows, out / "curves.png")
     return result
@@ -859,6 +859,11 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
     wds = args.wd_grid or [args.weight_decay]
     if any(v <= 0 for v in lrs) or any(v < 0 for v in wds):
         raise UsageError("--lr-grid values must be > 0 and --wd-grid values >= 0")
+    # Checked here, not only in the final runs, which come after the whole grid has trained.
+    vapt_config(args)
+    check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
+    if args.resume:
+        raise UsageError("--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ folder)")
     out = Path(args.output)
     grid = []
     for lr in lrs:
