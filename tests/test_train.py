@@ -227,12 +227,14 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys
             if module.training:
                 calls["n"] += 1
                 if calls["n"] > steps + 2:
+                    snapshot.setdefault("last.pt", (out / "last.pt").read_bytes())  # epoch 1's, as written
                     return output * float("nan")
             return output
 
         model.register_forward_hook(hook)
         return model
 
+    snapshot = {}
     monkeypatch.setattr(train, "prepare", poisoned)
     out = tmp_path / "nan"
     args = ["--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 3, "--batch-size", 8,
@@ -241,6 +243,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys
     assert vapt_train(*args, check=False) == 3
     err = capsys.readouterr().err
     assert "epoch 2, step 3" in err and "untouched" in err
+    assert (out / "last.pt").read_bytes() == snapshot["last.pt"]
     last = load(out / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert len((out / "summary.csv").read_text().splitlines()) == 2
