@@ -183,6 +183,11 @@ def test_bad_data_folder_and_split(digits, tmp_path, capsys):
     assert "no such folder" in err and "train/" in err
     err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--val-split", "validation")
     assert "no 'validation/' split folder" in err and "found: test, train, val" in err
+    odd = tmp_path / "odd"
+    for split, label in (("train", "0"), ("val", "0"), ("val", "7")):
+        (odd / split / label).mkdir(parents=True)
+    err = _refused(capsys, tmp_path / "o", "--data-dir", odd, *TINY)
+    assert "split 'val/' has class folders that 'train/' lacks: 7" in err
 
 
 def test_bad_model_kwargs_fsdp_and_pretrained(digits, tmp_path, capsys, monkeypatch):

@@ -213,6 +213,15 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
                 f"found: {', '.join(found) or 'no sub-folders'}); choose --train-split/--val-split/--test-split "
                 f"from what is there, or write the folder with scripts/digits_to_folder.py"
             )
+    # The class of an image is its folder; every split is read with the train split's classes.
+    classes = {split: {p.name for p in (root / split).iterdir() if p.is_dir()} for split in splits}
+    for split in splits[1:]:
+        extra = sorted(classes[split] - classes[splits[0]])
+        if extra:
+            raise UsageError(
+                f"--data-dir {root}: split '{split}/' has class folders that '{splits[0]}/' lacks: {', '.join(extra)}; "
+                "every class must have training images"
+            )
 
 
 def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
@@ -281,12 +290,7 @@ def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool) -> di
     for key, split in (("val", args.val_split), ("test", args.test_split if want_test else None)):
         if split is None:
             continue
-        ds = create_split(args, split, eval_tf, class_map=classes)
-        if classes is not None and not args.dataset:
-            extra = sorted(set(class_to_idx(ds) or {}) - set(classes))
-            if extra:
-                raise UsageError(f"split '{split}' has classes that '{args.train_split}' lacks: {', '.join(extra)}")
-        out[key] = ds
+        out[key] = create_split(args, split, eval_tf, class_map=classes)
     if args.train_on_val:
         out["train"] = torch.utils.data.ConcatDataset([train, create_split(args, args.val_split, train_tf, class_map=classes)])
     if args.cache_data:
