@@ -198,6 +198,7 @@ def test_bad_model_kwargs_fsdp_and_pretrained(digits, tmp_path, capsys, monkeypa
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", "--model", "vit_tiny_patch16_224",
                    "--pretrained", "--workers", "0")
