@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=float, default=0.2, help="fraction of each class for val/")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of each class for test/")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, default=None, help="keep at most N images of each digit (small test sets)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="keep at most N images of each digit (small test sets)")
     args = parser.parse_args(argv)
     if (args.out / "train").exists():
         raise SystemExit(f"{args.out / 'train'} exists already; choose a new folder")

@@ -90,7 +90,8 @@ def test_resume_is_exact(digits, tmp_path, capsys):
     """With augmentation (in a loader worker) and dropout on: 3 epochs straight, and epoch 1's
     checkpoint resumed for epochs 2-3, end bitwise equal (parameters, momentum, schedule, summary);
     --eval-only reads it."""
-    common = ["--data-dir", digits / "small", *TINY, "--workers", 1, "--epochs", 3, "--warmup-epochs", 1, "--batch-size", 16,
+    common = ["--data-dir", digits / "small", *TINY, "--workers", 1, "--epochs", 3, "--warmup-epochs", 1,
+              "--batch-size", 16,
               "--lr", 0.1, "--conv-dropout", 0.1, "--mlp-dropout", 0.1, "--prompt-dropout", 0.1]
     vapt_train(*common, "--checkpoint-every", 1, "--output", tmp_path / "straight")
     assert (tmp_path / "straight" / "checkpoint-1.pt").exists() and (tmp_path / "straight" / "checkpoint-3.pt").exists()
@@ -115,7 +116,8 @@ def test_resume_is_exact(digits, tmp_path, capsys):
 
 
 def _torchrun(*argv, tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "vapt_kernels.train", *[str(a) for a in argv]]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -191,7 +193,8 @@ def test_bad_data_folder_and_split(digits, tmp_path, capsys):
 
 
 def test_bad_model_kwargs_fsdp_and_pretrained(digits, tmp_path, capsys, monkeypatch):
-    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--model-kwargs", "img_size=16", "bogus=1")
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY,
+                   "--model-kwargs", "img_size=16", "bogus=1")
     assert "--model-kwargs" in err and "bogus" in err
     err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--fsdp")
     assert "--fsdp" in err and "torchrun" in err
@@ -280,7 +283,8 @@ def test_every_vapt_config_field_is_a_flag():
     for field in dataclasses.fields(vk.VAPTConfig):
         assert "--" + field.name.replace("_", "-") in flags, field.name
     args = parser.parse_args(["--num-prompts", "7", "--no-shared-kernel", "--activation", "gelu", "--mlp-dropout", "0"])
-    assert train.vapt_config(args) == vk.VAPTConfig(num_prompts=7, shared_kernel=False, activation="gelu", mlp_dropout=0.0)
+    expected = vk.VAPTConfig(num_prompts=7, shared_kernel=False, activation="gelu", mlp_dropout=0.0)
+    assert train.vapt_config(args) == expected
 
 
 def test_full_training_weights_load_as_pretrained(digits, tmp_path):

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="dataset root; for an image folder: DIR/{train,val,test}/{class}/")
-    g.add_argument("--dataset", default="", help="timm create_dataset name (torch/cifar100, hfds/...); empty = image folder")
+    g.add_argument("--dataset", default="",
+                   help="timm create_dataset name (torch/cifar100, hfds/...); empty = image folder")
     g.add_argument("--dataset-download", action="store_true", help="let torch/ datasets download")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"VAPTConfig.{f.name} (default {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            g.add_argument(flag, dest=f.name, type=kind, default=None, help=f"VAPTConfig.{f.name} (default {f.default})")
+            g.add_argument(flag, dest=f.name, type=kind, default=None,
+                           help=f"VAPTConfig.{f.name} (default {f.default})")
 
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=100)
@@ -136,12 +138,14 @@ def vapt_config(args: argparse.Namespace) -> Optional[VAPTConfig]:
     given = {f.name: getattr(args, f.name) for f in CONFIG_FIELDS if getattr(args, f.name, None) is not None}
     if args.method in ("linear", "full"):
         if given:
-            raise UsageError(f"--method {args.method} has no prompts; remove --{', --'.join(k.replace('_', '-') for k in given)}")
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"--method {args.method} has no prompts; remove {flags}")
         return None
     if args.method == "vpt":
         extra = sorted(set(given) - {"num_prompts", "prompt_dropout"})
         if extra:
-            raise UsageError(f"--method vpt takes --num-prompts and --prompt-dropout only; remove --{', --'.join(e.replace('_', '-') for e in extra)}")
+            flags = ", ".join("--" + e.replace("_", "-") for e in extra)
+            raise UsageError(f"--method vpt takes --num-prompts and --prompt-dropout only; remove {flags}")
         return None
     try:
         return VAPTConfig(**given)
@@ -170,7 +174,9 @@ def setup_distributed(args: argparse.Namespace) -> Dist:
     """Reads torchrun's environment; one process without it. ``--fsdp`` needs torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.fsdp and "RANK" not in os.environ:
-        raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N -m vapt_kernels.train")
+        raise UsageError(
+            "--fsdp shards the model over processes: launch with torchrun --nproc-per-node N -m vapt_kernels.train"
+        )
     if world == 1 and not dist.is_initialized():
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return Dist(device=device)
@@ -201,10 +207,13 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
     if args.dataset:
         return
     if not args.data_dir:
-        raise UsageError("--data-dir is needed: an image folder with DIR/{train,val}/<class>/ images, or a --dataset root")
+        raise UsageError(
+            "--data-dir is needed: an image folder with DIR/{train,val}/<class>/ images, or a --dataset root"
+        )
     root = Path(args.data_dir)
     if not root.is_dir():
-        raise UsageError(f"--data-dir {root}: no such folder; expected a folder with {', '.join(s + '/' for s in splits)} sub-folders")
+        expected = ", ".join(s + "/" for s in splits)
+        raise UsageError(f"--data-dir {root}: no such folder; expected a folder with {expected} sub-folders")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     for split in splits:
         if not (root / split).is_dir():
@@ -292,7 +301,8 @@ def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool) -> di
             continue
         out[key] = create_split(args, split, eval_tf, class_map=classes)
     if args.train_on_val:
-        out["train"] = torch.utils.data.ConcatDataset([train, create_split(args, args.val_split, train_tf, class_map=classes)])
+        val_for_training = create_split(args, args.val_split, train_tf, class_map=classes)
+        out["train"] = torch.utils.data.ConcatDataset([train, val_for_training])
     if args.cache_data:
         for key in ("train", "val", "test"):
             if key in out:
@@ -573,20 +583,26 @@ def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: b
     if args.batch_size % d.world:
         raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {d.world} processes")
     if args.cache_data and not args.no_aug:
-        raise UsageError("--cache-data keeps one transformed copy of every image: add --no-aug (random augmentation needs decoding each epoch)")
+        raise UsageError(
+            "--cache-data keeps one transformed copy of every image: add --no-aug "
+            "(random augmentation needs decoding each epoch)"
+        )
     if args.checkpoint_every < 0 or args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be >= 1, --checkpoint-every >= 0")
     resume = _load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None:
         differ = [k for k in RECIPE_KEYS if resume["args"].get(k) != vars(args).get(k)]
         if differ:
+            there, here = resume["args"], vars(args)
+            listed = "; ".join(f"--{k.replace('_', '-')} {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
             raise UsageError(
-                f"--resume {args.resume}: that run had other settings: "
-                + "; ".join(f"--{k.replace('_', '-')} {resume['args'].get(k)!r} there, {vars(args).get(k)!r} here" for k in differ)
-                + "; resume with the same flags (or start a new run)"
+                f"--resume {args.resume}: that run had other settings: {listed}; "
+                "resume with the same flags (or start a new run)"
             )
     if not args.output and not args.eval_only:
-        raise UsageError("--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there")
+        raise UsageError(
+            "--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there"
+        )
 
     torch.manual_seed(args.seed)  # the same initial prompts and head in every process
     probe = create_model(args, num_classes=args.num_classes or 1, weights=False)
@@ -605,7 +621,9 @@ def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: b
 
     per_rank = args.batch_size // d.world
     if len(data["train"]) < args.batch_size:
-        raise UsageError(f"the train split has {len(data['train'])} images, fewer than one --batch-size {args.batch_size}")
+        raise UsageError(
+            f"the train split has {len(data['train'])} images, fewer than one --batch-size {args.batch_size}"
+        )
     amp = _amp_dtype(args)
 
     # Inputs checked: from here on files are written.
@@ -816,9 +834,9 @@ def _load_checkpoint(path: str, flag: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-MODEL_KEYS = ("model", "model_kwargs", "pretrained", "pretrained_path", "method", "backend", "img_size", "crop_pct") + tuple(
-    f.name for f in CONFIG_FIELDS
-)
+MODEL_KEYS = (
+    "model", "model_kwargs", "pretrained", "pretrained_path", "method", "backend", "img_size", "crop_pct",
+) + tuple(f.name for f in CONFIG_FIELDS)
 
 
 def eval_only(args: argparse.Namespace, d: Dist) -> dict:
@@ -867,7 +885,10 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
     vapt_config(args)
     check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
     if args.resume:
-        raise UsageError("--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ folder)")
+        raise UsageError(
+            "--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ "
+            "folder)"
+        )
     out = Path(args.output)
     grid = []
     for lr in lrs:
@@ -877,7 +898,8 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
             r = run(sub, d, quiet=True)
             grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
             if d.main:
-                print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: val top1 {r['best_val_top1']:.2f}", flush=True)
+                print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
+                      f"val top1 {r['best_val_top1']:.2f}", flush=True)
     # Ties go to the smaller learning rate (as the official tuning does), then the grid order.
     best = max(grid, key=lambda g: (g["val_top1"], -g["lr_base"]))
     finals = []
@@ -899,7 +921,8 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         print("\n  seed   test top1   test top5  (trained on train+val)")
         for f in finals:
             print(f"  {f['seed']:<6} {f['test_top1']:<11.2f} {f['test_top5']:.2f}")
-        print(f"\n  test top1 {result['test_top1_mean']:.2f} +- {result['test_top1_std']:.2f} over {len(finals)} seed(s)")
+        mean, std = result["test_top1_mean"], result["test_top1_std"]
+        print(f"\n  test top1 {mean:.2f} +- {std:.2f} over {len(finals)} seed(s)")
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
