@@ -1,0 +1,303 @@
+"""vapt-train on scikit-learn's digits: it learns, resumes exactly, trains the same under torchrun
+(DDP and FSDP2, two CPU processes) as in one process, tunes by the VTAB protocol, and refuses bad
+input before anything is written. A tiny ViT (16x16 images, 4x4 patches, width 32, 2 blocks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn (the test extra)")
+
+from vapt_kernels import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32",
+        "depth=2", "num_heads=2", "--crop-pct", "1.0", "--workers", "0", "--num-prompts", "4"]
+
+
+def _digits_module():
+    spec = importlib.util.spec_from_file_location("digits_to_folder", ROOT / "scripts" / "digits_to_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """All of digits (train/val/test, 60/20/20) and a small copy (12 images per digit)."""
+    module = _digits_module()
+    root = tmp_path_factory.mktemp("digits")
+    module.write_digits(root / "full", list(range(10)), 0.2, 0.2, seed=0)
+    module.write_digits(root / "small", list(range(10)), 0.25, 0.25, seed=0, per_class=12)
+    module.write_digits(root / "low", list(range(5)), 0.25, 0.25, seed=0, per_class=12)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: bitwise comparisons need the same reduction order; and CI shares its cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def vapt_train(*argv, check: bool = True) -> int:
+    code = train.main([str(a) for a in argv])
+    assert not check or code == 0
+    return code
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_digits_learns(digits, tmp_path):
+    """Prompts and head of a random tiny ViT, 4 epochs over 1,079 digits: far above 10% chance."""
+    out = tmp_path / "run"
+    vapt_train("--data-dir", digits / "full", *TINY, "--no-aug", "--cache-data", "--epochs", 4, "--warmup-epochs", 1,
+               "--batch-size", 32, "--lr", 0.3, "--test-split", "test", "--output", out)
+    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json"}
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == ",".join(train.SUMMARY_COLUMNS) and len(rows) == 5
+    result = json.loads((out / "result.json").read_text())
+    assert result["best_val_top1"] > 40 and result["test"]["top1"] > 40 and result["test"]["count"] == 359
+    ckpt = load(out / "last.pt")
+    assert set(ckpt["model"]) == {n for n, p in _tiny_vapt().named_parameters() if p.requires_grad}
+    assert ckpt["epoch"] == 4 and ckpt["config"]["num_prompts"] == 4 and ckpt["args"]["lr"] == 0.3
+    assert {"optimizer", "scheduler", "rng"} <= set(ckpt)
+
+
+def _tiny_vapt():
+    import timm
+
+    import vapt_kernels as vk
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=10)
+    return vk.apply_vapt(model, num_prompts=4)
+
+
+def test_resume_is_exact(digits, tmp_path, capsys):
+    """With augmentation (in a loader worker) and dropout on: 3 epochs straight, and epoch 1's
+    checkpoint resumed for epochs 2-3, end bitwise equal (parameters, momentum, schedule, summary);
+    --eval-only reads it."""
+    common = ["--data-dir", digits / "small", *TINY, "--workers", 1, "--epochs", 3, "--warmup-epochs", 1,
+              "--batch-size", 16,
+              "--lr", 0.1, "--conv-dropout", 0.1, "--mlp-dropout", 0.1, "--prompt-dropout", 0.1]
+    vapt_train(*common, "--checkpoint-every", 1, "--output", tmp_path / "straight")
+    assert (tmp_path / "straight" / "checkpoint-1.pt").exists() and (tmp_path / "straight" / "checkpoint-3.pt").exists()
+    vapt_train(*common, "--resume", tmp_path / "straight" / "checkpoint-1.pt", "--output", tmp_path / "resumed")
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name, buf in a["optimizer"]["momentum_buffer"].items():
+        assert torch.equal(buf, b["optimizer"]["momentum_buffer"][name]), name
+    timing = ("img_per_s", "peak_mem_mib")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert a["scheduler"] == b["scheduler"] and strip(a["summary"]) == strip(b["summary"])
+    assert [r["epoch"] for r in b["summary"]] == [1, 2, 3]
+    assert not list((tmp_path / "straight").glob(".*tmp*")), "a temporary checkpoint file was left behind"
+
+    capsys.readouterr()
+    vapt_train("--data-dir", digits / "small", "--eval-only", "--checkpoint", tmp_path / "resumed" / "last.pt",
+               "--workers", 0)
+    printed = capsys.readouterr().out
+    top1 = b["summary"][-1]["eval_top1"]
+    assert f"top1 {top1:.2f}" in printed, printed
+
+
+def _torchrun(*argv, tmp_path) -> None:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "vapt_kernels.train", *[str(a) for a in argv]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-resume"])
+def test_torchrun_two_processes_train_like_one(digits, tmp_path, mode):
+    """No dropout, no augmentation: two gloo processes (global batch 16 = 2 x 8) end with the
+    trainable parameters of one process on batch 16, to float32 rounding. ``fsdp-resume``: the two
+    FSDP2 processes take over the one-process run after its first epoch (sharded momentum)."""
+    common = ["--data-dir", digits / "small", *TINY, "--no-aug", "--epochs", 2, "--warmup-epochs", 1,
+              "--batch-size", 16, "--lr", 0.1, "--conv-dropout", 0, "--mlp-dropout", 0, "--vpt-depth", 1]
+    vapt_train(*common, "--checkpoint-every", 1, "--output", tmp_path / "one")
+    extra = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-resume": ["--fsdp", "--resume", tmp_path / "one" / "checkpoint-1.pt"]}
+    _torchrun(*common, *extra[mode], "--output", tmp_path / "two", tmp_path=tmp_path)
+    one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
+    assert set(one["model"]) == set(two["model"])
+    worst = 0.0
+    for name, value in one["model"].items():
+        diff = (value - two["model"][name]).abs().max().item() / max(value.abs().max().item(), 1e-12)
+        worst = max(worst, diff)
+    print(f"{mode}: largest relative difference of a trainable tensor {worst:.3g}")
+    assert worst < 1e-4, f"largest relative difference {worst:.3g}"
+    # Evaluation counts each of the 30 validation images once, on both ranks together.
+    for r1, r2 in zip(one["summary"], two["summary"]):
+        assert abs(r1["eval_top1"] - r2["eval_top1"]) < 1e-6 and abs(r1["train_loss"] - r2["train_loss"]) < 1e-4
+
+
+def test_tuning_protocol(digits, tmp_path, capsys):
+    """Grid on train, scored on val; best retrained on train+val per seed; test mean and std."""
+    out = tmp_path / "tune"
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--warmup-epochs", 0,
+               "--batch-size", 16, "--lr-grid", 0.8, 3.2, "--wd-grid", 0.0, "--seeds", 1, 2,
+               "--test-split", "test", "--output", out)
+    result = json.loads((out / "result.json").read_text())
+    # Grid rates are per 256 images: 0.8 and 3.2 at a global batch of 16 are 0.05 and 0.2.
+    assert [(g["lr"], g["weight_decay"]) for g in result["grid"]] == [(0.05, 0.0), (0.2, 0.0)]
+    assert result["best"] == max(result["grid"], key=lambda g: (g["val_top1"], -g["lr"]))
+    assert [f["seed"] for f in result["final"]] == [1, 2]
+    tops = torch.tensor([f["test_top1"] for f in result["final"]], dtype=torch.float64)
+    assert result["test_top1_mean"] == pytest.approx(tops.mean().item())
+    assert result["test_top1_std"] == pytest.approx(tops.std().item())
+    for grid_run in out.glob("grid-*"):  # the choice never saw the test split
+        assert "test" not in json.loads((grid_run / "result.json").read_text())
+    final = load(out / "final-seed1" / "last.pt")
+    assert final["args"]["train_on_val"] and final["args"]["lr_base"] == result["best"]["lr_base"]
+    assert "test top1" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a clear error, before anything is trained or written
+# ------------------------------------------------------------------------------------------------
+
+
+def _refused(capsys, out: Path, *argv) -> str:
+    capsys.readouterr()
+    assert vapt_train(*argv, "--output", out, check=False) == 2
+    assert not out.exists(), "a refused run wrote files"
+    return capsys.readouterr().err
+
+
+def test_bad_data_folder_and_split(digits, tmp_path, capsys):
+    err = _refused(capsys, tmp_path / "o", "--data-dir", tmp_path / "nowhere", *TINY)
+    assert "no such folder" in err and "train/" in err
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--val-split", "validation")
+    assert "no 'validation/' split folder" in err and "found: test, train, val" in err
+    odd = tmp_path / "odd"
+    for split, label in (("train", "0"), ("val", "0"), ("val", "7")):
+        (odd / split / label).mkdir(parents=True)
+    err = _refused(capsys, tmp_path / "o", "--data-dir", odd, *TINY)
+    assert "split 'val/' has class folders that 'train/' lacks: 7" in err
+
+
+def test_bad_model_kwargs_fsdp_and_pretrained(digits, tmp_path, capsys, monkeypatch):
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY,
+                   "--model-kwargs", "img_size=16", "bogus=1")
+    assert "--model-kwargs" in err and "bogus" in err
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--fsdp")
+    assert "--fsdp" in err and "torchrun" in err
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", "--model", "vit_tiny_patch16_224",
+                   "--pretrained", "--workers", "0")
+    assert "--pretrained-path" in err
+
+
+def test_bad_resume_and_class_count(digits, tmp_path, capsys):
+    first = tmp_path / "first"
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
+               "--output", first)
+    err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY[:-1], "3", "--no-aug", "--cache-data",
+                   "--epochs", 1, "--batch-size", 16, "--resume", first / "last.pt")
+    assert "--num-prompts 4 there, 3 here" in err
+    # A 10-class checkpoint scored on a 5-class folder.
+    capsys.readouterr()
+    assert vapt_train("--data-dir", digits / "low", "--eval-only", "--checkpoint", first / "last.pt",
+                      "--workers", 0, check=False) == 2
+    err = capsys.readouterr().err
+    assert "10 classes" in err and "--num-classes 10" in err
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys, monkeypatch):
+    """Logits turned NaN from epoch 2's third step: exit code 3, the step named, epoch 1's
+    checkpoint left as it was."""
+    prepare = train.prepare
+    calls = {"n": 0}
+
+    def poisoned(model, args, config):
+        model = prepare(model, args, config)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > steps + 2:
+                    snapshot.setdefault("last.pt", (out / "last.pt").read_bytes())  # epoch 1's, as written
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    snapshot = {}
+    monkeypatch.setattr(train, "prepare", poisoned)
+    out = tmp_path / "nan"
+    args = ["--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 3, "--batch-size", 8,
+            "--log-interval", 1, "--output", out]
+    steps = sum(1 for _ in (digits / "small" / "train").rglob("*.png")) // 8  # training steps per epoch
+    assert vapt_train(*args, check=False) == 3
+    err = capsys.readouterr().err
+    assert "epoch 2, step 3" in err and "untouched" in err
+    assert (out / "last.pt").read_bytes() == snapshot["last.pt"]
+    last = load(out / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert len((out / "summary.csv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs(digits, tmp_path, amp):
+    """Autocast (and the gradient scaler for fp16) through a training epoch and its evaluation;
+    with matplotlib installed (the plot extra), --plot draws the curves."""
+    out = tmp_path / amp
+    plot = ["--plot"] if importlib.util.find_spec("matplotlib") else []
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
+               "--amp", amp, *plot, "--output", out)
+    assert (out / "curves.png").is_file() == bool(plot)
+    ckpt = load(out / "last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_every_vapt_config_field_is_a_flag():
+    """The method flags come from the VAPTConfig dataclass, so they cannot drift from it."""
+    import dataclasses
+
+    import vapt_kernels as vk
+
+    parser = train.build_parser()
+    flags = {a for action in parser._actions for a in action.option_strings}
+    for field in dataclasses.fields(vk.VAPTConfig):
+        assert "--" + field.name.replace("_", "-") in flags, field.name
+    args = parser.parse_args(["--num-prompts", "7", "--no-shared-kernel", "--activation", "gelu", "--mlp-dropout", "0"])
+    expected = vk.VAPTConfig(num_prompts=7, shared_kernel=False, activation="gelu", mlp_dropout=0.0)
+    assert train.vapt_config(args) == expected
+
+
+def test_full_training_weights_load_as_pretrained(digits, tmp_path):
+    """--method full writes model.pth (timm weights); --pretrained-path loads it as the backbone of
+    the next run, with a new head for that run's classes (the transfer example's path)."""
+    vapt_train("--data-dir", digits / "low", *TINY[:-2], "--method", "full", "--no-aug", "--cache-data",
+               "--epochs", 1, "--batch-size", 8, "--output", tmp_path / "pre")
+    weights = torch.load(tmp_path / "pre" / "model.pth", weights_only=True)
+    vapt_train("--data-dir", digits / "small", *TINY, "--pretrained-path", tmp_path / "pre" / "model.pth",
+               "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16, "--output", tmp_path / "tuned")
+    args = train.build_parser().parse_args([*map(str, TINY), "--pretrained-path", str(tmp_path / "pre" / "model.pth")])
+    model = train.create_model(args, num_classes=10)
+    for name, value in model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, weights[name]), name
+    assert load(tmp_path / "tuned" / "last.pt")["model"]["head.weight"].shape == (10, 32)

@@ -1,0 +1,961 @@
+"""``vapt-train``: fine-tune a timm ViT with VAPT, VPT-deep or a linear head, on one CPU or many GPUs.
+
+    vapt-train --data-dir DIR --model vit_base_patch16_224.augreg_in21k --pretrained --output runs/x
+    torchrun --nproc-per-node 8 -m vapt_kernels.train ...   # DDP; add --fsdp for FSDP2
+
+The recipe's defaults are the official VPT/VAPT code's (SGD, momentum 0.9, lr = lr_base * global
+batch / 256, linear warm-up then cosine to 0, weight decay on all trainable parameters but the head
+bias, cross-entropy). Every input is checked before anything is trained or written. A run is
+deterministic given ``--seed``: the sampler's permutation is a function of seed and epoch, the RNG
+states are saved in every checkpoint, so ``--resume`` reproduces the uninterrupted run (bitwise on
+CPU in float32). See the README's "Fine-tune" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import count_parameters, load_trainable_state_dict, trainable_state_dict
+from .config import VAPTConfig
+from .timm import apply_vapt, apply_vpt
+
+METHODS = ("vapt", "vpt", "linear", "full")
+CONFIG_FIELDS = [f for f in dataclasses.fields(VAPTConfig)]
+# Arguments that decide the numbers a run produces: --resume refuses a checkpoint whose run had
+# other values (output folders, workers, logging and the like may change).
+RECIPE_KEYS = (
+    "dataset", "train_split", "img_size", "crop_pct", "no_aug", "cache_data", "model", "model_kwargs",
+    "pretrained", "pretrained_path", "num_classes", "method", "backend", "lr", "lr_base", "batch_size",
+    "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val",
+) + tuple(f.name for f in CONFIG_FIELDS)
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib")
+
+
+class UsageError(Exception):
+    """A bad input, found before anything was trained or written; the message says what to do."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or Inf; raised with the epoch and step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
+    p = argparse.ArgumentParser(
+        prog="vapt-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None, help="dataset root; for an image folder: DIR/{train,val,test}/{class}/")
+    g.add_argument("--dataset", default="",
+                   help="timm create_dataset name (torch/cifar100, hfds/...); empty = image folder")
+    g.add_argument("--dataset-download", action="store_true", help="let torch/ datasets download")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--test-split", default=None, help="optional; scored with the best-on-val parameters at the end")
+    g.add_argument("--img-size", type=int, default=None, help="default: the model's")
+    g.add_argument("--crop-pct", type=float, default=None, help="eval resize/crop ratio; default: the model's")
+    g.add_argument("--workers", type=int, default=4, help="data loader processes per training process")
+    g.add_argument("--no-aug", action="store_true", help="eval transforms for training too")
+    g.add_argument("--cache-data", action="store_true",
+                   help="decode and transform every split once and keep the tensors in memory (needs --no-aug)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v ... for timm.create_model")
+    g.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (timm/HF hub)")
+    g.add_argument("--pretrained-path", default=None, help="local weights file loaded as the pretrained weights")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="vapt",
+                   help="vapt; vpt (VPT-deep, apply_vpt); linear (head only); full (every parameter)")
+    g.add_argument("--backend", default="auto", help="vapt_kernels op backend")
+    for f in CONFIG_FIELDS:
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"VAPTConfig.{f.name} (default {f.default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            g.add_argument(flag, dest=f.name, type=kind, default=None,
+                           help=f"VAPTConfig.{f.name} (default {f.default})")
+
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up from 0, then cosine to 0")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
+    g.add_argument("--lr-base", type=float, default=0.1, help="learning rate for a global batch of 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --lr-base)")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the root); needs torchrun")
+    g.add_argument("--train-on-val", action="store_true", help=argparse.SUPPRESS)  # train on train+val (tuning)
+
+    g = p.add_argument_group("output and checkpoints")
+    g.add_argument("--output", default=None, help="folder for args.json, summary.csv, last.pt, best.pt, result.json")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also keep checkpoint-{epoch}.pt every N epochs")
+    g.add_argument("--resume", default=None, help="continue from a checkpoint of this run")
+    g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the val (or --test-split) split")
+    g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
+    g.add_argument("--plot", action="store_true", help="write the curves as PNG (needs matplotlib)")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between progress updates (host syncs)")
+
+    g = p.add_argument_group("tuning (VTAB protocol)")
+    g.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                   help="learning rates per 256 images (as --lr-base) to try")
+    g.add_argument("--wd-grid", type=float, nargs="+", default=None, help="weight decays to try")
+    g.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of the final train+val runs")
+    return p
+
+
+def vapt_config(args: argparse.Namespace) -> Optional[VAPTConfig]:
+    """The VAPTConfig of the flags (None for linear/full); vpt keeps VPT-deep's fixed fields."""
+    given = {f.name: getattr(args, f.name) for f in CONFIG_FIELDS if getattr(args, f.name, None) is not None}
+    if args.method in ("linear", "full"):
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"--method {args.method} has no prompts; remove {flags}")
+        return None
+    if args.method == "vpt":
+        extra = sorted(set(given) - {"num_prompts", "prompt_dropout"})
+        if extra:
+            flags = ", ".join("--" + e.replace("_", "-") for e in extra)
+            raise UsageError(f"--method vpt takes --num-prompts and --prompt-dropout only; remove {flags}")
+        return None
+    try:
+        return VAPTConfig(**given)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(args: argparse.Namespace) -> Dist:
+    """Reads torchrun's environment; one process without it. ``--fsdp`` needs torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fsdp and "RANK" not in os.environ:
+        raise UsageError(
+            "--fsdp shards the model over processes: launch with torchrun --nproc-per-node N -m vapt_kernels.train"
+        )
+    if world == 1 and not dist.is_initialized():
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
+    """An image-folder dataset needs DATA_DIR/<split>/ for every split; say what is there if not."""
+    if args.dataset:
+        return
+    if not args.data_dir:
+        raise UsageError(
+            "--data-dir is needed: an image folder with DIR/{train,val}/<class>/ images, or a --dataset root"
+        )
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        expected = ", ".join(s + "/" for s in splits)
+        raise UsageError(f"--data-dir {root}: no such folder; expected a folder with {expected} sub-folders")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    for split in splits:
+        if not (root / split).is_dir():
+            raise UsageError(
+                f"--data-dir {root} has no '{split}/' split folder (expected {', '.join(s + '/' for s in splits)}; "
+                f"found: {', '.join(found) or 'no sub-folders'}); choose --train-split/--val-split/--test-split "
+                f"from what is there, or write the folder with scripts/digits_to_folder.py"
+            )
+    # The class of an image is its folder; every split is read with the train split's classes.
+    classes = {split: {p.name for p in (root / split).iterdir() if p.is_dir()} for split in splits}
+    for split in splits[1:]:
+        extra = sorted(classes[split] - classes[splits[0]])
+        if extra:
+            raise UsageError(
+                f"--data-dir {root}: split '{split}/' has class folders that '{splits[0]}/' lacks: {', '.join(extra)}; "
+                "every class must have training images"
+            )
+
+
+def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
+    from timm.data import create_transform, resolve_data_config
+
+    overrides: dict[str, Any] = {}
+    if args.img_size:
+        overrides["input_size"] = (3, args.img_size, args.img_size)
+    elif hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None):
+        overrides["input_size"] = (3, *model.patch_embed.img_size)
+    if args.crop_pct is not None:
+        overrides["crop_pct"] = args.crop_pct
+    cfg = resolve_data_config(overrides, model=model)
+    return create_transform(**cfg, is_training=training and not args.no_aug)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``base[indices[i]]`` with a validity flag: the padded tail of an evaluation shard counts 0."""
+
+    def __init__(self, base, indices: list[int], valid: int):
+        self.base, self.indices, self.valid = base, indices, valid
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[self.indices[i]]
+        return x, y, int(i < self.valid)
+
+
+def _cache(dataset) -> torch.utils.data.TensorDataset:
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.utils.data.TensorDataset(torch.stack(xs), torch.as_tensor(ys))
+
+
+def create_split(args: argparse.Namespace, split: str, transform, class_map=None):
+    from timm.data import create_dataset
+
+    kwargs = {}
+    if class_map is not None and not args.dataset:
+        kwargs["class_map"] = class_map
+    ds = create_dataset(
+        args.dataset, root=args.data_dir, split=split, download=args.dataset_download, transform=transform,
+        is_training=False, batch_size=1, **kwargs,
+    )
+    return ds
+
+
+def class_to_idx(ds) -> Optional[dict]:
+    reader = getattr(ds, "reader", None)
+    if reader is not None and getattr(reader, "class_to_idx", None):
+        return dict(reader.class_to_idx)
+    if getattr(ds, "class_to_idx", None):
+        return dict(ds.class_to_idx)
+    if getattr(ds, "classes", None):
+        return {c: i for i, c in enumerate(ds.classes)}
+    return None
+
+
+def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool) -> dict[str, Any]:
+    """The train, val (and test) datasets with their transforms, classes checked."""
+    train_tf, eval_tf = make_transform(args, model, True), make_transform(args, model, False)
+    train = create_split(args, args.train_split, train_tf)
+    classes = class_to_idx(train)
+    out = {"train": train, "classes": classes}
+    for key, split in (("val", args.val_split), ("test", args.test_split if want_test else None)):
+        if split is None:
+            continue
+        out[key] = create_split(args, split, eval_tf, class_map=classes)
+    if args.train_on_val:
+        val_for_training = create_split(args, args.val_split, train_tf, class_map=classes)
+        out["train"] = torch.utils.data.ConcatDataset([train, val_for_training])
+    if args.cache_data:
+        for key in ("train", "val", "test"):
+            if key in out:
+                out[key] = _cache(out[key])
+    for key in ("train", "val", "test"):
+        if key in out and len(out[key]) == 0:
+            raise UsageError(f"the {key} split is empty")
+    return out
+
+
+def train_loader(ds, args, d: Dist, per_rank: int):
+    from torch.utils.data.distributed import DistributedSampler
+
+    # The permutation depends on seed and epoch only (set_epoch), so every world size and a resumed
+    # run see the same global batches; drop_last keeps every global batch full and equal.
+    sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True)
+    pin = d.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers, pin_memory=pin, drop_last=True,
+    )  # workers restart each epoch, seeded from the main RNG: a resumed run draws the same augmentations
+    return loader, sampler
+
+
+def eval_loader(ds, args, d: Dist, per_rank: int):
+    # Every rank gets ceil(N / world) samples (the same number of steps, as FSDP needs); the padded
+    # tail repeats sample 0 and is flagged invalid, so the sums count each sample exactly once.
+    n = len(ds)
+    mine = list(range(d.rank, n, d.world))
+    size = -(-n // d.world)
+    shard = _Indexed(ds, mine + [0] * (size - len(mine)), len(mine))
+    return torch.utils.data.DataLoader(shard, batch_size=per_rank, shuffle=False, num_workers=args.workers,
+                                       pin_memory=d.device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+
+def create_model(args: argparse.Namespace, num_classes: int, weights: bool = True) -> nn.Module:
+    """The timm model; ``weights=False`` builds it without loading pretrained weights (for its data config)."""
+    import timm
+
+    kwargs = dict(args.model_kwargs)
+    if args.img_size and "img_size" not in kwargs:
+        kwargs["img_size"] = args.img_size
+    if args.pretrained_path:
+        if not Path(args.pretrained_path).is_file():
+            raise UsageError(f"--pretrained-path {args.pretrained_path}: no such file")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(args.pretrained_path))
+    pretrained = bool(args.pretrained or args.pretrained_path) and weights
+    if ":" not in args.model and not timm.is_model(args.model.split(".")[0]):
+        raise UsageError(f"--model {args.model}: timm has no such model (timm.list_models('vit_*') lists the ViTs)")
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as error:
+        if "unexpected keyword argument" in str(error):
+            raise UsageError(f"--model-kwargs: {args.model} does not take {str(error).split('argument')[-1].strip()} "
+                             f"({error}); use the model class's constructor arguments") from None
+        raise
+    except Exception as error:
+        if pretrained and not args.pretrained_path:
+            raise UsageError(
+                f"--pretrained: could not get {args.model}'s weights ({type(error).__name__}: {error}); offline, "
+                f"download them elsewhere and pass the file with --pretrained-path FILE"
+            ) from None
+        raise
+    return model.float()
+
+
+def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTConfig]) -> nn.Module:
+    if args.method == "vapt":
+        return apply_vapt(model, config, backend=args.backend)
+    if args.method == "vpt":
+        kw = {k: getattr(args, k) for k in ("num_prompts", "prompt_dropout") if getattr(args, k) is not None}
+        return apply_vpt(model, backend=args.backend, **kw)
+    if args.method == "linear":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.get_classifier().parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor of a (possibly FSDP2-sharded DTensor) value; a collective under FSDP."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().clone()
+
+
+def model_state(model: nn.Module, args) -> dict[str, torch.Tensor]:
+    if args.method == "full":
+        return {k: _full(v) for k, v in model.state_dict().items()}
+    if hasattr(model, "vapt") and not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.cpu() for k, v in trainable_state_dict(model).items()}  # vk.trainable_state_dict
+    return {n: _full(p) for n, p in trainable(model).items()}
+
+
+def _local(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (full) in the layout of ``like``: a shard of it where ``like`` is a DTensor."""
+    value = value.to(like.device, like.dtype)
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value, like.device_mesh, like.placements)
+    return value
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], args) -> None:
+    params = trainable(model)
+    sharded = any(hasattr(p, "device_mesh") for p in params.values())
+    if args.method == "full":
+        model.load_state_dict(state, strict=True)
+    elif hasattr(model, "vapt") and not sharded:
+        load_trainable_state_dict(model, state)  # vk.load_trainable_state_dict: all or nothing
+    else:
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise UsageError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(_local(state[n], p))
+
+
+def check_classes(state: dict[str, torch.Tensor], model: nn.Module, path: str) -> None:
+    """The checkpoint's head must have the model's class count."""
+    head = model.get_classifier()
+    names = [n for n, p in model.named_parameters() if any(p is q for q in head.parameters())]
+    for n in names:
+        if n in state and tuple(state[n].shape) != tuple(dict(model.named_parameters())[n].shape):
+            raise UsageError(
+                f"{path}: its head {n} has shape {tuple(state[n].shape)} ({state[n].shape[0]} classes), the model "
+                f"{tuple(dict(model.named_parameters())[n].shape)}; pass --num-classes {state[n].shape[0]} or the "
+                f"dataset it was trained on"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# recipe
+# ------------------------------------------------------------------------------------------------
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    return args.lr if args.lr is not None else args.lr_base * args.batch_size / 256
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    head_bias = {id(p) for n, p in model.get_classifier().named_parameters() if n.endswith("bias")}
+    decay = [p for p in trainable(model).values() if id(p) not in head_bias]
+    no_decay = [p for p in trainable(model).values() if id(p) in head_bias]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=learning_rate(args), momentum=args.momentum)
+    optimizer.param_names = {id(p): n for n, p in trainable(model).items()}  # FSDP2 swaps module parameters
+    return optimizer
+
+
+def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """Per step: linear from 0 over the warm-up, then cosine to 0 at the last step."""
+    total = max(1, args.epochs * steps_per_epoch)
+    warm = min(total, int(round(args.warmup_epochs * steps_per_epoch)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_state(optimizer, model: nn.Module) -> dict:
+    """Momentum buffers by parameter name, gathered (world-size independent), and the hyper-parameters."""
+    names = optimizer.param_names
+    state = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                state[names[id(p)]] = _full(buf)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"momentum_buffer": state, "param_groups": groups}
+
+
+def load_optimizer_state(optimizer, model: nn.Module, saved: dict) -> None:
+    params = {n: p for group in optimizer.param_groups for p in group["params"] for n in [optimizer.param_names[id(p)]]}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(saved_group)
+    for name, buf in saved["momentum_buffer"].items():
+        optimizer.state[params[name]]["momentum_buffer"] = _local(buf, params[name]).clone()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------
+# one training run
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, loader, d: Dist, amp: Optional[torch.dtype]) -> dict[str, float]:
+    """Loss, top-1 and top-5 (in %) over the whole split, each sample counted once over all ranks."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, top1, top5, count
+    with torch.no_grad(), torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+        for x, y, valid in loader:
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            valid = valid.to(d.device, non_blocking=True).double()
+            logits = model(x).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            sums += torch.stack([
+                (F.cross_entropy(logits, y, reduction="none").double() * valid).sum(),
+                (hit[:, 0].double() * valid).sum(), (hit.any(1).double() * valid).sum(), valid.sum(),
+            ])
+    _all_reduce(sums, d)
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward
+        model.reshard()
+    model.train(was)
+    loss, top1, top5, n = sums.tolist()
+    return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "count": int(n)}
+
+
+def _amp_dtype(args) -> Optional[torch.dtype]:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+def wrap(model: nn.Module, args, d: Dist) -> nn.Module:
+    if d.world == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: bool = False) -> dict:
+    """Train (or evaluate) once as ``args`` says; returns what result.json holds."""
+    config = vapt_config(args)
+    want_test = args.test_split is not None
+    check_folder_splits(args, [s for s in (args.train_split, args.val_split, args.test_split) if s])
+    if args.batch_size % d.world:
+        raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {d.world} processes")
+    if args.cache_data and not args.no_aug:
+        raise UsageError(
+            "--cache-data keeps one transformed copy of every image: add --no-aug "
+            "(random augmentation needs decoding each epoch)"
+        )
+    if args.checkpoint_every < 0 or args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be >= 1, --checkpoint-every >= 0")
+    resume = _load_checkpoint(args.resume, "--resume") if args.resume else None
+    if resume is not None:
+        differ = [k for k in RECIPE_KEYS if resume["args"].get(k) != vars(args).get(k)]
+        if differ:
+            there, here = resume["args"], vars(args)
+            listed = "; ".join(f"--{k.replace('_', '-')} {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
+            raise UsageError(
+                f"--resume {args.resume}: that run had other settings: {listed}; "
+                "resume with the same flags (or start a new run)"
+            )
+    if not args.output and not args.eval_only:
+        raise UsageError(
+            "--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there"
+        )
+
+    torch.manual_seed(args.seed)  # the same initial prompts and head in every process
+    probe = create_model(args, num_classes=args.num_classes or 1, weights=False)
+    if data is None:
+        data = load_data(args, probe, want_test)
+    num_classes = args.num_classes or (len(data["classes"]) if data["classes"] else None)
+    if num_classes is None:
+        raise UsageError(f"--dataset {args.dataset}: cannot tell its class count; pass --num-classes")
+    if data["classes"] and num_classes < len(data["classes"]):
+        raise UsageError(f"--num-classes {num_classes} is less than the dataset's {len(data['classes'])} classes")
+    torch.manual_seed(args.seed)
+    model = prepare(create_model(args, num_classes), args, config).to(d.device)
+    if resume is not None:
+        check_classes(resume["model"], model, args.resume)
+    counts = _count(model)
+
+    per_rank = args.batch_size // d.world
+    if len(data["train"]) < args.batch_size:
+        raise UsageError(
+            f"the train split has {len(data['train'])} images, fewer than one --batch-size {args.batch_size}"
+        )
+    amp = _amp_dtype(args)
+
+    # Inputs checked: from here on files are written.
+    out = Path(args.output)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+
+    torch.manual_seed(args.seed + d.rank)  # dropout masks and augmentation differ per process
+    np.random.seed((args.seed + d.rank) % 2**32)
+    random.seed(args.seed + d.rank)
+    wrapped = wrap(model, args, d)
+    loader, sampler = train_loader(data["train"], args, d, per_rank)
+    val_loader = eval_loader(data["val"], args, d, per_rank)
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, len(loader))
+    scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
+    rows: list[dict] = []
+    best = {"top1": -1.0, "epoch": 0, "state": None}
+    start = 0
+    if resume is not None:
+        load_model_state(model, resume["model"], args)
+        load_optimizer_state(optimizer, model, resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        rows, start = list(resume["summary"]), resume["epoch"]
+        best = dict(resume["best"])
+        rng = resume["rng"]
+        set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+
+    wrapped.train()
+    for epoch in range(start + 1, args.epochs + 1):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        train_loss, lr = _train_epoch(wrapped, loader, optimizer, scheduler, scaler, amp, d, epoch, args, quiet)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        seconds = time.perf_counter() - t0
+        metrics = evaluate(wrapped, val_loader, d, amp)
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "eval_loss": metrics["loss"], "eval_top1": metrics["top1"],
+            "eval_top5": metrics["top5"], "lr": lr,
+            "img_per_s": len(loader) * args.batch_size / seconds, "peak_mem_mib": peak_memory_mib(d.device),
+        }
+        rows.append(row)
+        improved = metrics["top1"] > best["top1"]
+        if improved:
+            best = {"top1": metrics["top1"], "epoch": epoch, "state": model_state(model, args)}
+        ckpt = {
+            "model": model_state(model, args), "optimizer": optimizer_state(optimizer, model),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "epoch": epoch, "rng": _gather_rng(d),
+            "config": dataclasses.asdict(model.vapt.config) if hasattr(model, "vapt") else None,
+            "args": vars(args), "summary": rows, "best": best,
+        }
+        if d.main:
+            save_atomic(ckpt, out / "last.pt")
+            if improved:
+                save_atomic(ckpt, out / "best.pt")
+            if args.checkpoint_every and epoch % args.checkpoint_every == 0:
+                save_atomic(ckpt, out / f"checkpoint-{epoch}.pt")
+            _write_summary(out / "summary.csv", rows)
+            if not quiet:
+                print(
+                    f"epoch {epoch}/{args.epochs}  train_loss {train_loss:.4f}  eval_loss {metrics['loss']:.4f}  "
+                    f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  lr {row['lr']:.4g}  "
+                    f"{row['img_per_s']:.1f} img/s  peak {row['peak_mem_mib']:.0f} MiB", flush=True,
+                )
+
+    result = {
+        "method": args.method, "model": args.model, "parameters": counts, "epochs": args.epochs,
+        "best_epoch": best["epoch"], "best_val_top1": best["top1"], "final": rows[-1] if rows else None,
+    }
+    if want_test:
+        test_loader = eval_loader(data["test"], args, d, per_rank)
+        result["test_last"] = evaluate(wrapped, test_loader, d, amp)
+        if args.train_on_val or best["epoch"] == rows[-1]["epoch"]:
+            result["test"] = result["test_last"]  # (train+val: val cannot choose an epoch)
+        else:
+            load_model_state(model, best["state"], args)
+            result["test"] = evaluate(wrapped, test_loader, d, amp)
+    if d.main:
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.method == "full":
+            torch.save(best["state"], out / "model.pth")  # best-on-val timm weights, for --pretrained-path
+        if args.plot:
+            plot_summary(rows, out / "curves.png")
+    return result
+
+
+def _count(model: nn.Module) -> dict:
+    if hasattr(model, "vapt"):
+        return {k: int(v) if k != "percent" else float(v) for k, v in count_parameters(model).items()}
+    total = sum(p.numel() for p in trainable(model).values())
+    head = sum(p.numel() for p in model.get_classifier().parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    # percent: trainable parameters per frozen one, as count_parameters; 100 when nothing is frozen (full)
+    percent = 100.0 * total / backbone if backbone else 100.0
+    return {"prompt": 0, "head": head, "total": total, "backbone": backbone, "percent": percent}
+
+
+def _gather_rng(d: Dist) -> list:
+    state = rng_state()
+    if d.world == 1:
+        return [state]
+    states = [None] * d.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _train_epoch(model, loader, optimizer, scheduler, scaler, amp, d: Dist, epoch: int, args, quiet: bool):
+    """One epoch; returns the mean training loss and the learning rate of its last step."""
+    from tqdm import tqdm
+
+    show = d.main and not quiet and sys.stderr.isatty()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not show, leave=False)
+    loss_sum = torch.zeros((), device=d.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=d.device)
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss = loss.detach()
+        loss_sum += loss
+        # Recorded on the device, read every --log-interval steps: no host sync per step.
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+        if (step + 1) % args.log_interval == 0 or step + 1 == len(loader):
+            _check_finite(first_bad, d, epoch)
+            if show:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                                img_s=f"{(step + 1) * args.batch_size / (time.perf_counter() - t0):.1f}")
+        bar.update(1)
+    bar.close()
+    total = _all_reduce(loss_sum.clone(), d)
+    return total.item() / (len(loader) * d.world), lr
+
+
+def _check_finite(first_bad: torch.Tensor, d: Dist, epoch: int) -> None:
+    bad = first_bad.clone()
+    bad[bad < 0] = 2**62
+    _all_reduce(bad, d, dist.ReduceOp.MIN if d.world > 1 else None)
+    if bad.item() < 2**62:
+        raise NonFiniteLoss(
+            f"the training loss became NaN/Inf at epoch {epoch}, step {bad.item()} (steps counted from 1); "
+            "the last checkpoint written (last.pt of the previous epoch) is untouched. Lower --lr, or use "
+            "--amp bf16/none instead of fp16"
+        )
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_summary(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib); no curves written", file=sys.stderr)
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], label="train")
+    axes[0].plot(epochs, [r["eval_loss"] for r in rows], label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [r["eval_top1"] for r in rows], label="top-1")
+    axes[1].plot(epochs, [r["eval_top5"] for r in rows], label="top-5")
+    axes[1].set_title("val accuracy (%)")
+    axes[1].legend()
+    axes[2].plot(epochs, [r["lr"] for r in rows])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _load_checkpoint(path: str, flag: str) -> dict:
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= set(ckpt):
+        raise UsageError(f"{flag} {path}: not a vapt-train checkpoint (expected a dict with model, args, epoch)")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation only, tuning
+# ------------------------------------------------------------------------------------------------
+
+
+MODEL_KEYS = (
+    "model", "model_kwargs", "pretrained", "pretrained_path", "method", "backend", "img_size", "crop_pct",
+) + tuple(f.name for f in CONFIG_FIELDS)
+
+
+def eval_only(args: argparse.Namespace, d: Dist) -> dict:
+    if not args.checkpoint:
+        raise UsageError("--eval-only needs --checkpoint PATH (a last.pt, best.pt or checkpoint-N.pt)")
+    ckpt = _load_checkpoint(args.checkpoint, "--checkpoint")
+    for k in MODEL_KEYS:  # the model is rebuilt as it was trained
+        setattr(args, k, ckpt["args"].get(k))
+    split = args.test_split or args.val_split
+    check_folder_splits(args, [args.train_split, split])
+    torch.manual_seed(0)
+    probe = create_model(args, num_classes=1, weights=False)
+    eval_tf = make_transform(args, probe, False)
+    train = create_split(args, args.train_split, eval_tf)
+    ds = create_split(args, split, eval_tf, class_map=class_to_idx(train))
+    classes = class_to_idx(train)
+    num_classes = args.num_classes or ckpt["args"].get("num_classes") or (len(classes) if classes else None)
+    if num_classes is None:
+        raise UsageError("cannot tell the class count; pass --num-classes")
+    # Seeded as in training: without pretrained weights the frozen backbone is the seed's random one.
+    torch.manual_seed(ckpt["args"].get("seed", 0))
+    model = prepare(create_model(args, num_classes), args, vapt_config(args)).to(d.device)
+    check_classes(ckpt["model"], model, args.checkpoint)
+    load_model_state(model, ckpt["model"], args)
+    per_rank = max(1, args.batch_size // d.world)
+    metrics = evaluate(model, eval_loader(ds, args, d, per_rank), d, _amp_dtype(args))
+    if d.main:
+        print(f"{args.checkpoint} on '{split}' ({metrics['count']} images): top1 {metrics['top1']:.2f}  "
+              f"top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}")
+    return metrics
+
+
+def tune(args: argparse.Namespace, d: Dist) -> dict:
+    """The VTAB protocol: every (lr, wd) trained on train, scored on val; the best retrained on
+    train+val with each seed and scored on test; mean and std of test top-1."""
+    if not args.test_split:
+        raise UsageError("tuning scores the final runs on a test split: pass --test-split (never used for the choice)")
+    if not args.output:
+        raise UsageError("--output DIR is needed for tuning")
+    # Grid rates are per 256 images, as --lr-base (and the official grids) are.
+    lrs = args.lr_grid or [learning_rate(args) * 256 / args.batch_size]
+    wds = args.wd_grid or [args.weight_decay]
+    if any(v <= 0 for v in lrs) or any(v < 0 for v in wds):
+        raise UsageError("--lr-grid values must be > 0 and --wd-grid values >= 0")
+    # Checked here, not only in the final runs, which come after the whole grid has trained.
+    vapt_config(args)
+    check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
+    if args.resume:
+        raise UsageError(
+            "--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ "
+            "folder)"
+        )
+    out = Path(args.output)
+    grid = []
+    for lr in lrs:
+        for wd in wds:
+            sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
+                                        "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
+            r = run(sub, d, quiet=True)
+            grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
+            if d.main:
+                print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
+                      f"val top1 {r['best_val_top1']:.2f}", flush=True)
+    # Ties go to the smaller learning rate (as the official tuning does), then the grid order.
+    best = max(grid, key=lambda g: (g["val_top1"], -g["lr_base"]))
+    finals = []
+    for seed in args.seeds:
+        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": best["lr_base"],
+                                    "weight_decay": best["weight_decay"], "seed": seed, "train_on_val": True,
+                                    "output": str(out / f"final-seed{seed}")})
+        r = run(sub, d, quiet=True)
+        # train+val leaves no held-out split to choose an epoch by: the test score is the last epoch's.
+        finals.append({"seed": seed, "test_top1": r["test_last"]["top1"], "test_top5": r["test_last"]["top5"]})
+    tops = np.array([f["test_top1"] for f in finals])
+    result = {"grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
+              "test_top1_std": float(tops.std(ddof=1)) if len(tops) > 1 else 0.0}
+    if d.main:
+        print("\n  lr_base   lr        wd        val top1")
+        for g in grid:
+            mark = "  <- best" if g is best else ""
+            print(f"  {g['lr_base']:<9g} {g['lr']:<9.4g} {g['weight_decay']:<9g} {g['val_top1']:.2f}{mark}")
+        print("\n  seed   test top1   test top5  (trained on train+val)")
+        for f in finals:
+            print(f"  {f['seed']:<6} {f['test_top1']:<11.2f} {f['test_top5']:.2f}")
+        mean, std = result["test_top1_mean"], result["test_top1_std"]
+        print(f"\n  test top1 {mean:.2f} +- {std:.2f} over {len(finals)} seed(s)")
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    d = None
+    try:
+        d = setup_distributed(args)
+        if args.eval_only:
+            eval_only(args, d)
+        elif args.lr_grid or args.wd_grid:
+            tune(args, d)
+        else:
+            run(args, d)
+        return 0
+    except UsageError as error:
+        if d is None or d.main:
+            print(f"vapt-train: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        if d is None or d.main:
+            print(f"vapt-train: error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
