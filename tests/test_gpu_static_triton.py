@@ -54,13 +54,14 @@ KERNEL_MODULES = ("vapt_kernels.ops.triton.norm_and_project", "vapt_kernels.ops.
 # --------------------------------------------------------------------------------------------
 
 
-def _record_launches() -> list[tuple]:
-    """``(module, kernel, args, kwargs)`` of every launch the launchers make over the gate's shapes."""
+def _record_launches() -> tuple[list[tuple], list[dict]]:
+    """``(module, kernel, args, kwargs)`` of every launch the launchers make over the gate's shapes,
+    and the scratch memory of every launcher call (see :func:`_call`)."""
     import importlib
 
     import triton
 
-    records = []
+    records, scratch = [], []
 
     class Recorder:
         def __init__(self, module: str, kernel):
@@ -80,15 +81,34 @@ def _record_launches() -> list[tuple]:
         setattr(module, attr, Recorder(module.__name__, kernel))
     try:
         nap, pa = modules.values()
-        _launch_norm_and_project(nap)
-        _launch_prefix_attention(pa)
+        call = functools.partial(_call, records, scratch)
+        _launch_norm_and_project(nap, call)
+        _launch_prefix_attention(pa, call)
     finally:
         for (module, attr), kernel in kernels.items():
             setattr(module, attr, kernel)
-    return records
+    return records, scratch
 
 
-def _launch_norm_and_project(nap) -> None:
+def _call(records: list, scratch: list, launcher, budget: int, *args):
+    """``launcher(*args)``, noting the bytes of the tensors its kernels got that are neither its
+    inputs nor its outputs (scratch buffers), next to the ``budget`` the op allows."""
+    first = len(records)
+    outputs = launcher(*args)
+    known = [t for t in (*args, *outputs) if hasattr(t, "shape")]
+    buffers = {
+        id(a): a
+        for _, _, kernel_args, _ in records[first:]
+        for a in kernel_args
+        if hasattr(a, "shape") and not any(a is t for t in known)
+    }
+    used = sum(t.numel() * t.element_size() for t in buffers.values())
+    shapes = [tuple(t.shape) for t in buffers.values()]
+    scratch.append(dict(launcher=launcher.__name__, shape=tuple(args[0].shape), bytes=used, budget=budget, buffers=shapes))
+    return outputs
+
+
+def _launch_norm_and_project(nap, call) -> None:
     """``norm_and_project``'s forward and backward launchers on ``meta`` tensors of every gate shape."""
     import torch
 
@@ -104,12 +124,19 @@ def _launch_norm_and_project(nap) -> None:
             for Np in PROMPTS:
                 for mix_shape in ((Np, PATCHES), (Np, PATCHES, d)):
                     mix = torch.empty(mix_shape, **f32)
-                    _, _, mean, rstd1, rstd_g = nap.norm_and_project_forward(x, w, w, 1e-6, w, w, 1e-6, mix, PREFIX)
+                    # Forward: g's own size in float32 at most (no buffer that grows with row tiles).
+                    budget = 4 * BATCH * Np * d
+                    _, _, mean, rstd1, rstd_g = call(
+                        nap.norm_and_project_forward, budget, x, w, w, 1e-6, w, w, 1e-6, mix, PREFIX
+                    )
                     dg = torch.empty(BATCH, Np, d, dtype=dtype, **meta)
-                    nap.norm_and_project_backward(x, dg, x, w, w, w, mix, mean, rstd1, rstd_g, PREFIX)
+                    # Backward: per-image prompt-by-patch and prompt-by-channel float32 buffers, and
+                    # the four weight gradients' float32 partials over blocks of 32 rows or more.
+                    budget = 4 * BATCH * Np * (PATCHES + d + 2) + 16 * BATCH * -(-T // 32) * d
+                    call(nap.norm_and_project_backward, budget, x, dg, x, w, w, w, mix, mean, rstd1, rstd_g, PREFIX)
 
 
-def _launch_prefix_attention(pa) -> None:
+def _launch_prefix_attention(pa, call) -> None:
     """``prefix_attention``'s forward and backward launchers on ``meta`` tensors of every gate shape."""
     import torch
 
@@ -127,9 +154,11 @@ def _launch_prefix_attention(pa) -> None:
                 for Np in PROMPTS:
                     for Bp in (1, BATCH):
                         kp = torch.empty(Bp, H, Np, D, dtype=dtype, **meta)
-                        out, lse = pa.prefix_attention_forward(q, k, v, kp, kp, D**-0.5)
+                        out, lse = call(pa.prefix_attention_forward, 0, q, k, v, kp, kp, D**-0.5)
                         dout = torch.empty(BATCH, T, H, D, dtype=dtype, **meta).transpose(1, 2)
-                        pa.prefix_attention_backward(dout, q, k, v, kp, kp, out, lse, D**-0.5)
+                        # delta (B, H, T) and, for a broadcast prefix, float32 per-image prefix gradients.
+                        budget = 4 * BATCH * H * (T + 2 * Np * D)
+                        call(pa.prefix_attention_backward, budget, dout, q, k, v, kp, kp, out, lse, D**-0.5)
 
 
 def _compile_one(job: tuple) -> dict:
@@ -190,7 +219,7 @@ def _child_main() -> dict:
     from triton.runtime.jit import create_function_from_signature
 
     start = time.perf_counter()
-    records = _record_launches()
+    records, scratch = _record_launches()
     jobs, seen, binders, promise = [], set(), {}, {}
     for _, arch, _ in TARGETS:
         backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -221,6 +250,7 @@ def _child_main() -> dict:
         triton=triton.__version__,
         launches=len(records),
         results=results,
+        scratch=scratch,
         seconds=time.perf_counter() - start,
     )
 
@@ -301,6 +331,12 @@ def test_no_tf32_where_float32_products_are_promised(gate, target):
     _, arch, _ = target
     tf32 = [_describe(r) for r in _of(gate, arch) if r["promises_fp32"] and r["tf32"]]
     assert not tf32, f"{len(tf32)} configurations promise float32 products and use TF32:\n" + "\n".join(tf32)
+
+
+def test_scratch_memory_within_budget(gate):
+    over = [f"{s['launcher']} {s['shape']}: {s['bytes']} > {s['budget']} bytes in {s['buffers']}"
+            for s in gate["scratch"] if s["bytes"] > s["budget"]]  # fmt: skip
+    assert not over, f"{len(over)} calls use more scratch memory than their budget:\n" + "\n".join(over)
 
 
 def test_every_kernel_is_compiled_for_every_target(gate):
