@@ -47,8 +47,9 @@ ViT widths up to ``d = 2048``.
 
 All arithmetic is float32 whatever the input dtype; every load is cast to float32 right away
 (Triton's CPU interpreter mishandles bfloat16 arithmetic), and every ``tl.dot`` runs in IEEE float32
-(``input_precision="ieee"``, no TF32: its 10-bit mantissa would round ``LN_g(x)`` and ``mix`` more
-coarsely than bfloat16 inputs are). The interpreter converts float32 to bfloat16 by truncation (up
+(``input_precision="ieee"``, on FMA units) whatever the input dtype: TF32 would round its float32
+operands (``LN_g(x)``, ``mix``, ``dg``) to 10-bit mantissas, about 2**-11 relative error per
+product, where the op promises float32 products. The interpreter converts float32 to bfloat16 by truncation (up
 to 2**-7 relative error; the GPU rounds to nearest), so there the bfloat16 stores of ``h``, ``g``
 and ``dx`` are rounded first (``ROUND_BF16``).
 """
@@ -71,6 +72,7 @@ _SHAPE_ARGS = ["B", "T", "N", "Np", "num_prefix"]
 
 
 def _jit(fn):
+    """``triton.jit`` that does not specialise on the shape arguments of ``_SHAPE_ARGS``."""
     return triton.jit(fn, do_not_specialize=[a for a in _SHAPE_ARGS if a in fn.__code__.co_varnames])
 
 
@@ -747,9 +749,11 @@ def norm_and_project_backward(
     rstd_g: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`norm_and_project_forward`: a mix-gradient kernel, then one pass over
-    ``x`` for ``dx`` and the weight gradients. Buffers besides the outputs: per-tile weight
-    partials ``(B * tiles, d)`` and, for a shared mix, ``(B, Np, N)`` per-image mix partials.
+    """Gradients of :func:`norm_and_project_forward`: one pass over ``x`` for ``dx`` and the weight
+    gradients, and a mix-gradient kernel (for a shared mix it runs first: its per-image sums also
+    give the ``dx`` kernel its ``LN_g`` row sums). Buffers besides the outputs: weight partials
+    ``(B * tiles, d)`` over 32 rows or more each and, for a shared mix, the ``(B, Np, N)``
+    per-image mix partials.
 
     Args:
         dh: ``(B, T, d)`` gradient of ``h``, contiguous, x's dtype.
