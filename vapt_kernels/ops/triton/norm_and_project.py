@@ -655,17 +655,18 @@ def launch_config(kernel: str, T: int, N: int, d: int, Np: int) -> dict:
         block_j = max(16, min(32, triton.next_power_of_2(Np)))
         return dict(BLOCK_C=64, BLOCK_N=16, BLOCK_J=block_j, num_warps=4, num_stages=2)
     if kernel == "dmix_shared":  # (BLOCK_J, BLOCK_C) @ (BLOCK_C, BLOCK_N)
-        block_j = max(16, min(64, triton.next_power_of_2(Np)))
-        return dict(BLOCK_C=32, BLOCK_N=32, BLOCK_J=block_j, num_warps=8, num_stages=2)
+        block_j = max(16, min(32, triton.next_power_of_2(Np)))
+        return dict(BLOCK_C=32, BLOCK_N=32, BLOCK_J=block_j, num_warps=4, num_stages=2)
     if kernel == "bwd_shared":  # (BLOCK_T, BLOCK_J) @ (BLOCK_J, BLOCK_C), next to x, dh and dxg tiles
         return dict(BLOCK_T=32, BLOCK_C=64, BLOCK_J=16, num_warps=8, num_stages=2)
     if kernel in ("g", "dmix"):
-        # A BLOCK_J x BLOCK_N x BLOCK_C accumulator (and, in g, a mix tile of that size). Every prompt
-        # block re-reads the x tile and, in dmix, every patch block the dg tile, so
+        # A BLOCK_J x BLOCK_N x BLOCK_C accumulator (and, in g, a mix tile of that size), 16
+        # elements a thread at 8 warps (4 warps spill at Np = 1 with Triton 3.6's ptxas). Every
+        # prompt block re-reads the x tile and, in dmix, every patch block the dg tile, so
         # BLOCK_J * BLOCK_N is fixed at 64 and split evenly (8 x 8) unless Np is small.
         block_j = min(8, triton.next_power_of_2(Np))
         block_n = min(64 // block_j, triton.next_power_of_2(N))
-        return dict(BLOCK_C=64, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=4, num_stages=2)
+        return dict(BLOCK_C=64, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=8, num_stages=2)
     raise ValueError(f"unknown norm_and_project kernel {kernel!r}")
 
 
