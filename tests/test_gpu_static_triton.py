@@ -104,7 +104,8 @@ def _call(records: list, scratch: list, launcher, budget: int, *args):
     }
     used = sum(t.numel() * t.element_size() for t in buffers.values())
     shapes = [tuple(t.shape) for t in buffers.values()]
-    scratch.append(dict(launcher=launcher.__name__, shape=tuple(args[0].shape), bytes=used, budget=budget, buffers=shapes))
+    call = dict(launcher=launcher.__name__, shape=tuple(args[0].shape), bytes=used, budget=budget, buffers=shapes)
+    scratch.append(call)
     return outputs
 
 
