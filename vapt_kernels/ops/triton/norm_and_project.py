@@ -1,50 +1,63 @@
 """Triton kernels of ``norm_and_project``: the block's LayerNorm and the folded prompt projection
-from one read of the block input (DESIGN §2.3).
+(DESIGN §2.3).
 
 Shapes: ``B`` batch, ``T = P + N`` tokens (``P = num_prefix`` prefix tokens, ``N`` patches), ``d``
 channels, ``Np`` prompts. ``mix`` is the folded ``(Np, N)`` matrix ("shared") or its per-channel
 form ``(Np, N, d)``.
 
-Forward, per program one tile of ``BLOCK_T`` rows of one image (grid ``(tiles, B)``): load the
-rows once, compute their mean and variance once, write ``h = LN_1(x)`` and the row statistics.
-With a shared mix the same program normalises again with the prompt LayerNorm (``xg = LN_g(x)``:
-same statistics, its own eps and affine) and projects the tile's patch rows,
-``mix[:, tile] @ xg[tile]``, into a ``(B, tiles, Np, d)`` float32 buffer of partial ``g`` that is
-summed over the tiles afterwards. Per channel the tiles are sized for the LayerNorm alone and hold
-a few rows, so such partials would be many times ``g`` (491 MB at ViT-B: B = 128, Np = 50, 8-row
-tiles). There the first kernel only normalises, and a second one, launched after it on the same
-stream, computes ``g[b, j, c] = sum_n mix[j, n, c] * LN_g(x)[b, P + n, c]`` directly: each
-program owns an image, a block of prompts and a block of channels (grid
-``(B, Np / BLOCK_J, d / BLOCK_C)``, images fastest so the programs that read one mix block run
-together and share it through L2), rebuilds ``LN_g(x)`` from ``x`` and the statistics just
-written, and accumulates over the patches in float32 registers. Each program owns its slice of
-every output and partial buffer, so there are no atomics and the result does not depend on
-scheduling.
+Forward, two kernels on one stream:
 
-Backward, same grid: recompute ``xhat`` from ``x`` and the saved statistics, form
-``dxg = mix[:, tile]^T dg`` (the gradient reaching ``LN_g``'s output), add the two LayerNorm
-backward terms into ``dx``, and write per-program partial sums of the four weight/bias gradients
-(``(B * tiles, d)``), summed afterwards. A shared mix's gradient comes from the same pass, as
-per-image partials ``(B, Np, N)`` of the tile's columns summed afterwards. Per channel those
-partials would be ``(B, Np, N, d)`` (3.8 GB at ViT-B, B = 128, Np = 50), so a second kernel computes
-``dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, P + n, c]`` directly: each program owns a block
-of prompts, patches and channels (grid ``(d / BLOCK_C, N / BLOCK_N, Np / BLOCK_J)``), rebuilds
-``LN_g(x)`` from ``x`` and the saved statistics, and accumulates over the images in float32
-registers.
+* ``_norm_and_project_fwd_kernel``, one program per tile of a few whole rows of one image (grid
+  ``(tiles, B)``): the row mean and variance, ``h = LN_1(x)`` and the row statistics.
+* the projection ``g[b] = mix @ LN_g(x[b, P:])``, with ``LN_g(x)`` rebuilt from ``x`` and the
+  statistics just written. Each program owns an image, a block of prompts and a block of channels
+  (grid ``(B, Np / BLOCK_J, d / BLOCK_C)``) and loops over the patches, accumulating its block of
+  ``g`` in float32 registers: ``_norm_and_project_g_shared_kernel`` with ``tl.dot`` over patch
+  tiles, ``_norm_and_project_g_kernel`` per channel as ``sum_n mix[j, n, c] * LN_g(x)[n, c]``.
+  No partial sums leave a program, so the only buffer is ``g`` itself.
+
+Backward, two kernels on one stream:
+
+* the mix gradient. Shared mix, ``_norm_and_project_dmix_shared_kernel`` (grid
+  ``(B, N / BLOCK_N, Np / BLOCK_J)``, a loop over channel blocks): per image
+  ``a[b, j, n] = sum_c dg[b, j, c] w_g[c] xhat_g[b, n, c]`` and the row sums
+  ``u[b, j] = dg[b, j] . w_g``, ``v[b, j] = dg[b, j] . b_g``; then
+  ``dmix = sum_b (a[b] + v[b, :, None])`` (``LN_g(x) = xhat_g w_g + b_g``). ``a`` and ``u`` are
+  also the two row sums the LayerNorm backward of ``LN_g`` needs (below), so the ``dx`` kernel
+  never has to hold a whole row. Per channel, ``_norm_and_project_dmix_kernel`` (grid
+  ``(d / BLOCK_C, N / BLOCK_N, Np / BLOCK_J)``) sums ``dg[b, j, c] * LN_g(x)[b, P + n, c]`` over
+  the images in registers.
+* ``dx`` and per-program partial sums of the four weight/bias gradients (``(B * tiles, d)``, each
+  over 32 rows or more, summed afterwards). The LayerNorm backward of each term is
+  ``rstd * (dy - mean_c(dy) - xhat * mean_c(dy * xhat))`` with ``dy_1 = dh w_1`` and
+  ``dy_g = dxg w_g``, ``dxg[n] = sum_j mix[j, n] dg[j]`` the gradient reaching ``LN_g``'s output.
+  Shared mix, ``_norm_and_project_bwd_shared_kernel``: a tile of rows and a loop over channel
+  blocks, twice: the first pass sums ``dy_1`` and ``dy_1 xhat_1`` over the row, the ``LN_g`` row
+  sums come from the first kernel (``sum_c dy_g = sum_j mix[j, n] u[j]``,
+  ``sum_c dy_g xhat_g = sum_j mix[j, n] a[j, n]``), and the second pass forms ``dxg`` with
+  ``tl.dot`` and writes ``dx``. Per channel ``dxg`` has no such shortcut and every element of
+  ``mix`` is read once per image anyway, so ``_norm_and_project_bwd_per_channel_kernel`` works on
+  tiles of a few whole rows and sums ``dxg`` prompt by prompt.
+
+Each program owns its slice of every output and partial buffer: no atomics, and the results do not
+depend on scheduling. Block sizes are chosen by :func:`launch_config` alone, for the launchers and
+for the offline compilation gate (``tests/test_gpu_static_triton.py``), which checks every
+configuration for sm_80 and sm_90: no register spills and shared memory within a block's limit at
+ViT widths up to ``d = 2048``.
 
 All arithmetic is float32 whatever the input dtype; every load is cast to float32 right away
-(Triton's CPU interpreter mishandles bfloat16 arithmetic). The matrix products run on
-``tl.dot`` with float32 operands and accumulation: in IEEE float32 for float32 inputs, in TF32 for
-16-bit inputs (its rounding is finer than the inputs' own, and than the composite PyTorch path,
-which rounds ``mix`` and ``LN_g(x)`` to the input dtype). The interpreter converts float32 to
-bfloat16 by truncation (up to 2**-7 relative error; the GPU rounds to nearest), so there the
-bfloat16 stores of ``h``, ``dx`` and the per-channel ``g`` are rounded first (``ROUND_BF16``).
+(Triton's CPU interpreter mishandles bfloat16 arithmetic), and every ``tl.dot`` runs in IEEE float32
+(``input_precision="ieee"``, on FMA units) whatever the input dtype: TF32 would round its float32
+operands (``LN_g(x)``, ``mix``, ``dg``) to 10-bit mantissas, about 2**-11 relative error per
+product, where the op promises float32 products. The interpreter converts float32 to bfloat16 by truncation (up
+to 2**-7 relative error; the GPU rounds to nearest), so there the bfloat16 stores of ``h``, ``g``
+and ``dx`` are rounded first (``ROUND_BF16``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -52,40 +65,35 @@ import triton.language as tl
 
 from .prefix_attention import INTERPRETED, round_to_bfloat16
 
-# Largest BLOCK_T * BLOCK_D (and BLOCK_J * BLOCK_D) tile a program keeps in registers.
-_TILE_ELEMENTS = 8192
+# Shape arguments that are not specialised on (divisible by 16, equal to 1): one compiled kernel
+# serves every token and prompt count. ``d`` is specialised: its divisibility lets rows be loaded
+# in 16-byte vectors.
+_SHAPE_ARGS = ["B", "T", "N", "Np", "num_prefix"]
 
 
-@triton.jit
+def _jit(fn):
+    """``triton.jit`` that does not specialise on the shape arguments of ``_SHAPE_ARGS``."""
+    return triton.jit(fn, do_not_specialize=[a for a in _SHAPE_ARGS if a in fn.__code__.co_varnames])
+
+
+@_jit
 def _norm_and_project_fwd_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
     b1_ptr,  # (d,) norm1 bias (read only when HAS_B1)
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG and not PER_CHANNEL)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG and not PER_CHANNEL)
-    mix_ptr,  # (Np, N) shared mix, float32, contiguous (not read when PER_CHANNEL)
     h_ptr,  # (B, T, d) output LN_1(x), x's dtype
     mean_ptr,  # (B, T) output row means, float32
     rstd1_ptr,  # (B, T) output 1 / sqrt(var + eps1), float32
     rstdg_ptr,  # (B, T) output 1 / sqrt(var + eps_g), float32
-    gpart_ptr,  # (B, tiles, Np, d) output partial g of each row tile, float32 (not PER_CHANNEL)
     T,  # tokens per image
-    N,  # patch tokens per image (mix columns)
     d,  # channels
-    Np,  # prompts (mix rows)
-    num_prefix,  # prefix tokens P (rows t < P have no mix column)
     eps1,  # norm1 epsilon
     eps_g,  # prompt LayerNorm epsilon
     HAS_W1: tl.constexpr,
     HAS_B1: tl.constexpr,
-    HAS_WG: tl.constexpr,
-    HAS_BG: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d): h and statistics only, g from the g kernel
-    DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_T: tl.constexpr,  # rows per program
-    BLOCK_D: tl.constexpr,  # next power of two >= d
-    BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
+    BLOCK_D: tl.constexpr,  # next power of two >= d: whole rows, so mean and variance take one read
 ):
     tile = tl.program_id(0)
     # int64: b * T * d overflows int32 for large batches.
@@ -99,15 +107,14 @@ def _norm_and_project_fwd_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / d
-    # Zero the padding columns so they drop out of the variance and of every later sum.
+    # Zero the padding columns so they drop out of the variance.
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / d
     rstd1 = tl.rsqrt(var + eps1)
-    rstd_g = tl.rsqrt(var + eps_g)
     stat_offs = b * T + rows
     tl.store(mean_ptr + stat_offs, mean, mask=row_ok)
     tl.store(rstd1_ptr + stat_offs, rstd1, mask=row_ok)
-    tl.store(rstdg_ptr + stat_offs, rstd_g, mask=row_ok)
+    tl.store(rstdg_ptr + stat_offs, tl.rsqrt(var + eps_g), mask=row_ok)
 
     h = xc * rstd1[:, None]
     if HAS_W1:
@@ -118,29 +125,96 @@ def _norm_and_project_fwd_kernel(
         h = round_to_bfloat16(h)
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
-    if not PER_CHANNEL:
-        xg = xc * rstd_g[:, None]
-        if HAS_WG:
-            xg = xg * tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BG:
-            xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # Mix column of each row; prefix and padding rows load zero mix entries, and their xg rows
-        # are zeroed: a zero mix entry times a NaN in a prefix row would still be NaN.
-        n = rows - num_prefix
-        n_ok = row_ok & (n >= 0)
-        n = tl.where(n_ok, n, 0)
-        xg = tl.where(n_ok[:, None], xg, 0.0)
-        gpart_base = (b * tl.num_programs(0) + tile) * Np * d
-        for j0 in range(0, Np, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            j_ok = js < Np
-            m = tl.load(mix_ptr + js[:, None] * N + n[None, :], mask=j_ok[:, None] & n_ok[None, :], other=0.0)
-            g = tl.dot(m, xg, input_precision=DOT_PRECISION)
-            g_offs = gpart_base + js[:, None] * d + cols[None, :]
-            tl.store(gpart_ptr + g_offs, g, mask=j_ok[:, None] & col_ok[None, :])
+
+@triton.jit
+def _channel_vector(
+    ptr,  # (d,) LayerNorm weight or bias (read only when PRESENT)
+    cols,  # (BLOCK_C,) channel indices
+    d,  # channels
+    PRESENT: tl.constexpr,  # False: the LayerNorm has no such parameter
+    ABSENT: tl.constexpr,  # its value when absent: 1.0 for a weight, 0.0 for a bias
+):
+    """A LayerNorm weight or bias on a block of channels, float32, zero on padding channels."""
+    col_ok = cols < d
+    if PRESENT:
+        v = tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.where(col_ok, ABSENT, 0.0)
+    return v
 
 
 @triton.jit
+def _patch_rows_lng(
+    x_b,  # pointer to row 0 of this image's (T, d) input
+    mean_b,  # pointer to this image's (T,) row means
+    rstdg_b,  # pointer to this image's (T,) 1 / sqrt(var + eps_g)
+    wg,  # (BLOCK_C,) float32 prompt LayerNorm weight of the channel block
+    bg,  # (BLOCK_C,) float32 prompt LayerNorm bias of the channel block
+    ns,  # (BLOCK_N,) patch indices
+    cols,  # (BLOCK_C,) channel indices
+    N,  # patches
+    d,  # channels
+    num_prefix,  # prefix tokens P (patch n is row P + n)
+):
+    """``LN_g(x)`` of a ``(BLOCK_N, BLOCK_C)`` tile of patch rows, float32, rebuilt from ``x`` and
+    the forward's statistics; padding rows and channels are zero."""
+    n_ok = ns < N
+    mask = n_ok[:, None] & (cols < d)[None, :]
+    rows = num_prefix + ns
+    x = tl.load(x_b + rows[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_b + rows, mask=n_ok, other=0.0)
+    rstd_g = tl.load(rstdg_b + rows, mask=n_ok, other=0.0)
+    xg = (x - mean[:, None]) * rstd_g[:, None] * wg[None, :] + bg[None, :]
+    return tl.where(mask, xg, 0.0)
+
+
+@_jit
+def _norm_and_project_g_shared_kernel(
+    x_ptr,  # (B, T, d) block input, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mix_ptr,  # (Np, N) shared mix, float32, contiguous
+    mean_ptr,  # (B, T) row means, float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    g_ptr,  # (B, Np, d) output projection, x's dtype
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (patch n is row P + n)
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_N: tl.constexpr,  # patches per step of the loop over the patches
+    BLOCK_J: tl.constexpr,  # prompts per program (>= 16, a tl.dot dimension)
+):
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(0).to(tl.int64)
+    js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_ok = js < Np
+    col_ok = cols < d
+    wg = _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)
+    bg = _channel_vector(bg_ptr, cols, d, HAS_BG, 0.0)
+
+    # g[b, js, cols] = sum over patch tiles of mix[js, tile] @ LN_g(x)[tile, cols], in float32
+    # registers, in a fixed order.
+    acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        xg = _patch_rows_lng(x_ptr + b * T * d, mean_ptr + b * T, rstdg_ptr + b * T, wg, bg, ns, cols, N, d,
+                             num_prefix)  # fmt: skip
+        m = tl.load(mix_ptr + js[:, None] * N + ns[None, :], mask=j_ok[:, None] & (ns < N)[None, :], other=0.0)
+        acc = tl.dot(m, xg, acc, input_precision="ieee")
+
+    if ROUND_BF16:
+        acc = round_to_bfloat16(acc)
+    g_offs = b * Np * d + js[:, None] * d + cols[None, :]
+    tl.store(g_ptr + g_offs, acc.to(g_ptr.dtype.element_ty), mask=j_ok[:, None] & col_ok[None, :])
+
+
+@_jit
 def _norm_and_project_g_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
     wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
@@ -167,33 +241,20 @@ def _norm_and_project_g_kernel(
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_ok = js < Np
     col_ok = cols < d
-    if HAS_WG:
-        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_BG:
-        bg = tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    x_b = x_ptr + b * T * d
-    stat_b = b * T
+    wg = _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)
+    bg = _channel_vector(bg_ptr, cols, d, HAS_BG, 0.0)
     # int64: j * N * d may exceed int32.
     mix_jc = mix_ptr + js.to(tl.int64)[:, None, None] * N * d + cols[None, None, :]
 
-    # g[b, j, c] = sum_n mix[j, n, c] * xg[n, c], accumulated over the patches in a fixed order in
-    # float32 registers and reduced over the patch axis once at the end.
+    # g[b, j, c] = sum_n mix[j, n, c] * LN_g(x)[n, c], accumulated over the patches in a fixed order
+    # in float32 registers and reduced over the patch axis once at the end.
     acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_C), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
-        x_mask = n_ok[:, None] & col_ok[None, :]
-        rows = num_prefix + ns
-        x = tl.load(x_b + rows[:, None] * d + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + stat_b + rows, mask=n_ok, other=0.0)
-        rstd_g = tl.load(rstdg_ptr + stat_b + rows, mask=n_ok, other=0.0)
-        xg = (x - mean[:, None]) * rstd_g[:, None]
-        if HAS_WG:
-            xg = xg * wg[None, :]
-        if HAS_BG:
-            xg = xg + bg[None, :]
-        # Padding patches and channels load zero mix entries, so contribute nothing.
-        m = tl.load(mix_jc + (ns * d)[None, :, None], mask=j_ok[:, None, None] & x_mask[None, :, :], other=0.0)
+        xg = _patch_rows_lng(x_ptr + b * T * d, mean_ptr + b * T, rstdg_ptr + b * T, wg, bg, ns, cols, N, d,
+                             num_prefix)  # fmt: skip
+        m_mask = j_ok[:, None, None] & (ns < N)[None, :, None] & col_ok[None, None, :]
+        m = tl.load(mix_jc + (ns * d)[None, :, None], mask=m_mask, other=0.0)
         acc += m * xg[None, :, :]
 
     g = tl.sum(acc, axis=1)
@@ -203,15 +264,71 @@ def _norm_and_project_g_kernel(
     tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=j_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _norm_and_project_bwd_kernel(
+@_jit
+def _norm_and_project_dmix_shared_kernel(
+    dg_ptr,  # (B, Np, d) gradient of g, contiguous
+    x_ptr,  # (B, T, d) block input, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    mean_ptr,  # (B, T) row means, float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    a_ptr,  # (B, Np, N) output a[b, j, n] = sum_c dg[b, j, c] w_g[c] xhat_g[b, P + n, c], float32
+    u_ptr,  # (B, Np) output u[b, j] = dg[b, j] . w_g, float32
+    v_ptr,  # (B, Np) output v[b, j] = dg[b, j] . b_g, float32
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (patch n is row P + n)
+    HAS_WG: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per step of the loop over the channels
+    BLOCK_N: tl.constexpr,  # patches per program (>= 16, a tl.dot dimension)
+    BLOCK_J: tl.constexpr,  # prompts per program (>= 16, a tl.dot dimension)
+):
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = js < Np
+    # xhat_g: LN_g without its affine, which goes onto dg instead.
+    ones = tl.full((BLOCK_C,), 1.0, tl.float32)
+    zeros = tl.zeros((BLOCK_C,), tl.float32)
+
+    a = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    v = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        dg_mask = j_ok[:, None] & (cols < d)[None, :]
+        dgc = tl.load(dg_ptr + b * Np * d + js[:, None] * d + cols[None, :], mask=dg_mask, other=0.0)
+        dgc = dgc.to(tl.float32)
+        dgw = dgc * _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)[None, :]
+        xhat = _patch_rows_lng(x_ptr + b * T * d, mean_ptr + b * T, rstdg_ptr + b * T, ones, zeros, ns, cols, N, d,
+                               num_prefix)  # fmt: skip
+        a = tl.dot(dgw, tl.trans(xhat), a, input_precision="ieee")
+        u += tl.sum(dgw, axis=1)
+        v += tl.sum(dgc * _channel_vector(bg_ptr, cols, d, HAS_BG, 0.0)[None, :], axis=1)
+
+    a_offs = b * Np * N + js[:, None] * N + ns[None, :]
+    tl.store(a_ptr + a_offs, a, mask=j_ok[:, None] & (ns < N)[None, :])
+    # Every patch block computes u and v; the first one stores them.
+    first = j_ok & (pid_n == 0)
+    tl.store(u_ptr + b * Np + js, u, mask=first)
+    tl.store(v_ptr + b * Np + js, v, mask=first)
+
+
+@_jit
+def _norm_and_project_bwd_shared_kernel(
     dh_ptr,  # (B, T, d) gradient of h, contiguous
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
     wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG and not PER_CHANNEL)
-    mix_ptr,  # (Np, N) shared or (Np, N, d) per-channel, float32, contiguous
+    mix_ptr,  # (Np, N) shared mix, float32, contiguous
+    a_ptr,  # (B, Np, N) sum_c dg[b, j, c] w_g[c] xhat_g[b, P + n, c], float32, from the dmix kernel
+    u_ptr,  # (B, Np) dg[b, j] . w_g, float32, from the dmix kernel
     mean_ptr,  # (B, T) row means, float32
     rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
@@ -220,7 +337,6 @@ def _norm_and_project_bwd_kernel(
     db1_ptr,  # (B * tiles, d) output partial gradient of norm1 bias, float32
     dwg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm weight, float32
     dbg_ptr,  # (B * tiles, d) output partial gradient of the prompt LayerNorm bias, float32
-    dmix_ptr,  # (B, Np, N) output per-image partial gradient of a shared mix, float32 (not PER_CHANNEL)
     T,  # tokens per image
     N,  # patch tokens per image (mix columns)
     d,  # channels
@@ -228,19 +344,175 @@ def _norm_and_project_bwd_kernel(
     num_prefix,  # prefix tokens P (rows t < P have no mix column)
     HAS_W1: tl.constexpr,
     HAS_WG: tl.constexpr,
-    HAS_BG: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,  # mix is (Np, N, d) instead of (Np, N)
-    DOT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 x, "tf32" otherwise
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
-    BLOCK_T: tl.constexpr,  # rows per program
-    BLOCK_D: tl.constexpr,  # next power of two >= d
-    BLOCK_J: tl.constexpr,  # prompts per step of the projection loop (shared mix)
+    BLOCK_T: tl.constexpr,  # rows per program (>= 16, a tl.dot dimension)
+    BLOCK_C: tl.constexpr,  # channels per step of the loops over the channels
+    BLOCK_J: tl.constexpr,  # prompts per step of the loops over the prompts (>= 16, a tl.dot dimension)
 ):
     tile = tl.program_id(0)
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(1).to(tl.int64)
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    stat_offs = b * T + rows
+    mean = tl.load(mean_ptr + stat_offs, mask=row_ok, other=0.0)
+    # Padding rows get rstd 0, hence xhat 0 and no share in the weight gradients.
+    rstd1 = tl.load(rstd1_ptr + stat_offs, mask=row_ok, other=0.0)
+    rstd_g = tl.load(rstdg_ptr + stat_offs, mask=row_ok, other=0.0)
+    # Mix column of each row; prefix and padding rows load zero mix entries.
+    n = rows - num_prefix
+    n_ok = row_ok & (n >= 0)
+    n = tl.where(n_ok, n, 0)
+    row_offs = b * T * d + rows[:, None] * d
+    part_offs = (b * tl.num_programs(0) + tile) * d
+
+    # Pass 1: the row sums of dy_1 and dy_1 xhat_1, and norm1's weight and bias gradients.
+    c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < d
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + row_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xhat1 = tl.where(mask, x - mean[:, None], 0.0) * rstd1[:, None]
+        dh = tl.load(dh_ptr + row_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy1 = dh * _channel_vector(w1_ptr, cols, d, HAS_W1, 1.0)[None, :]
+        c1 += tl.sum(dy1, axis=1)
+        c2 += tl.sum(dy1 * xhat1, axis=1)
+        tl.store(dw1_ptr + part_offs + cols, tl.sum(dh * xhat1, axis=0), mask=col_ok)
+        tl.store(db1_ptr + part_offs + cols, tl.sum(dh, axis=0), mask=col_ok)
+    c1 = c1 / d
+    c2 = c2 / d
+
+    # The row sums of LN_g's backward without dxg: sum_c dy_g = sum_j mix[j, n] u[j] and
+    # sum_c dy_g xhat_g = sum_j mix[j, n] a[j, n]; zero on prefix and padding rows.
+    cg1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    cg2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j0 in range(0, Np, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < Np
+        mt_mask = n_ok[:, None] & j_ok[None, :]
+        # mix[js, n] and a[b, js, n] loaded transposed, (BLOCK_T, BLOCK_J).
+        m_t = tl.load(mix_ptr + js[None, :] * N + n[:, None], mask=mt_mask, other=0.0)
+        a_t = tl.load(a_ptr + b * Np * N + js[None, :] * N + n[:, None], mask=mt_mask, other=0.0)
+        uj = tl.load(u_ptr + b * Np + js, mask=j_ok, other=0.0)
+        cg1 += tl.sum(m_t * uj[None, :], axis=1)
+        cg2 += tl.sum(m_t * a_t, axis=1)
+    cg1 = cg1 / d
+    cg2 = cg2 / d
+
+    # Pass 2: dxg = mix[:, n]^T dg on each channel block, then dx and LN_g's weight and bias
+    # gradients.
+    for c0 in range(0, d, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < d
+        dxg = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for j0 in range(0, Np, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            j_ok = js < Np
+            m_t = tl.load(mix_ptr + js[None, :] * N + n[:, None], mask=n_ok[:, None] & j_ok[None, :], other=0.0)
+            dg_mask = j_ok[:, None] & col_ok[None, :]
+            dgc = tl.load(dg_ptr + b * Np * d + js[:, None] * d + cols[None, :], mask=dg_mask, other=0.0)
+            dxg = tl.dot(m_t, dgc.to(tl.float32), dxg, input_precision="ieee")
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + row_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        xhat1 = xc * rstd1[:, None]
+        xhatg = xc * rstd_g[:, None]
+        dh = tl.load(dh_ptr + row_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy1 = dh * _channel_vector(w1_ptr, cols, d, HAS_W1, 1.0)[None, :]
+        dyg = dxg * _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)[None, :]
+        dx = rstd1[:, None] * (dy1 - c1[:, None] - xhat1 * c2[:, None])
+        dx += rstd_g[:, None] * (dyg - cg1[:, None] - xhatg * cg2[:, None])
+        if ROUND_BF16:
+            dx = round_to_bfloat16(dx)
+        tl.store(dx_ptr + row_offs + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        # Prefix rows have dxg = 0 but their own xhat_g, possibly NaN: left out, as from the forward.
+        tl.store(dwg_ptr + part_offs + cols, tl.sum(tl.where(n_ok[:, None], dxg * xhatg, 0.0), axis=0), mask=col_ok)
+        tl.store(dbg_ptr + part_offs + cols, tl.sum(dxg, axis=0), mask=col_ok)
+
+
+@_jit
+def _norm_and_project_bwd_per_channel_kernel(
+    dh_ptr,  # (B, T, d) gradient of h, contiguous
+    dg_ptr,  # (B, Np, d) gradient of g, contiguous
+    x_ptr,  # (B, T, d) block input, contiguous
+    w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
+    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
+    mix_ptr,  # (Np, N, d) per-channel mix, float32, contiguous
+    mean_ptr,  # (B, T) row means, float32
+    rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    dx_ptr,  # (B, T, d) output gradient of x, x's dtype
+    dw1_ptr,  # (B * chunks, d) output partial gradient of norm1 weight, float32
+    db1_ptr,  # (B * chunks, d) output partial gradient of norm1 bias, float32
+    dwg_ptr,  # (B * chunks, d) output partial gradient of the prompt LayerNorm weight, float32
+    dbg_ptr,  # (B * chunks, d) output partial gradient of the prompt LayerNorm bias, float32
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (rows t < P have no mix column)
+    HAS_W1: tl.constexpr,
+    HAS_WG: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
+    BLOCK_T: tl.constexpr,  # rows per tile
+    BLOCK_D: tl.constexpr,  # next power of two >= d: whole rows, so each row sum is taken in registers
+    TILES: tl.constexpr,  # tiles per program (a chunk of TILES * BLOCK_T rows)
+):
+    chunk = tl.program_id(0)
+    # int64: b * T * d overflows int32 for large batches.
+    b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    w1 = _channel_vector(w1_ptr, cols, d, HAS_W1, 1.0)
+    wg = _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)
+    dg_rows = dg_ptr + b * Np * d
+    # The weight gradients of the chunk, summed over its tiles in registers: partials of
+    # TILES * BLOCK_T rows, not of one small tile.
+    dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dwg = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbg = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tile in range(chunk * TILES, chunk * TILES + TILES):
+        dw1, db1, dwg, dbg = _bwd_per_channel_tile(
+            dh_ptr, dg_rows, x_ptr, mix_ptr, mean_ptr, rstd1_ptr, rstdg_ptr, dx_ptr, w1, wg, dw1, db1, dwg, dbg,
+            b, tile, cols, T, N, d, Np, num_prefix, ROUND_BF16, BLOCK_T, BLOCK_D,
+        )  # fmt: skip
+    part_offs = (b * tl.num_programs(0) + chunk) * d + cols
+    tl.store(dw1_ptr + part_offs, dw1, mask=col_ok)
+    tl.store(db1_ptr + part_offs, db1, mask=col_ok)
+    tl.store(dwg_ptr + part_offs, dwg, mask=col_ok)
+    tl.store(dbg_ptr + part_offs, dbg, mask=col_ok)
+
+
+@triton.jit
+def _bwd_per_channel_tile(
+    dh_ptr,  # (B, T, d) gradient of h, contiguous
+    dg_rows,  # pointer to this image's (Np, d) gradient of g
+    x_ptr,  # (B, T, d) block input, contiguous
+    mix_ptr,  # (Np, N, d) per-channel mix, float32, contiguous
+    mean_ptr,  # (B, T) row means, float32
+    rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    dx_ptr,  # (B, T, d) output gradient of x, x's dtype
+    w1,  # (BLOCK_D,) float32 norm1 weight
+    wg,  # (BLOCK_D,) float32 prompt LayerNorm weight
+    dw1, db1, dwg, dbg,  # (BLOCK_D,) float32 weight-gradient sums, returned with this tile's added
+    b,  # image (int64)
+    tile,  # row tile
+    cols,  # (BLOCK_D,) channel indices
+    T,  # tokens per image
+    N,  # patch tokens per image (mix columns)
+    d,  # channels
+    Np,  # prompts (mix rows)
+    num_prefix,  # prefix tokens P (rows t < P have no mix column)
+    ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
+    BLOCK_T: tl.constexpr,  # rows per tile
+    BLOCK_D: tl.constexpr,  # next power of two >= d
+):
+    """``dx`` of one tile of whole rows (a per-channel mix), and its weight gradients added to the sums."""
+    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     col_ok = cols < d
     mask = row_ok[:, None] & col_ok[None, :]
@@ -255,63 +527,27 @@ def _norm_and_project_bwd_kernel(
     xc = tl.where(mask, x - mean[:, None], 0.0)
     xhat1 = xc * rstd1[:, None]
     xhatg = xc * rstd_g[:, None]
-    if HAS_WG:
-        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
 
-    # dxg[t] = sum_j mix[j, t - P] dg[j].
+    # dxg[t, c] = sum_j mix[j, t - P, c] dg[j, c], prompt by prompt; prefix and padding rows load
+    # zero mix entries.
     n = rows - num_prefix
     n_ok = row_ok & (n >= 0)
     n = tl.where(n_ok, n, 0)
-    dg_rows = dg_ptr + b * Np * d
+    mix_mask = n_ok[:, None] & col_ok[None, :]
+    tile_offs = n[:, None] * d + cols[None, :]
     dxg = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    if PER_CHANNEL:
-        mix_mask = n_ok[:, None] & col_ok[None, :]
-        tile_offs = n[:, None] * d + cols[None, :]
-        # Advanced by pointer increments: the offset j * N * d may exceed int32.
-        mix_j = mix_ptr
-        for j in range(0, Np):
-            dgj = tl.load(dg_rows + j * d + cols, mask=col_ok, other=0.0).to(tl.float32)
-            m = tl.load(mix_j + tile_offs, mask=mix_mask, other=0.0)
-            dxg += m * dgj[None, :]
-            mix_j += N * d
-    else:
-        # The mix-gradient of this tile's columns comes from the same dg rows:
-        # dmix[j, n] = dg[j] . xg[n]. Two loops over the prompts, one product each: with both
-        # products in one loop the compiler keeps dg in two register layouts and spills heavily
-        # at d >= 512 (ptxas, sm_90).
-        for j0 in range(0, Np, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            j_ok = js < Np
-            dgc = tl.load(dg_rows + js[:, None] * d + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            # mix[js, n] loaded transposed, (BLOCK_T, BLOCK_J).
-            mix_t_mask = n_ok[:, None] & j_ok[None, :]
-            m_t = tl.load(mix_ptr + js[None, :] * N + n[:, None], mask=mix_t_mask, other=0.0)
-            dxg += tl.dot(m_t, dgc.to(tl.float32), input_precision=DOT_PRECISION)
-        if HAS_WG:
-            xg = xhatg * wg[None, :]
-        else:
-            xg = xhatg
-        if HAS_BG:
-            xg = xg + tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        xg_t = tl.trans(xg)
-        for j0 in range(0, Np, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            j_ok = js < Np
-            dgc = tl.load(dg_rows + js[:, None] * d + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            dm = tl.dot(dgc.to(tl.float32), xg_t, input_precision=DOT_PRECISION)
-            dm_offs = b * Np * N + js[:, None] * N + n[None, :]
-            tl.store(dmix_ptr + dm_offs, dm, mask=j_ok[:, None] & n_ok[None, :])
+    # Advanced by pointer increments: the offset j * N * d may exceed int32.
+    mix_j = mix_ptr
+    for j in range(0, Np):
+        dgj = tl.load(dg_rows + j * d + cols, mask=col_ok, other=0.0).to(tl.float32)
+        m = tl.load(mix_j + tile_offs, mask=mix_mask, other=0.0)
+        dxg += m * dgj[None, :]
+        mix_j += N * d
 
     # LayerNorm backward of each term: rstd * (dy - mean_c(dy) - xhat * mean_c(dy * xhat)).
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_W1:
-        dy1 = dh * tl.load(w1_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        dy1 = dh
-    if HAS_WG:
-        dyg = dxg * wg[None, :]
-    else:
-        dyg = dxg
+    dy1 = dh * w1[None, :]
+    dyg = dxg * wg[None, :]
     c1 = tl.sum(dy1, axis=1) / d
     c2 = tl.sum(dy1 * xhat1, axis=1) / d
     cg1 = tl.sum(dyg, axis=1) / d
@@ -322,15 +558,15 @@ def _norm_and_project_bwd_kernel(
         dx = round_to_bfloat16(dx)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    part_offs = (b * tl.num_programs(0) + tile) * d + cols
-    tl.store(dw1_ptr + part_offs, tl.sum(dh * xhat1, axis=0), mask=col_ok)
-    tl.store(db1_ptr + part_offs, tl.sum(dh, axis=0), mask=col_ok)
-    # Prefix rows have dxg = 0 but their own xhatg, possibly NaN: left out, as from the forward.
-    tl.store(dwg_ptr + part_offs, tl.sum(tl.where(n_ok[:, None], dxg * xhatg, 0.0), axis=0), mask=col_ok)
-    tl.store(dbg_ptr + part_offs, tl.sum(dxg, axis=0), mask=col_ok)
+    dw1 += tl.sum(dh * xhat1, axis=0)
+    db1 += tl.sum(dh, axis=0)
+    # Prefix rows have dxg = 0 but their own xhat_g, possibly NaN: left out, as from the forward.
+    dwg += tl.sum(tl.where(n_ok[:, None], dxg * xhatg, 0.0), axis=0)
+    dbg += tl.sum(dxg, axis=0)
+    return dw1, db1, dwg, dbg
 
 
-@triton.jit
+@_jit
 def _norm_and_project_dmix_kernel(
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
@@ -355,19 +591,13 @@ def _norm_and_project_dmix_kernel(
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     col_ok = cols < d
-    n_ok = ns < N
     j_ok = js < Np
-    x_mask = n_ok[:, None] & col_ok[None, :]
     dg_mask = j_ok[:, None] & col_ok[None, :]
-    rows = num_prefix + ns
-    x_offs = rows[:, None] * d + cols[None, :]
     dg_offs = js[:, None] * d + cols[None, :]
-    if HAS_WG:
-        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_BG:
-        bg = tl.load(bg_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    wg = _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)
+    bg = _channel_vector(bg_ptr, cols, d, HAS_BG, 0.0)
 
-    # dmix[j, n, c] = sum_b dg[b, j, c] * xg[b, n, c], accumulated over the images in a fixed
+    # dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, n, c], accumulated over the images in a fixed
     # order in float32 registers. Image pointers are advanced by increments: b * T * d may
     # exceed int32.
     acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -376,14 +606,7 @@ def _norm_and_project_dmix_kernel(
     mean_b = mean_ptr
     rstdg_b = rstdg_ptr
     for _ in range(0, B):
-        x = tl.load(x_b + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_b + rows, mask=n_ok, other=0.0)
-        rstd_g = tl.load(rstdg_b + rows, mask=n_ok, other=0.0)
-        xg = (x - mean[:, None]) * rstd_g[:, None]
-        if HAS_WG:
-            xg = xg * wg[None, :]
-        if HAS_BG:
-            xg = xg + bg[None, :]
+        xg = _patch_rows_lng(x_b, mean_b, rstdg_b, wg, bg, ns, cols, N, d, num_prefix)
         dgc = tl.load(dg_b + dg_offs, mask=dg_mask, other=0.0).to(tl.float32)
         acc += dgc[:, None, :] * xg[None, :, :]
         x_b += T * d
@@ -393,73 +616,58 @@ def _norm_and_project_dmix_kernel(
 
     # int64: j * N * d may exceed int32.
     out_offs = js.to(tl.int64)[:, None, None] * N * d + (ns[:, None] * d + cols[None, :])[None, :, :]
-    tl.store(dmix_ptr + out_offs, acc, mask=j_ok[:, None, None] & x_mask[None, :, :])
+    out_mask = j_ok[:, None, None] & (ns < N)[None, :, None] & col_ok[None, None, :]
+    tl.store(dmix_ptr + out_offs, acc, mask=out_mask)
 
 
-class _Config(NamedTuple):
-    """Launch configuration shared by the forward and backward kernels."""
-
-    block_t: int
-    block_d: int
-    block_j: int
-    num_warps: int
+# Largest tile of whole rows (BLOCK_T * BLOCK_D float32 elements) a LayerNorm program keeps per
+# register tensor: 16 registers a thread at 8 warps, so the handful of live tiles fit without spills.
+_ROW_TILE = 4096
 
 
-def _config(T: int, d: int, Np: int, per_channel: bool, backward: bool) -> _Config:
-    """Block sizes and warps of the forward or backward kernel for ``T`` rows of ``d`` channels and
-    ``Np`` prompts.
+def launch_config(kernel: str, T: int, N: int, d: int, Np: int) -> dict:
+    """Block sizes, warps and pipeline stages of one kernel of this file, as keyword arguments of its
+    launch: the one place they are chosen (the launchers and the offline compilation gate call it).
 
-    Rows per tile shrink as ``d`` grows so a tile stays near ``_TILE_ELEMENTS``, to avoid register
-    spills (ptxas, sm_90). The shared layout's products need every ``tl.dot`` operand dimension to
-    be at least 16, so its tiles have 16 rows or more. Per channel the forward kernel only
-    normalises, so its tile is sized for the LayerNorm alone; the backward's loop body also holds a
-    whole mix tile, so its tile is half as large.
+    Whole-row kernels (``fwd``, ``bwd_per_channel``) shrink their rows per program as ``d`` grows so
+    a tile stays within ``_ROW_TILE`` elements, and add warps past it (``d > 4096``). The others tile
+    the channels and keep ``tl.dot`` operands at least 16 wide (its minimum); their float32
+    accumulators hold at most 4096 elements.
+
+    Args:
+        kernel: ``fwd``, ``g_shared``, ``g``, ``dmix_shared``, ``bwd_shared``, ``bwd_per_channel``
+            or ``dmix`` (the kernel ``_norm_and_project_<kernel>_kernel``).
+        T, N, d, Np: tokens, patches, channels and prompts.
     """
-    block_d = max(16, triton.next_power_of_2(d))
-    rows = triton.next_power_of_2(T)
-    if not per_channel:
-        block_t = max(16, min(rows, _TILE_ELEMENTS // block_d))
-    elif backward:
-        block_t = max(1, min(rows, _TILE_ELEMENTS // 2 // block_d))
-    else:
-        block_t = max(1, min(rows, _TILE_ELEMENTS // block_d))
-    block_j = max(16, min(triton.next_power_of_2(Np), _TILE_ELEMENTS // block_d))
-    tile = block_t * block_d
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-    return _Config(block_t, block_d, block_j, num_warps)
-
-
-class _PerChannelConfig(NamedTuple):
-    """Launch configuration of the per-channel ``g`` and ``dmix`` kernels."""
-
-    block_c: int
-    block_n: int
-    block_j: int
-    num_warps: int
-
-
-def _per_channel_config(N: int, d: int, Np: int) -> _PerChannelConfig:
-    """Block sizes of the per-channel ``g`` and ``dmix`` kernels for ``N`` patches, ``d`` channels
-    and ``Np`` prompts.
-
-    A program accumulates a ``BLOCK_J x BLOCK_N x BLOCK_C`` float32 tile (at most 4096 elements,
-    32 registers a thread at 4 warps); the ``g`` kernel loads a mix tile of the same size per
-    step. Every prompt block re-reads the ``x`` tile and, in ``dmix``, every patch block the ``dg``
-    tile, so ``BLOCK_J * BLOCK_N`` is fixed at 64 and split evenly (8 x 8) unless ``Np`` is small;
-    64 channels give coalesced rows of ``x``, ``dg`` and ``mix``.
-    """
-    block_c = min(64, max(16, triton.next_power_of_2(d)))
-    block_j = min(8, triton.next_power_of_2(Np))
-    # At least 1: the g kernel also runs without patches (N == 0), to write zeros.
-    block_n = min(64 // block_j, max(1, triton.next_power_of_2(N)))
-    return _PerChannelConfig(block_c, block_n, block_j, 4)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: full float32 for float32 inputs; TF32 (a finer rounding than the
-    inputs' own 16-bit one) otherwise. Operands stay float32 in both cases: the interpreter
-    miscomputes ``tl.dot`` on bfloat16 operands."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if kernel in ("fwd", "bwd_per_channel"):
+        block_d = max(16, triton.next_power_of_2(d))
+        block_t = max(1, min(triton.next_power_of_2(T), _ROW_TILE // block_d))
+        num_warps = max(4, min(16, block_t * block_d // 512))
+        cfg = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, num_stages=1)
+        if kernel == "bwd_per_channel":
+            # Each program sums its weight gradients over 32 rows or more, so their partials stay as
+            # small as bwd_shared's.
+            cfg["TILES"] = max(1, 32 // block_t)
+        return cfg
+    # tl.dot on float32 runs on FMA units, each thread holding its share of both operands for the
+    # whole reduction width: the widths below are the largest without spills (ptxas, sm_80/90).
+    if kernel == "g_shared":  # (BLOCK_J, BLOCK_N) @ (BLOCK_N, BLOCK_C)
+        block_j = max(16, min(32, triton.next_power_of_2(Np)))
+        return dict(BLOCK_C=64, BLOCK_N=16, BLOCK_J=block_j, num_warps=4, num_stages=2)
+    if kernel == "dmix_shared":  # (BLOCK_J, BLOCK_C) @ (BLOCK_C, BLOCK_N)
+        block_j = max(16, min(32, triton.next_power_of_2(Np)))
+        return dict(BLOCK_C=32, BLOCK_N=32, BLOCK_J=block_j, num_warps=4, num_stages=2)
+    if kernel == "bwd_shared":  # (BLOCK_T, BLOCK_J) @ (BLOCK_J, BLOCK_C), next to x, dh and dxg tiles
+        return dict(BLOCK_T=32, BLOCK_C=64, BLOCK_J=16, num_warps=8, num_stages=2)
+    if kernel in ("g", "dmix"):
+        # A BLOCK_J x BLOCK_N x BLOCK_C accumulator (and, in g, a mix tile of that size), 16
+        # elements a thread at 8 warps (4 warps spill at Np = 1 with Triton 3.6's ptxas). Every
+        # prompt block re-reads the x tile and, in dmix, every patch block the dg tile, so
+        # BLOCK_J * BLOCK_N is fixed at 64 and split evenly (8 x 8) unless Np is small.
+        block_j = min(8, triton.next_power_of_2(Np))
+        block_n = min(64 // block_j, triton.next_power_of_2(N))
+        return dict(BLOCK_C=64, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=8, num_stages=2)
+    raise ValueError(f"unknown norm_and_project kernel {kernel!r}")
 
 
 def _round_bf16(dtype: torch.dtype) -> bool:
@@ -483,9 +691,8 @@ def norm_and_project_forward(
     mix: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])`` from one read of ``x``, and for a
-    per-channel ``mix`` a second kernel that reads the patch rows again to project them (no buffer
-    larger than ``g``).
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``: one kernel normalises, a second one
+    reads the patch rows again and projects them (no buffer but the outputs).
 
     Args:
         x: block input ``(B, T, d)``, contiguous, float32/float16/bfloat16.
@@ -505,42 +712,28 @@ def norm_and_project_forward(
     B, T, d = x.shape
     Np, N = mix.shape[:2]
     per_channel = mix.dim() == 3
-    cfg = _config(T, d, Np, per_channel, backward=False)
-    tiles = triton.cdiv(T, cfg.block_t)
     stats = dict(device=x.device, dtype=torch.float32)
     h = torch.empty_like(x)
     mean = torch.empty(B, T, **stats)
     rstd1 = torch.empty(B, T, **stats)
     rstd_g = torch.empty(B, T, **stats)
-    # Shared mix: per-tile partials (B, tiles, Np, d) from the main kernel, summed below. Per
-    # channel the tiles hold a few rows and such partials would be many times g, so a second
-    # kernel, run after the main one on the same stream, writes g itself from the statistics.
-    g = torch.empty(B, Np, d, dtype=x.dtype, device=x.device) if per_channel else None
-    g_partial = None if per_channel else torch.empty(B, tiles, Np, d, **stats)
+    g = torch.empty(B, Np, d, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return h, g, mean, rstd1, rstd_g
     with _device_guard(x):
-        if x.numel() > 0:
-            _norm_and_project_fwd_kernel[(tiles, B)](
-                x, norm1_weight if norm1_weight is not None else x, norm1_bias if norm1_bias is not None else x,
-                gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mix, h, mean, rstd1, rstd_g, g_partial if g_partial is not None else x,
-                T, N, d, Np, num_prefix, eps1, eps_g,
-                HAS_W1=norm1_weight is not None, HAS_B1=norm1_bias is not None,
-                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype), ROUND_BF16=_round_bf16(x.dtype),
-                BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
-            )
-        # Also run without patches (N == 0), where it writes zeros.
-        if per_channel and g.numel() > 0:
-            pcfg = _per_channel_config(N, d, Np)
-            grid = (B, triton.cdiv(Np, pcfg.block_j), triton.cdiv(d, pcfg.block_c))
-            _norm_and_project_g_kernel[grid](
-                x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mix, mean, rstd_g, g, T, N, d, Np, num_prefix,
-                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None, ROUND_BF16=_round_bf16(x.dtype),
-                BLOCK_C=pcfg.block_c, BLOCK_N=pcfg.block_n, BLOCK_J=pcfg.block_j, num_warps=pcfg.num_warps,
-            )
-    if not per_channel:
-        g = g_partial.sum(1).to(x.dtype)
+        cfg = launch_config("fwd", T, N, d, Np)
+        _norm_and_project_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B)](
+            x, norm1_weight if norm1_weight is not None else x, norm1_bias if norm1_bias is not None else x,
+            h, mean, rstd1, rstd_g, T, d, eps1, eps_g,
+            HAS_W1=norm1_weight is not None, HAS_B1=norm1_bias is not None, ROUND_BF16=_round_bf16(x.dtype), **cfg,
+        )  # fmt: skip
+        kernel = _norm_and_project_g_kernel if per_channel else _norm_and_project_g_shared_kernel
+        cfg = launch_config("g" if per_channel else "g_shared", T, N, d, Np)
+        kernel[(B, triton.cdiv(Np, cfg["BLOCK_J"]), triton.cdiv(d, cfg["BLOCK_C"]))](
+            x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
+            mix, mean, rstd_g, g, T, N, d, Np, num_prefix,
+            HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None, ROUND_BF16=_round_bf16(x.dtype), **cfg,
+        )  # fmt: skip
     return h, g, mean, rstd1, rstd_g
 
 
@@ -557,8 +750,11 @@ def norm_and_project_backward(
     rstd_g: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`norm_and_project_forward`: one pass over ``x``, and for a per-channel
-    ``mix`` a second one that reduces ``dmix`` over the batch (no buffer that grows with ``B``).
+    """Gradients of :func:`norm_and_project_forward`: one pass over ``x`` for ``dx`` and the weight
+    gradients, and a mix-gradient kernel (for a shared mix it runs first: its per-image sums also
+    give the ``dx`` kernel its ``LN_g`` row sums). Buffers besides the outputs: weight partials
+    ``(B * tiles, d)`` over 32 rows or more each and, for a shared mix, the ``(B, Np, N)``
+    per-image mix partials.
 
     Args:
         dh: ``(B, T, d)`` gradient of ``h``, contiguous, x's dtype.
@@ -566,7 +762,7 @@ def norm_and_project_backward(
         x: the forward's block input ``(B, T, d)``.
         norm1_weight: ``(d,)`` or None (ones).
         gen_weight: ``(d,)`` or None (ones).
-        gen_bias: ``(d,)`` or None (zeros); needed to rebuild ``LN_g(x)`` for ``dmix``.
+        gen_bias: ``(d,)`` or None (zeros); needed for ``dmix``.
         mix: ``(Np, N)`` or ``(Np, N, d)``, float32, contiguous.
         mean: ``(B, T)`` float32 row means from the forward.
         rstd1: ``(B, T)`` float32 ``1/sqrt(var + eps1)`` from the forward.
@@ -581,35 +777,47 @@ def norm_and_project_backward(
     B, T, d = x.shape
     Np, N = mix.shape[:2]
     per_channel = mix.dim() == 3
-    cfg = _config(T, d, Np, per_channel, backward=True)
-    tiles = triton.cdiv(T, cfg.block_t)
     stats = dict(device=x.device, dtype=torch.float32)
+    cfg = launch_config("bwd_per_channel" if per_channel else "bwd_shared", T, N, d, Np)
+    # Row chunks of one program (the weight partials' rows per image).
+    tiles = triton.cdiv(T, cfg["BLOCK_T"] * cfg.get("TILES", 1))
     dx = torch.empty_like(x)
     weight_partials = [torch.empty(B * tiles, d, **stats) for _ in range(4)]
-    # Shared mix: per-image partials (B, Np, N) from the main kernel, summed below. Per channel
-    # such partials would be (B, Np, N, d), so a second kernel reduces over the batch in registers
-    # and writes dmix itself.
-    dmix = torch.empty(mix.shape, **stats) if per_channel else torch.empty(B, Np, N, **stats)
+    w1 = norm1_weight if norm1_weight is not None else x
+    wg = gen_weight if gen_weight is not None else x
+    bg = gen_bias if gen_bias is not None else x
+    flags = dict(HAS_WG=gen_weight is not None)
     with _device_guard(x):
-        if x.numel() > 0:
-            _norm_and_project_bwd_kernel[(tiles, B)](
-                dh, dg, x, norm1_weight if norm1_weight is not None else x,
-                gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mix, mean, rstd1, rstd_g, dx, *weight_partials, dmix,
-                T, N, d, Np, num_prefix,
-                HAS_W1=norm1_weight is not None, HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                PER_CHANNEL=per_channel, DOT_PRECISION=_dot_precision(x.dtype), ROUND_BF16=_round_bf16(x.dtype),
-                BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_J=cfg.block_j, num_warps=cfg.num_warps,
-            )
-        # Also run for B == 0, where it writes zeros.
-        if per_channel and dmix.numel() > 0:
-            pcfg = _per_channel_config(N, d, Np)
-            grid = (triton.cdiv(d, pcfg.block_c), triton.cdiv(N, pcfg.block_n), triton.cdiv(Np, pcfg.block_j))
+        if per_channel:
+            if x.numel() > 0:
+                _norm_and_project_bwd_per_channel_kernel[(tiles, B)](
+                    dh, dg, x, w1, wg, mix, mean, rstd1, rstd_g, dx, *weight_partials, T, N, d, Np, num_prefix,
+                    HAS_W1=norm1_weight is not None, ROUND_BF16=_round_bf16(x.dtype), **flags, **cfg,
+                )  # fmt: skip
+            # Also run for B == 0, where it writes zeros.
+            dmix = torch.empty(mix.shape, **stats)
+            mcfg = launch_config("dmix", T, N, d, Np)
+            grid = (triton.cdiv(d, mcfg["BLOCK_C"]), triton.cdiv(N, mcfg["BLOCK_N"]), triton.cdiv(Np, mcfg["BLOCK_J"]))
             _norm_and_project_dmix_kernel[grid](
-                dg, x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-                mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
-                HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None,
-                BLOCK_C=pcfg.block_c, BLOCK_N=pcfg.block_n, BLOCK_J=pcfg.block_j, num_warps=pcfg.num_warps,
-            )
+                dg, x, wg, bg, mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
+                HAS_BG=gen_bias is not None, **flags, **mcfg,
+            )  # fmt: skip
+        else:
+            # a (B, Np, N) and u, v (B, Np): see the module docstring.
+            a = torch.empty(B, Np, N, **stats)
+            u = torch.empty(B, Np, **stats)
+            v = torch.empty(B, Np, **stats)
+            if x.numel() > 0:
+                mcfg = launch_config("dmix_shared", T, N, d, Np)
+                grid = (B, triton.cdiv(N, mcfg["BLOCK_N"]), triton.cdiv(Np, mcfg["BLOCK_J"]))
+                _norm_and_project_dmix_shared_kernel[grid](
+                    dg, x, wg, bg, mean, rstd_g, a, u, v, T, N, d, Np, num_prefix,
+                    HAS_BG=gen_bias is not None, **flags, **mcfg,
+                )  # fmt: skip
+                _norm_and_project_bwd_shared_kernel[(tiles, B)](
+                    dh, dg, x, w1, wg, mix, a, u, mean, rstd1, rstd_g, dx, *weight_partials, T, N, d, Np, num_prefix,
+                    HAS_W1=norm1_weight is not None, ROUND_BF16=_round_bf16(x.dtype), **flags, **cfg,
+                )  # fmt: skip
+            dmix = a.sum(0) + v.sum(0)[:, None]
     dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials)
-    return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix if per_channel else dmix.sum(0)
+    return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix

@@ -48,6 +48,9 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+# Kernel arguments not specialised on (divisible by 16, equal to 1): one compiled kernel serves every
+# head count and prompt count. Strides stay specialised: their divisibility allows vector loads.
+_SHAPE_ARGS = ["H", "Np"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def _fwd_key_loop(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_fwd_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
@@ -274,7 +277,7 @@ def _dq_key_loop(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_bwd_dq_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
@@ -450,7 +453,7 @@ def _dkdv_key_block(
     _store_rows(dv_base, offs_n, stride_dvn, dv, n_keys, offs_d, HEAD_DIM, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_bwd_dkdv_kernel(
     q_ptr,  # (B, H, T, D) queries
     k_ptr,  # (B, H, T, D) token keys
@@ -543,7 +546,9 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> dict:
     """Block sizes, warps and stages of one kernel: a fixed heuristic (no autotuning, which the
-    interpreter cannot run), checked offline for sm_90 to use wgmma and not spill registers.
+    interpreter cannot run), the one place they are chosen (the launchers and the offline
+    compilation gate, ``tests/test_gpu_static_triton.py``, call it), checked there for sm_80 and
+    sm_90: no register spills, shared memory within a block's limit, no TF32 for float32 inputs.
 
     Args:
         kernel: ``"fwd"``, ``"dq"`` or ``"dkdv"``.
@@ -565,10 +570,14 @@ def _launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> 
     elif kernel == "fwd":
         block_m = 128 if T > 64 and block_d <= 128 else 64
         block_n = 64 if block_d <= 128 else 32
-        num_warps, num_stages = (8 if block_m == 128 or block_d > 128 else 4), 3
+        # A third stage's prefetched tiles spill registers at head dims above 64 on sm_80.
+        num_warps, num_stages = (8 if block_m == 128 or block_d > 128 else 4), (3 if block_d <= 64 else 2)
     else:
         block_m = block_n = 64 if block_d <= 128 else 32
         num_warps, num_stages = (4 if block_d <= 64 else 8), 2
+        if kernel == "dkdv" and block_d <= 64:
+            # 64 queries a step next to the 64-key block spill registers on sm_80 at 4 warps.
+            block_m = 32
     return dict(
         HEAD_DIM=D,
         BLOCK_D=block_d,
