@@ -356,12 +356,19 @@ def test_matches_reference(backend, device, dtype, shape):
     assert_matches_reference(shape, backend, device, dtype)
 
 
-ATTENTION_SHAPES_STRATEGY = st.builds(
-    Attention,
-    B=st.integers(1, 3), T=st.integers(1, 40), H=st.integers(1, 3), D=st.integers(1, 40), Np=st.integers(1, 12),
-    prefix=st.sampled_from(["batch", "broadcast", "expand"]), layout=st.sampled_from(["packed", "strided"]),
-    scale_factor=st.floats(0.25, 2.0),
-)  # fmt: skip
+# A broadcast prefix's key gradient is a sum over all B * T query rows that can cancel: with a
+# single head, prompt and channel it is one number, the residue of terms up to ~800 times larger
+# (measured on drawn cases), and float32 rounding alone then exceeds 1e-5 of it on every backend,
+# the plain formulation included. From 8 channels the largest element of the gradient, which the
+# relative error is measured against, is not such a residue. float64 takes every head dim.
+def attention_shapes_strategy(dtype: torch.dtype):
+    min_D = 1 if dtype == torch.float64 else 8
+    return st.builds(
+        Attention,
+        B=st.integers(1, 3), T=st.integers(1, 40), H=st.integers(1, 3), D=st.integers(min_D, 40), Np=st.integers(1, 12),
+        prefix=st.sampled_from(["batch", "broadcast", "expand"]), layout=st.sampled_from(["packed", "strided"]),
+        scale_factor=st.floats(0.25, 2.0),
+    )  # fmt: skip
 
 
 # A LayerNorm gradient over very few channels is ill-conditioned (dx is what is left of dy after
@@ -384,8 +391,10 @@ EXAMPLES = {"torch": 30, "native": 30, "triton": 10}
 def test_random_shapes(backend, device, dtype):
     """:func:`assert_matches_reference` on random shapes of either op."""
 
+    shapes = st.one_of(attention_shapes_strategy(dtype), project_shapes_strategy(dtype))
+
     @settings(max_examples=EXAMPLES[backend], deadline=None)
-    @given(shape=st.one_of(ATTENTION_SHAPES_STRATEGY, project_shapes_strategy(dtype)), seed=st.integers(0, 2**16))
+    @given(shape=shapes, seed=st.integers(0, 2**16))
     def check(shape, seed):
         assert_matches_reference(shape, backend, device, dtype, seed)
 
@@ -816,7 +825,8 @@ def test_auto_on_cuda_sends_attention_to_sdpa_until_measured():
     (the torch backend there), norm_and_project on Triton first."""
     assert ops.AUTO_PREFERENCE["prefix_attention"]["cuda"] == ("torch",)
     assert ops.AUTO_PREFERENCE["norm_and_project"]["cuda"][0] == "triton"
-    with pytest.raises(ValueError, match="unknown VAPT op 'attention'; choose one of norm_and_project, prefix_attention"):
+    message = "unknown VAPT op 'attention'; choose one of norm_and_project, prefix_attention"
+    with pytest.raises(ValueError, match=message):
         ops.auto_backend("cpu", op="attention")
 
 
