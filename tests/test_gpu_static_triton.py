@@ -21,9 +21,9 @@ dtype, so float32 activations under bfloat16 autocast reach the attention kernel
 ``norm_and_project`` as float32), so these launches are the ones mixed calls make.
 
 Runs in ``make test`` (marker ``gpu_static``); skips when Triton, its NVIDIA backend tools or the
-offline-compilation API of this Triton version are missing. Verified with Triton 3.8 and 3.6 (the
-lent GPU machine's; its ptxas 12.8 spills at tiles 3.8 keeps in registers, which
-``prefix_attention._launch_config`` avoids): all pass. Run this file as a script to print the
+offline-compilation API of this Triton version are missing. Verified with Triton 3.8 (all pass) and
+3.6 (the lent GPU machine's; its ptxas 12.8 still finds 4-32 byte spills in eight sm_80
+prefix_attention configurations: fp32 forward and dq, 16-bit forward at head dims 80/128). Run this file as a script to print the
 per-kernel summary: ``python tests/test_gpu_static_triton.py``.
 """
 
