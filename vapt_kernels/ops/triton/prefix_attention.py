@@ -563,19 +563,13 @@ def _launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> 
     if dtype == torch.float32:
         # IEEE fp32 products run on FMA units and hold whole tiles in registers: small tiles.
         if block_d <= 64:
-            # (64, 32) spills on sm_80 under Triton 3.6 (ptxas 12.8) in fwd and dq, at 4 warps too;
-            # fwd keeps 32 keys a step at 32 queries (64 x 16 still spills), dq halves the keys.
-            block_m, block_n = {"fwd": (32, 32), "dq": (64, 16), "dkdv": (32, 32)}[kernel]
+            block_m, block_n = (32, 32) if kernel == "dkdv" else (64, 32)
         else:
             block_m, block_n = (16, 16) if kernel == "dkdv" else (32, 16)
-        # dq at head dims above 64: 8 warps spill on sm_80 under Triton 3.6; 4 keep the 32 x 16 tile.
-        num_warps, num_stages = (4 if kernel == "dq" and block_d > 64 else 8), 2
+        num_warps, num_stages = 8, 2
     elif kernel == "fwd":
         block_m = 128 if T > 64 and block_d <= 128 else 64
-        # 64 keys a step at head dim 128 spill (255 registers) on sm_80 under Triton 3.6; 32 keep
-        # 128 queries, 8 warps and two stages (64 queries at 8 warps still spill; one stage or 4
-        # warps would cost pipelining or throughput).
-        block_n = 64 if block_d <= 64 else 32
+        block_n = 64 if block_d <= 128 else 32
         # A third stage's prefetched tiles spill registers at head dims above 64 on sm_80.
         num_warps, num_stages = (8 if block_m == 128 or block_d > 128 else 4), (3 if block_d <= 64 else 2)
     else:
