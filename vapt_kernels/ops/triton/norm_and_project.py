@@ -144,6 +144,34 @@ def _channel_vector(
 
 
 @triton.jit
+def _row_statistics(
+    mean_ptr,  # (B, T) row means, float32
+    rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
+    rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
+    b,  # image (int64)
+    rows,  # (BLOCK_T,) token indices
+    row_ok,  # (BLOCK_T,) rows < T
+    T,  # tokens per image
+):
+    """The forward's statistics of a tile of rows. Padding rows get rstd 0, hence xhat 0 and no
+    share in the weight gradients."""
+    offs = b * T + rows
+    mean = tl.load(mean_ptr + offs, mask=row_ok, other=0.0)
+    rstd1 = tl.load(rstd1_ptr + offs, mask=row_ok, other=0.0)
+    rstd_g = tl.load(rstdg_ptr + offs, mask=row_ok, other=0.0)
+    return mean, rstd1, rstd_g
+
+
+@triton.jit
+def _mix_columns(rows, row_ok, num_prefix):
+    """Each row's mix column ``n = t - P`` and whether it has one; prefix and padding rows get
+    column 0 and ``False``, so that their mix loads are masked to zero."""
+    n = rows - num_prefix
+    n_ok = row_ok & (n >= 0)
+    return tl.where(n_ok, n, 0), n_ok
+
+
+@triton.jit
 def _patch_rows_lng(
     x_b,  # pointer to row 0 of this image's (T, d) input
     mean_b,  # pointer to this image's (T,) row means
@@ -354,15 +382,8 @@ def _norm_and_project_bwd_shared_kernel(
     b = tl.program_id(1).to(tl.int64)
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    stat_offs = b * T + rows
-    mean = tl.load(mean_ptr + stat_offs, mask=row_ok, other=0.0)
-    # Padding rows get rstd 0, hence xhat 0 and no share in the weight gradients.
-    rstd1 = tl.load(rstd1_ptr + stat_offs, mask=row_ok, other=0.0)
-    rstd_g = tl.load(rstdg_ptr + stat_offs, mask=row_ok, other=0.0)
-    # Mix column of each row; prefix and padding rows load zero mix entries.
-    n = rows - num_prefix
-    n_ok = row_ok & (n >= 0)
-    n = tl.where(n_ok, n, 0)
+    mean, rstd1, rstd_g = _row_statistics(mean_ptr, rstd1_ptr, rstdg_ptr, b, rows, row_ok, T)
+    n, n_ok = _mix_columns(rows, row_ok, num_prefix)
     row_offs = b * T * d + rows[:, None] * d
     part_offs = (b * tl.num_programs(0) + tile) * d
 
@@ -519,20 +540,14 @@ def _bwd_per_channel_tile(
     offs = b * T * d + rows[:, None] * d + cols[None, :]
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    stat_offs = b * T + rows
-    mean = tl.load(mean_ptr + stat_offs, mask=row_ok, other=0.0)
-    # Padding rows get rstd 0, hence xhat 0 and no share in the weight gradients.
-    rstd1 = tl.load(rstd1_ptr + stat_offs, mask=row_ok, other=0.0)
-    rstd_g = tl.load(rstdg_ptr + stat_offs, mask=row_ok, other=0.0)
+    mean, rstd1, rstd_g = _row_statistics(mean_ptr, rstd1_ptr, rstdg_ptr, b, rows, row_ok, T)
     xc = tl.where(mask, x - mean[:, None], 0.0)
     xhat1 = xc * rstd1[:, None]
     xhatg = xc * rstd_g[:, None]
 
     # dxg[t, c] = sum_j mix[j, t - P, c] dg[j, c], prompt by prompt; prefix and padding rows load
     # zero mix entries.
-    n = rows - num_prefix
-    n_ok = row_ok & (n >= 0)
-    n = tl.where(n_ok, n, 0)
+    n, n_ok = _mix_columns(rows, row_ok, num_prefix)
     mix_mask = n_ok[:, None] & col_ok[None, :]
     tile_offs = n[:, None] * d + cols[None, :]
     dxg = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
