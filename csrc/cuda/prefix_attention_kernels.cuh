@@ -161,6 +161,28 @@ __device__ __forceinline__ void mma_pair(float (&lo)[4], float (&hi)[4], const u
   mma::mma_16816<T>(hi, a, b_hi);
 }
 
+// The two products of a backward step, side by side: s = A1 B1^T and d = A2 B2^T for the warp's 16
+// rows (row0..) of the shared tiles A1, A2 (row pitch P, KD * 16 padded columns) against the
+// NT * 8 rows of B1, B2, each 16 x NT*8, accumulated in registers (both start at zero).
+template <typename T, int P, int KD, int NT>
+__device__ __forceinline__ void paired_products(float (&s)[NT][4], float (&d)[NT][4], const T* a1, const T* a2,
+                                                const T* b1, const T* b2, int row0) {
+#pragma unroll
+  for (int kd = 0; kd < KD; ++kd) {
+    uint32_t fa1[4], fa2[4];
+    a_frag<P>(fa1, a1, row0, kd * 16);
+    a_frag<P>(fa2, a2, row0, kd * 16);
+#pragma unroll
+    for (int n = 0; n < NT / 2; ++n) {
+      uint32_t fb1[4], fb2[4];
+      b_frag_rows<P>(fb1, b1, n * 16, kd * 16);
+      b_frag_rows<P>(fb2, b2, n * 16, kd * 16);
+      mma_pair<T>(s[2 * n], s[2 * n + 1], fa1, fb1);
+      mma_pair<T>(d[2 * n], d[2 * n + 1], fa2, fb2);
+    }
+  }
+}
+
 // The A fragment (16 rows x 16 columns kk*16..) of the next product from the accumulators of
 // n-tiles 2kk and 2kk + 1, rounded to T.
 template <typename T>
@@ -369,20 +391,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dq_kernel(const Par
 
     // S = Q K^T and dP = dO V^T: 16 x kBN each.
     float s[NK][4] = {}, dp[NK][4] = {};
-#pragma unroll
-    for (int kd = 0; kd < KD; ++kd) {
-      uint32_t qa[4], da[4];
-      a_frag<P>(qa, sQ, warp * 16, kd * 16);
-      a_frag<P>(da, sdO, warp * 16, kd * 16);
-#pragma unroll
-      for (int n = 0; n < NK / 2; ++n) {
-        uint32_t kb[4], vb[4];
-        b_frag_rows<P>(kb, k_tile, n * 16, kd * 16);
-        b_frag_rows<P>(vb, v_tile, n * 16, kd * 16);
-        mma_pair<T>(s[2 * n], s[2 * n + 1], qa, kb);
-        mma_pair<T>(dp[2 * n], dp[2 * n + 1], da, vb);
-      }
-    }
+    paired_products<T, P, KD>(s, dp, sQ, sdO, k_tile, v_tile, warp * 16);
     // dS into the S registers; padding keys get P = 0.
 #pragma unroll
     for (int n = 0; n < NK; ++n) {
@@ -475,20 +484,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dkdv_kernel(const P
 
     // S^T = K Q^T and dP^T = V dO^T: 16 keys x kKvBM queries.
     float s[NQ][4] = {}, dp[NQ][4] = {};
-#pragma unroll
-    for (int kd = 0; kd < KD; ++kd) {
-      uint32_t ka[4], va[4];
-      a_frag<P>(ka, sK, warp * 16, kd * 16);
-      a_frag<P>(va, sV, warp * 16, kd * 16);
-#pragma unroll
-      for (int n = 0; n < NQ / 2; ++n) {
-        uint32_t qb[4], ob[4];
-        b_frag_rows<P>(qb, q_tile, n * 16, kd * 16);
-        b_frag_rows<P>(ob, do_tile, n * 16, kd * 16);
-        mma_pair<T>(s[2 * n], s[2 * n + 1], ka, qb);
-        mma_pair<T>(dp[2 * n], dp[2 * n + 1], va, ob);
-      }
-    }
+    paired_products<T, P, KD>(s, dp, sK, sV, q_tile, do_tile, warp * 16);
     // P^T into s, dS^T into dp; the statistics belong to the columns (queries). Padding queries
     // get P = 0 so that they add nothing to dV and dK.
 #pragma unroll
