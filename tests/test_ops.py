@@ -112,7 +112,9 @@ class Attention(NamedTuple):
 
 
 class Project(NamedTuple):
-    """A ``norm_and_project`` case: ``x (B, P + N, d)``, ``mix (Np, N)`` or ``(Np, N, d)``."""
+    """A ``norm_and_project`` case: ``x (B, P + N, d)``, ``mix (Np, N)`` or ``(Np, N, d)``; with
+    ``tasks`` (one task index per image) and ``K`` tasks, the prompt parameters are stacked per task:
+    ``mix (K, Np, N)`` or ``(K, Np, N, d)``, ``gen_weight``/``gen_bias (K, d)``."""
 
     B: int
     P: int
@@ -121,6 +123,8 @@ class Project(NamedTuple):
     Np: int
     mix: str = "shared"  # "shared" (Np, N) or "per-channel" (Np, N, d)
     affine: str = "affine"  # LayerNorm weights and biases: "affine" (trained), "frozen" (not trained), "none"
+    tasks: Optional[tuple[int, ...]] = None  # each image's task index; None for the single-task op
+    K: int = 0  # tasks (with ``tasks``); a task no image uses must get zero gradients
 
     op = "norm_and_project"
     outputs = ("h", "g")
@@ -138,20 +142,24 @@ class Project(NamedTuple):
         # 1e-5 of error from rounding the mean alone, on every backend).
         row_scale = torch.exp(4 * torch.rand(B, T, 1, generator=gen, dtype=torch.float64) - 3)
         x = leaf((_randn(gen, B, T, d) + 2 * _randn(gen, B, T, 1)) * row_scale)
+        per_task = () if self.tasks is None else (self.K,)
         affine: dict[str, Optional[torch.Tensor]] = {}
         for name, centre in (("norm1_weight", 1.0), ("norm1_bias", 0.0), ("gen_weight", 1.0), ("gen_bias", 0.0)):
-            value = centre + 0.5 * _randn(gen, d)
+            value = centre + 0.5 * _randn(gen, *(per_task if name.startswith("gen") else ()), d)
             affine[name] = None if self.affine == "none" else leaf(value, train=self.affine == "affine")
         # Mean 0.5: dgen_bias = sum_n mix[j, n] dg[j] (Np = 1: one such sum for all channels) is not
         # left to a cancelling float32 sum (a zero-mean draw gave sum_n mix = -0.05 beside
         # sum_n |mix| = 21.5, and every backend's float32 dgen_bias lost 4 to 13x its usual accuracy).
         # In the stats dtype (float32 for 16-bit x), as a model builds it from its parameters.
-        mix = 0.5 + (_randn(gen, Np, N, d) if self.mix == "per-channel" else _randn(gen, Np, N))
+        mix = 0.5 + (_randn(gen, *per_task, Np, N, d) if self.mix == "per-channel" else _randn(gen, *per_task, Np, N))
         mix = mix.to(device, composite.stats_dtype(dtype)).requires_grad_(requires_grad)
-        return dict(
+        args = dict(
             x=x, norm1_weight=affine["norm1_weight"], norm1_bias=affine["norm1_bias"], eps1=1e-6,
             gen_weight=affine["gen_weight"], gen_bias=affine["gen_bias"], eps_g=1e-5, mix=mix, num_prefix=self.P,
         )  # fmt: skip
+        if self.tasks is not None:
+            args["task"] = torch.tensor(self.tasks, dtype=torch.int64, device=device)
+        return args
 
 
 Shape = Attention | Project
@@ -179,6 +187,8 @@ def fresh(args: Args, dtype: Optional[torch.dtype] = None, requires_grad: Option
     ``requires_grad`` says)."""
 
     def copy(a: torch.Tensor) -> torch.Tensor:
+        if not a.is_floating_point():  # task indices
+            return a
         grad = a.requires_grad if requires_grad is None else requires_grad
         return a.detach().to(dtype or a.dtype).requires_grad_(grad)
 
@@ -244,7 +254,7 @@ def skip_outside_contract(shape: Shape, args: Args, backend: str) -> None:
         rules = library.prefix_attention_rules(*tensors, args["scale"], library.attention_dtype(*tensors), backend)
     else:
         names = ("x", "norm1_weight", "norm1_bias", "gen_weight", "gen_bias", "mix", "num_prefix")
-        rules = library.norm_and_project_rules(*(args[n] for n in names), backend)
+        rules = library.norm_and_project_rules(*(args[n] for n in names), backend, args.get("task"))
     reason = library.violation(rules)
     if reason is not None:
         pytest.skip(f"outside the contract: {reason}")
@@ -280,6 +290,7 @@ ATTENTION_TINY = {  # gradcheck-sized
 }
 PROJECT_VIT = {
     "nap-vit-s-d384": Project(2, 1, 196, 384, 10),
+    "nap-vit-s-d384-tasks": Project(4, 1, 196, 384, 10, tasks=(2, 0, 2, 1), K=4),
     "nap-vit-b-d768": Project(2, 1, 196, 768, 10),
     "nap-vit-l-d1024-np50": Project(1, 1, 196, 1024, 50),
     "nap-vit-s-d384-per-channel": Project(2, 1, 48, 384, 10, "per-channel"),
@@ -295,11 +306,19 @@ PROJECT_SMALL = {
     "nap-d65-frozen-per-channel": Project(2, 1, 49, 65, 10, "per-channel", "frozen"),
     "nap-np256": Project(1, 1, 24, 40, 256),
     "nap-np256-per-channel": Project(1, 1, 12, 20, 256, "per-channel"),
+    # Many tasks: task 1 has no image (zero gradients), images of one task are not adjacent.
+    "nap-tasks": Project(5, 1, 49, 24, 10, tasks=(2, 0, 2, 2, 0), K=3),
+    "nap-tasks-per-channel": Project(5, 2, 12, 33, 3, "per-channel", tasks=(0, 2, 2, 0, 2), K=3),
+    "nap-tasks-one-image-each-no-affine": Project(3, 0, 7, 17, 17, affine="none", tasks=(1, 0, 2), K=3),
+    "nap-tasks-frozen-per-channel": Project(2, 1, 9, 8, 3, "per-channel", "frozen", tasks=(0, 0), K=1),
+    "nap-tasks-np1-d3": Project(4, 1, 5, 3, 1, tasks=(1, 1, 0, 1), K=2),
 }
 PROJECT_TINY = {
     "nap-tiny": Project(2, 1, 4, 5, 3),
     "nap-tiny-per-channel-no-affine": Project(2, 1, 4, 5, 3, "per-channel", "none"),
     "nap-tiny-frozen": Project(1, 2, 3, 4, 2, affine="frozen"),
+    "nap-tiny-tasks": Project(3, 1, 4, 5, 2, tasks=(1, 0, 1), K=3),
+    "nap-tiny-tasks-per-channel": Project(3, 1, 3, 4, 2, "per-channel", tasks=(0, 2, 0), K=3),
 }
 VIT = {**ATTENTION_VIT, **PROJECT_VIT}
 TINY = {**ATTENTION_TINY, **PROJECT_TINY}
@@ -492,6 +511,7 @@ def test_second_order(backend, device, dtype, shape):
 
 ONE_OUTPUT_SHAPES = {
     **PROJECT_TINY,
+    "nap-tasks-per-channel": PROJECT_SMALL["nap-tasks-per-channel"],
     "nap-registers-np50-per-channel": PROJECT_SMALL["nap-registers-np50-per-channel"],
     "nap-d65-frozen": PROJECT_SMALL["nap-d65-frozen"],
 }
@@ -517,6 +537,7 @@ FUNCTORCH_SHAPES = {
     "nap-odd-dim-no-affine": PROJECT_SMALL["nap-odd-dim-no-affine"],
     "nap-registers-np50-per-channel": PROJECT_SMALL["nap-registers-np50-per-channel"],
     "nap-tiny-frozen": PROJECT_TINY["nap-tiny-frozen"],
+    "nap-tasks": PROJECT_SMALL["nap-tasks"],
 }
 
 
@@ -601,6 +622,8 @@ EMPTY_BATCH = {
     "attn": Attention(0, 7, 2, 16, 3, "broadcast"),
     "nap-shared": Project(0, 1, 6, 8, 3),
     "nap-per-channel": Project(0, 1, 6, 8, 3, "per-channel"),
+    "nap-tasks": Project(0, 1, 6, 8, 3, K=2, tasks=()),
+    "nap-tasks-per-channel": Project(0, 1, 6, 8, 3, "per-channel", K=2, tasks=()),
 }
 
 
@@ -655,6 +678,7 @@ def _mix(t: torch.Tensor, c: Context) -> Args:
 
 
 ATTENTION_OK, PROJECT_OK = Attention(2, 5, 2, 8, 3, "broadcast"), Project(2, 1, 5, 8, 3)
+TASKS_OK = Project(2, 1, 5, 8, 3, tasks=(1, 0), K=2)
 PREFIX_WORDS = "k_prefix must be (B or 1, H, Np >= 1, D) = (2 or 1, 2, Np, 8), got "
 DTYPE_WORDS = (
     "backend '{backend}' takes {taken} inputs on {device}, got {refused_name}; "
@@ -739,6 +763,35 @@ CONTRACT = {
         PROJECT_OK, lambda a, c: dict(gen_weight=a["gen_weight"].to(c.other_device)), ValueError,
         "gen_weight must be on {input_device} like the input",
     ),
+    "nap-task-length": (
+        TASKS_OK, lambda a, c: dict(task=torch.zeros(3, dtype=torch.int64, device=c.device)), ValueError,
+        "task must be an int64 (B,) = (2,) tensor of task indices, got torch.int64 (3,)",
+    ),
+    "nap-task-dtype": (
+        TASKS_OK, lambda a, c: dict(task=a["task"].int()), ValueError,
+        "task must be an int64 (B,) = (2,) tensor of task indices, got torch.int32 (2,)",
+    ),
+    "nap-task-mix-not-stacked": (
+        TASKS_OK, lambda a, c: _mix(torch.randn(3, 5), c), ValueError,
+        "with task, mix must be stacked per task, (K, Np, N) or (K, Np, N, d), got (3, 5)",
+    ),
+    "nap-task-mix-columns": (
+        TASKS_OK, lambda a, c: _mix(torch.randn(2, 3, 6), c), ValueError,
+        "mix must be a floating (K, Np, N) or per-channel (K, Np, N, d) tensor with Np >= 1, N = T - num_prefix = 5 "
+        "and d = 8, got torch.float32 (2, 3, 6)",
+    ),
+    "nap-task-affine-not-stacked": (
+        TASKS_OK, lambda a, c: dict(gen_weight=torch.ones(8, device=c.device)), ValueError,
+        "gen_weight must be a floating (K, d) = (2, 8) tensor, got torch.float32 (8,)",
+    ),
+    "nap-task-affine-tasks": (
+        TASKS_OK, lambda a, c: dict(gen_bias=torch.zeros(3, 8, device=c.device)), ValueError,
+        "gen_bias must be a floating (K, d) = (2, 8) tensor, got torch.float32 (3, 8)",
+    ),
+    "nap-task-device": (
+        TASKS_OK, lambda a, c: dict(task=a["task"].to(c.other_device)), ValueError,
+        "task must be on {input_device} like the input",
+    ),
 }  # fmt: skip
 
 
@@ -791,6 +844,23 @@ def test_contract_refuses(backend, device, case):
         forward = getattr(library.KERNELS[backend], f"{shape.op}_fwd")
         with FakeTensorMode() as mode, pytest.raises(error, match=f"^{re.escape(message)}$"):
             forward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()))
+
+
+@pytest.mark.parametrize("bad", [-1, 2])
+@pytest.mark.parametrize("backend, device", kernel_cases("reference", *BACKENDS))
+def test_task_indices_out_of_range_are_refused(backend, device, bad):
+    """A task index outside ``[0, K)`` is an IndexError before any kernel runs (a data rule: the
+    values are read); while compiling, a runtime assertion of the graph with the same words."""
+    args = TASKS_OK.inputs(torch.float32, device, requires_grad=False)
+    args["task"] = torch.tensor([0, bad], device=device)
+    words = "norm_and_project: task indices must lie in [0, 2), one per image"
+    with pytest.raises(IndexError, match=re.escape(f"{words}; got values from {min(0, bad)} to {max(0, bad)}")):
+        call(TASKS_OK, backend, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, task: call(TASKS_OK, backend, {**args, "x": x, "task": task}), fullgraph=True)
+    with pytest.raises(RuntimeError) as raised:
+        compiled(args["x"], args["task"])
+    assert words in _message_text(raised.value)
 
 
 def _auto_expectation(op: str, device: str, dtype: torch.dtype, head_dim: Optional[int]) -> str:
@@ -870,6 +940,8 @@ def _kernel_inputs(shape: Shape, device: str) -> tuple:
 OPCHECK_SHAPES = {
     "nap-shared": Project(2, 1, 9, 8, 3),
     "nap-per-channel-no-affine": Project(2, 1, 9, 8, 3, "per-channel", "none"),
+    "nap-tasks": Project(3, 1, 9, 8, 3, tasks=(1, 0, 1), K=2),
+    "nap-tasks-per-channel": Project(3, 1, 9, 8, 3, "per-channel", tasks=(1, 0, 1), K=2),
     "attn-broadcast": Attention(2, 11, 2, 16, 3, "broadcast"),
     "attn-expand": Attention(2, 11, 2, 16, 3, "expand"),
 }
@@ -885,9 +957,9 @@ def test_opcheck(backend, device, shape):
     torch.library.opcheck(forward, args)
     outs = forward(*args)
     if shape.op == "norm_and_project":
-        x, w1, _, _, wg, bg, _, mix, P = args
+        x, w1, _, _, wg, bg, _, mix, P, *task = args
         h, g, mean, rstd1, rstd_g = outs
-        bwd_args = (*random_like((h, g), 1), x, w1, wg, bg, mix, mean, rstd1, rstd_g, P)
+        bwd_args = (*random_like((h, g), 1), x, w1, wg, bg, mix, mean, rstd1, rstd_g, P, *task)
     else:
         out, lse = outs
         bwd_args = (*random_like((out,), 1), *args[:5], out, lse, args[5])

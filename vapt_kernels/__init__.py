@@ -9,6 +9,7 @@ Quick start::
 
 from .checkpoint import count_parameters, load_official_checkpoint, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
+from .multitask import MultiTaskVAPT
 from .ops import available_backends
 from .timm import apply_vapt, apply_vpt, set_backend
 
@@ -24,4 +25,5 @@ __all__ = [
     "trainable_state_dict",
     "load_trainable_state_dict",
     "count_parameters",
+    "MultiTaskVAPT",
 ]

@@ -80,6 +80,69 @@ class FeatureProjector(nn.Module):
         return g + out
 
 
+def conv_out_grid(config: VAPTConfig, grid: Grid) -> Grid:
+    """The prompt convolution's output grid on a ``grid`` of patches, refused when empty."""
+    out = config.conv_grid(tuple(grid))
+    if min(out) < 1:
+        raise ValueError(
+            f"a {grid[0]}x{grid[1]} patch grid is too small for a {config.kernel_size}x{config.kernel_size} "
+            f"prompt convolution with padding {config.padding}; use a larger image or a smaller kernel_size"
+        )
+    return out
+
+
+def resample_token_weight(weight: torch.Tensor, config: VAPTConfig, built_grid: Grid, grid: Grid) -> torch.Tensor:
+    """Token-projector weights ``(..., Np, H'W')`` built for a ``built_grid`` of patches, for the
+    conv output grid of a ``grid`` input.
+
+    At the grid the model was built for this is ``weight`` itself (exact). Other grids (dynamic
+    image size) resample it bicubically, as timm resamples position embeddings, and rescale it by
+    the area ratio so a sum over positions keeps its magnitude.
+    """
+    built, out_grid = config.conv_grid(tuple(built_grid)), conv_out_grid(config, grid)
+    if out_grid == built:
+        return weight
+    resized = F.interpolate(weight.reshape(-1, 1, *built), size=out_grid, mode="bicubic", align_corners=False)
+    area = (built[0] * built[1]) / (out_grid[0] * out_grid[1])
+    return resized.reshape(*weight.shape[:-1], -1) * area
+
+
+def fold_mix(
+    token_weight: torch.Tensor, kernel: Optional[torch.Tensor], config: VAPTConfig, built_grid: Grid, grid: Grid
+) -> torch.Tensor:
+    """The folded projection ``M = W_tok @ C(kernel)`` of one generator, or of ``K`` stacked ones.
+
+    Args:
+        token_weight: token-projector weight ``(Np, H'W')``, or ``(K, Np, H'W')`` for ``K`` tasks.
+        kernel: conv kernel ``(C, 1, k, k)`` (``C`` 1 for a shared kernel, else ``d``), or
+            ``(K, C, 1, k, k)``; None without the convolution.
+        config: the VAPT options (kernel size, padding).
+        built_grid: the patch grid the token projector was built for.
+        grid: the patch grid ``(H, W)`` of the input.
+
+    Returns:
+        ``(Np, N)`` for a shared kernel or no convolution, ``(Np, N, d)`` per channel, ``N = H * W``,
+        with a leading ``K`` for stacked inputs. A cross-correlation followed by a linear map over
+        positions is the full correlation of the linear map's weight with the flipped kernel, so
+        ``M`` is built directly: pad ``W_tok`` on its ``(H', W')`` grid, take its ``K x K`` patches
+        and weight them by the kernel taps. Nothing ever convolves an identity.
+    """
+    w_tok = resample_token_weight(token_weight, config, built_grid, grid)
+    if kernel is None:
+        return w_tok
+    lead, num_prompts, k = w_tok.shape[:-2], w_tok.shape[-2], config.kernel_size
+    edge = k - 1 - config.padding  # negative: the padding crops instead
+    padded = F.pad(w_tok.reshape(-1, 1, *conv_out_grid(config, grid)), (edge,) * 4)
+    patches = F.unfold(padded, k)  # (K * Np, k * k, H * W)
+    if patches.shape[-1] != grid[0] * grid[1]:
+        raise AssertionError(f"folded matrix has {patches.shape[-1]} columns, expected {grid[0] * grid[1]}")
+    patches = patches.reshape(*lead, num_prompts, k * k, -1)
+    taps = kernel.flip(-1, -2).reshape(*kernel.shape[:-3], k * k)  # (..., C, k * k)
+    if kernel.shape[-4] == 1:
+        return torch.matmul(taps.unsqueeze(-2), patches).squeeze(-2)  # (..., Np, N)
+    return torch.matmul(taps.unsqueeze(-3), patches).transpose(-1, -2)  # (..., Np, N, d)
+
+
 class PromptGenerator(nn.Module):
     """The per-block half of an adaptive prompt: LayerNorm, channel-wise conv, token projector.
 
@@ -117,53 +180,14 @@ class PromptGenerator(nn.Module):
         return self.kernel is not None and self.kernel.shape[0] > 1
 
     def token_weight(self, grid: Grid) -> torch.Tensor:
-        """Token-projector weight ``(Np, H'W')`` for the conv output grid of a ``grid`` input.
-
-        At the grid the model was built for this is the parameter itself (exact). Other grids
-        (dynamic image size) resample it bicubically, as timm resamples position embeddings, and
-        rescale it by the area ratio so a sum over positions keeps its magnitude.
-        """
-        weight = self.token_proj.weight
-        out_grid = self._conv_out_grid(grid)
-        if out_grid == self.conv_grid:
-            return weight
-        resized = F.interpolate(
-            weight.reshape(weight.shape[0], 1, *self.conv_grid), size=out_grid, mode="bicubic", align_corners=False
-        )
-        area = (self.conv_grid[0] * self.conv_grid[1]) / (out_grid[0] * out_grid[1])
-        return resized.reshape(weight.shape[0], -1) * area
-
-    def _conv_out_grid(self, grid: Grid) -> Grid:
-        out = self.config.conv_grid(tuple(grid))
-        if min(out) < 1:
-            raise ValueError(
-                f"a {grid[0]}x{grid[1]} patch grid is too small for a {self.kernel_size}x{self.kernel_size} "
-                f"prompt convolution with padding {self.padding}; use a larger image or a smaller kernel_size"
-            )
-        return out
+        """Token-projector weight ``(Np, H'W')`` for the conv output grid of a ``grid`` input (see
+        :func:`resample_token_weight`)."""
+        return resample_token_weight(self.token_proj.weight, self.config, self.grid, grid)
 
     def mix_matrix(self, grid: Grid) -> torch.Tensor:
-        """The folded projection ``M = W_tok @ C(kernel)`` (DESIGN §2.2).
-
-        Returns ``(Np, N)`` for a shared kernel or no convolution, ``(Np, N, d)`` per channel,
-        with ``N = H * W``. A cross-correlation followed by a linear map over positions is the
-        full correlation of the linear map's weight with the flipped kernel, so ``M`` is built
-        directly: pad ``W_tok`` on its ``(H', W')`` grid, take its ``K x K`` patches and weight
-        them by the kernel taps. Nothing ever convolves an identity.
-        """
-        w_tok = self.token_weight(grid)
-        if self.kernel is None:
-            return w_tok
-        num_prompts, k = w_tok.shape[0], self.kernel_size
-        edge = k - 1 - self.padding  # negative: the padding crops instead
-        padded = F.pad(w_tok.reshape(num_prompts, 1, *self._conv_out_grid(grid)), (edge,) * 4)
-        patches = F.unfold(padded, k)  # (Np, K*K, H*W)
-        if patches.shape[-1] != grid[0] * grid[1]:
-            raise AssertionError(f"folded matrix has {patches.shape[-1]} columns, expected {grid[0] * grid[1]}")
-        taps = self.kernel.flip(-1, -2).reshape(self.kernel.shape[0], k * k)  # (1 or d, K*K)
-        if not self.per_channel:
-            return torch.matmul(taps[0], patches)  # (Np, N)
-        return torch.matmul(taps, patches).transpose(1, 2)  # (Np, N, d)
+        """The folded projection ``M = W_tok @ C(kernel)`` (DESIGN §2.2): ``(Np, N)`` for a shared
+        kernel or no convolution, ``(Np, N, d)`` per channel, ``N = H * W`` (see :func:`fold_mix`)."""
+        return fold_mix(self.token_proj.weight, self.kernel, self.config, self.grid, grid)
 
     def channel_mask(self, batch: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """``Dropout2d`` on the conv output as a ``(B, 1, d)`` scaled keep-mask, or None.

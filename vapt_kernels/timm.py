@@ -165,7 +165,15 @@ class VAPTBlock(Block):
                 "tokens and prompts; call the model without a mask"
             )
         h, p = self.vapt_prompts(self.vapt_index, x, self.norm1, self.num_prefix_tokens, self._grid(x), self.backend)
-        x = x + self.drop_path1(self.ls1(self._attention(h, p)))
+        return self.forward_prompted(x, h, p)
+
+    def forward_prompted(
+        self, x: torch.Tensor, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The block on ``x`` given ``h = norm1(x)`` and the prompt rows ``p``: ``(B or 1, Np, d)``,
+        or ``(K, Np, d)`` with ``prompt_index (B,)`` naming each image's row (per-task static
+        prompts, whose keys and values are then computed once per task)."""
+        x = x + self.drop_path1(self.ls1(self._attention(h, p, prompt_index)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -188,8 +196,9 @@ class VAPTBlock(Block):
             )
         return grid
 
-    def _attention(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` as a prefix."""
+    def _attention(self, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` (each image's
+        row ``prompt_index[b]`` when given) as a prefix."""
         attn = self.attn
         B, T, _ = h.shape
         heads, head_dim = attn.num_heads, attn.head_dim
@@ -204,6 +213,8 @@ class VAPTBlock(Block):
         kv_p = kv_p.reshape(p.shape[0], p.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         k_p, v_p = kv_p.unbind(0)
         k_p = attn.k_norm(k_p)
+        if prompt_index is not None:
+            k_p, v_p = k_p[prompt_index], v_p[prompt_index]
         o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
         o = o.transpose(1, 2).reshape(B, T, attn_dim)
         norm = getattr(attn, "norm", None)  # timm's optional scale_norm

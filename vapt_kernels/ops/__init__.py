@@ -195,17 +195,23 @@ def norm_and_project(
     mix: torch.Tensor,
     num_prefix: int,
     backend: str = "torch",
+    task: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``.
 
     Args:
         x: block input ``(B, T, d)``.
         norm1_weight, norm1_bias, eps1: the block's own LayerNorm (weight/bias may be None).
-        gen_weight, gen_bias, eps_g: the prompt LayerNorm.
+        gen_weight, gen_bias, eps_g: the prompt LayerNorm, ``(d,)``.
         mix: folded matrix ``(Np, N)``, or ``(Np, N, d)`` for per-channel kernels, ``N = T - P``.
         num_prefix: prefix tokens ``P`` (excluded from the prompt projection: the prompts depend
             on the patch tokens only).
         backend: see the module docstring.
+        task: many tasks on one backbone: the int64 ``(B,)`` task index of each image, in
+            ``[0, K)``. The prompt parameters are then stacked per task: ``mix (K, Np, N)`` or
+            ``(K, Np, N, d)``, ``gen_weight``/``gen_bias (K, d)``, and image ``b`` is projected with
+            task ``task[b]``'s (the kernels index them; nothing per image is copied). Their
+            gradients are summed over each task's own images.
 
     Returns:
         ``h (B, T, d)`` and ``g (B, Np, d)`` in x's dtype (no bias, no dropout mask).
@@ -213,11 +219,13 @@ def norm_and_project(
 
     def rules(candidate: str):
         return library.norm_and_project_rules(
-            x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, candidate
+            x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, candidate, task
         )
 
     chosen = _select("norm_and_project", backend, x.device.type, rules)
-    args = (x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    if task is not None:
+        library.check_task_range(task, mix.shape[0])
+    args = (x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task)
     if chosen == "reference":
         return composite.norm_and_project_reference(*args)
     _load(chosen)

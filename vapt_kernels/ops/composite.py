@@ -14,6 +14,12 @@ returns) is :mod:`vapt_kernels.ops.library`'s; this module only computes.
   autograd's own backward of ``mix @ LN(x)`` broadcasts ``mix`` over the batch and reduces
   afterwards (2.4x slower on CPU at ViT-S shapes).
 * :func:`prefix_attention`: the ``torch`` backend's attention (see its docstring).
+
+Many tasks (``task`` given): the prompt parameters are stacked per task and image ``b`` uses
+``task[b]``'s. The reference runs the single-task formulation once per task and keeps each image's
+own; the ``torch`` backend gathers each image's shared mix (``(B, Np, T)``, small next to ``x``)
+and, per channel, loops over the tasks instead of gathering ``(B, Np, T, d)``. Its per-task
+gradient sums (:func:`_sum_by_task`) are deterministic.
 """
 
 from __future__ import annotations
@@ -42,12 +48,23 @@ def _project(mix: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def norm_and_project_reference(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
-    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``, computed plainly."""
+def norm_and_project_reference(
+    x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task=None
+):
+    """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``, computed plainly; with ``task``,
+    once per task with that task's parameters, each image keeping its own task's ``g``."""
     d = x.shape[-1]
     h = F.layer_norm(x, (d,), norm1_weight, norm1_bias, eps1)
-    xn = F.layer_norm(x[:, num_prefix:], (d,), gen_weight, gen_bias, eps_g)
-    return h, _project(mix.to(xn.dtype), xn)
+    if task is None:
+        xn = F.layer_norm(x[:, num_prefix:], (d,), gen_weight, gen_bias, eps_g)
+        return h, _project(mix.to(xn.dtype), xn)
+    g = None
+    for t in range(mix.shape[0]):
+        weight = None if gen_weight is None else gen_weight[t]
+        bias = None if gen_bias is None else gen_bias[t]
+        _, g_t = norm_and_project_reference(x, None, None, eps1, weight, bias, eps_g, mix[t], num_prefix)
+        g = g_t if g is None else torch.where((task == t)[:, None, None], g_t, g)
+    return h, g
 
 
 def prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale):
@@ -69,8 +86,9 @@ def _affine(t: Optional[torch.Tensor], fill: float, d: int, like: torch.Tensor) 
     return torch.full((d,), fill, dtype=like.dtype, device=like.device) if t is None else t.to(like.dtype)
 
 
-def _pad_prefix(mix: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """``mix`` with zero columns for the prefix tokens: ``(Np, T)`` or ``(Np, T, d)``.
+def _pad_prefix(mix: torch.Tensor, num_prefix: int, stacked: bool = False) -> torch.Tensor:
+    """``mix`` with zero columns for the prefix tokens: ``(Np, T)`` or ``(Np, T, d)``, with a
+    leading task dimension when ``stacked``.
 
     Projecting all ``T`` rows through a zero-padded matrix reads ``x`` as it lies in memory (a
     slice of the patch rows would be copied, forward and backward) at the price of ``P`` zero
@@ -78,8 +96,8 @@ def _pad_prefix(mix: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """
     if num_prefix == 0:
         return mix
-    pad = (num_prefix, 0) if mix.dim() == 2 else (0, 0, num_prefix, 0)
-    return F.pad(mix, pad)
+    per_channel = mix.dim() == (4 if stacked else 3)
+    return F.pad(mix, (0, 0, num_prefix, 0) if per_channel else (num_prefix, 0))
 
 
 def _patch_rows_only(t: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -89,7 +107,35 @@ def _patch_rows_only(t: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return t
 
 
-def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+def _sum_by_task(per_image: torch.Tensor, task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``out[t] = sum of per_image[b] over the images b of task t``, ``(K, ...)``: one masked sum
+    per task, in image order (deterministic, unlike an ``index_add_`` on CUDA; a NaN of one task
+    stays out of the others)."""
+    mask_shape = (-1,) + (1,) * (per_image.dim() - 1)
+    return torch.stack([torch.where((task == t).view(mask_shape), per_image, 0).sum(0) for t in range(num_tasks)])
+
+
+def _per_image_affine(t: Optional[torch.Tensor], fill: float, task: torch.Tensor, d: int, like: torch.Tensor):
+    """Each image's LayerNorm weight or bias ``(B, 1, d)`` from the stacked ``(K, d)`` ones."""
+    if t is None:
+        return torch.full((1, 1, d), fill, dtype=like.dtype, device=like.device)
+    return t.to(like.dtype)[task].unsqueeze(1)
+
+
+def _project_per_task(mix_t: torch.Tensor, xn: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """``g[b] = mix_t[task[b]] @ xn[b]`` for a stacked ``(K, Np, T)`` or ``(K, Np, T, d)`` mix."""
+    if mix_t.dim() == 3:
+        return torch.bmm(mix_t[task], xn)
+    g = None
+    for t in range(mix_t.shape[0]):
+        g_t = torch.einsum("jtc,btc->bjc", mix_t[t], xn)
+        g = g_t if g is None else torch.where((task == t)[:, None, None], g_t, g)
+    return g
+
+
+def norm_and_project_fwd(
+    x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task=None
+):
     """Composite ``norm_and_project_fwd``: ``(h, g, mean, rstd1, rstd_g)`` as the kernels return
     them (``h``, ``g`` in x's dtype; row statistics ``(B, T)`` in the stats dtype)."""
     B, T, d = x.shape
@@ -99,14 +145,21 @@ def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias
         xs = x.to(stats_dtype(x.dtype))
         w1, b1 = _affine(norm1_weight, 1.0, d, xs), _affine(norm1_bias, 0.0, d, xs)
         h, mean, rstd1 = torch.native_layer_norm(xs, (d,), w1, b1, eps1)
-        wg, bg = _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
-        xg, _, rstd_g = torch.native_layer_norm(xs, (d,), wg, bg, eps_g)
-        g = _project(_pad_prefix(mix.to(xs.dtype), num_prefix), _patch_rows_only(xg, num_prefix))
+        mix_t = _pad_prefix(mix.to(xs.dtype), num_prefix, stacked=task is not None)
+        if task is None:
+            wg, bg = _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
+            xg, _, rstd_g = torch.native_layer_norm(xs, (d,), wg, bg, eps_g)
+            g = _project(mix_t, _patch_rows_only(xg, num_prefix))
+        else:
+            xhat, _, rstd_g = torch.native_layer_norm(xs, (d,), None, None, eps_g)
+            wg, bg = _per_image_affine(gen_weight, 1.0, task, d, xs), _per_image_affine(gen_bias, 0.0, task, d, xs)
+            g = _project_per_task(mix_t, _patch_rows_only(torch.addcmul(bg, xhat, wg), num_prefix), task)
     return h.to(x.dtype), g.to(x.dtype), mean.view(B, T), rstd1.view(B, T), rstd_g.view(B, T)
 
 
 def norm_and_project_bwd(
-    dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, *, recompute_eps_g=None
+    dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, task=None, *,
+    recompute_eps_g=None,
 ):
     """Composite ``norm_and_project_bwd``: ``(dx, dnorm1_weight, dnorm1_bias, dgen_weight,
     dgen_bias, dmix)``, dx in x's dtype and the rest in the stats dtype, as the kernels return
@@ -120,18 +173,40 @@ def norm_and_project_bwd(
     d = x.shape[-1]
     P = num_prefix
     xs = x.to(stats_dtype(x.dtype))
-    w1, wg, bg = _affine(norm1_weight, 1.0, d, xs), _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
+    w1 = _affine(norm1_weight, 1.0, d, xs)
     mean, rstd1, rstd_g = mean.unsqueeze(-1), rstd1.unsqueeze(-1), rstd_g.unsqueeze(-1)
     if recompute_eps_g is None:
         xhat = torch.addcmul(-mean * rstd_g, xs, rstd_g)  # (x - mean) * rstd_g in one pass
     else:
         xhat = F.layer_norm(xs, (d,), None, None, recompute_eps_g)
     xhat = _patch_rows_only(xhat, P)  # LN_g(x) = xhat * wg + bg, never materialised
-    mix_t = _pad_prefix(mix.to(xs.dtype), P)
+    mix_t = _pad_prefix(mix.to(xs.dtype), P, stacked=task is not None)
     dgs = dg.to(xs.dtype)
-    # With y = mix @ xhat (B, Np, d), the affine gradients are small contractions:
-    # dgen_weight = sum dg * y, dgen_bias = sum_j (sum_t mix[j, t]) sum_b dg[b, j].
-    if mix.dim() == 2:
+    if task is None:
+        wg, bg = _affine(gen_weight, 1.0, d, xs), _affine(gen_bias, 0.0, d, xs)
+        dxg, dwg, dbg, dmix = _prompt_grads(dgs, xhat, mix_t, wg, bg)
+        dx_g = torch.ops.aten.native_layer_norm_backward(dxg, xs, (d,), mean, rstd_g, wg, bg, [True, False, False])[0]
+    else:
+        dxg, dwg, dbg, dmix = _prompt_grads_per_task(dgs, xhat, mix_t, gen_weight, gen_bias, task)
+        # Each image's own LN_g weight applied to its gradient, then LN_g's backward without one.
+        dyg = dxg * _per_image_affine(gen_weight, 1.0, task, d, xs)
+        dx_g = torch.ops.aten.native_layer_norm_backward(dyg, xs, (d,), mean, rstd_g, None, None, [True, False, False])
+        dx_g = dx_g[0]
+    dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
+        dh.to(xs.dtype), xs, (d,), mean, rstd1, w1, torch.zeros_like(w1), [True, True, True]
+    )
+    per_channel = mix.dim() == (3 if task is None else 4)
+    dmix = dmix[..., P:, :] if per_channel else dmix[..., P:]  # without the padded prefix columns
+    return dx.add_(dx_g).to(x.dtype), dw1, db1, dwg, dbg, dmix
+
+
+def _prompt_grads(dgs, xhat, mix_t, wg, bg):
+    """Single task: ``(dxg, dgen_weight, dgen_bias, dmix)`` with ``dxg`` the gradient reaching
+    ``LN_g(x)`` (before its affine) and ``dmix`` over all ``T`` columns.
+
+    With ``y = mix @ xhat`` ``(B, Np, d)`` the affine gradients are small contractions:
+    ``dgen_weight = sum dg * y``, ``dgen_bias = sum_j (sum_t mix[j, t]) sum_b dg[b, j]``."""
+    if mix_t.dim() == 2:
         y = torch.matmul(mix_t, xhat)
         dmix = torch.bmm(dgs * wg, xhat.transpose(1, 2)).sum(0) + (dgs @ bg).sum(0).unsqueeze(1)
         dxg = torch.matmul(mix_t.t(), dgs)  # (B, T, d); the prefix rows are zero
@@ -142,11 +217,37 @@ def norm_and_project_bwd(
         dxg = torch.einsum("jtc,bjc->btc", mix_t, dgs)
         dbg = (mix_t.sum(1) * dgs.sum(0)).sum(0)
     dwg = (dgs * y).sum((0, 1))
-    dx_g = torch.ops.aten.native_layer_norm_backward(dxg, xs, (d,), mean, rstd_g, wg, bg, [True, False, False])[0]
-    dx, dw1, db1 = torch.ops.aten.native_layer_norm_backward(
-        dh.to(xs.dtype), xs, (d,), mean, rstd1, w1, torch.zeros_like(w1), [True, True, True]
-    )
-    return dx.add_(dx_g).to(x.dtype), dw1, db1, dwg, dbg, dmix[:, P:]
+    return dxg, dwg, dbg, dmix
+
+
+def _prompt_grads_per_task(dgs, xhat, mix_t, gen_weight, gen_bias, task):
+    """:func:`_prompt_grads` with the prompt parameters stacked over ``K`` tasks: per-image terms
+    summed over each task's own images."""
+    K, d = mix_t.shape[0], xhat.shape[-1]
+    wg, bg = _per_image_affine(gen_weight, 1.0, task, d, xhat), _per_image_affine(gen_bias, 0.0, task, d, xhat)
+    if mix_t.dim() == 3:
+        mix_b = mix_t[task]  # (B, Np, T)
+        y = torch.bmm(mix_b, xhat)
+        dmix_b = torch.bmm(dgs * wg, xhat.transpose(1, 2)) + (dgs * bg).sum(-1, keepdim=True)
+        dxg = torch.bmm(mix_b.transpose(1, 2), dgs)
+        dbg_b = (mix_b.sum(2, keepdim=True) * dgs).sum(1)
+        dmix = _sum_by_task(dmix_b, task, K)
+    else:
+        y = _project_per_task(mix_t, xhat, task)
+        dxg, dbg_b, dmix = None, None, []
+        for t in range(K):
+            mine = (task == t)[:, None, None]
+            dg_t = torch.where(mine, dgs, 0)
+            wg_t = 1.0 if gen_weight is None else gen_weight[t].to(xhat.dtype)
+            bg_t = 0.0 if gen_bias is None else gen_bias[t].to(xhat.dtype)
+            dmix.append(torch.einsum("bjc,btc->jtc", dg_t, xhat) * wg_t + (dg_t.sum(0) * bg_t).unsqueeze(1))
+            dxg_t = torch.einsum("jtc,bjc->btc", mix_t[t], dg_t)
+            dbg_t = (mix_t[t].sum(1) * dg_t).sum(1)
+            dxg = dxg_t if dxg is None else dxg + dxg_t
+            dbg_b = dbg_t if dbg_b is None else dbg_b + dbg_t
+        dmix = torch.stack(dmix)
+    dwg = _sum_by_task((dgs * y).sum(1), task, K)
+    return dxg, dwg, _sum_by_task(dbg_b, task, K), dmix
 
 
 def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, scale):

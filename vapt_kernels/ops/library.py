@@ -11,9 +11,10 @@ The kernel files only check device and memory layout.
 **Kernel ops.** A kernel backend implements four functions with the schema of ``csrc/vapt.cpp``:
 
 * ``norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix,
-  num_prefix) -> (h, g, mean, rstd1, rstd_g)`` and ``norm_and_project_bwd(dh, dg, x, norm1_weight,
-  gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix) -> (dx, dnorm1_weight, dnorm1_bias,
-  dgen_weight, dgen_bias, dmix)``;
+  num_prefix, task=None) -> (h, g, mean, rstd1, rstd_g)`` and ``norm_and_project_bwd(dh, dg, x,
+  norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, task=None) -> (dx,
+  dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix)``; with ``task`` the prompt parameters
+  are stacked per task and their gradients summed per task (:func:`norm_and_project_rules`);
 * ``prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale) -> (out, lse)`` and
   ``prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, scale) -> (dq, dk, dv,
   dk_prefix, dv_prefix)``.
@@ -92,11 +93,16 @@ def _same_device_rule(op: str, named: dict[str, Optional[torch.Tensor]], device:
 
 
 def norm_and_project_rules(
-    x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend: str
+    x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend: str, task=None
 ) -> Iterator[Rule]:
     """The contract of ``norm_and_project`` on ``backend``, rule by rule: ``(error type,
     whether it holds, message)``. A rule is only produced once the rules before it held, so later
-    ones may index shapes the earlier ones checked."""
+    ones may index shapes the earlier ones checked.
+
+    With ``task`` (many tasks, one backbone) the prompt parameters are stacked over ``K`` tasks:
+    ``mix (K, Np, N)`` or ``(K, Np, N, d)``, ``gen_weight``/``gen_bias (K, d)``, and ``task`` is the
+    int64 ``(B,)`` index of each image's task. Its values must lie in ``[0, K)``: a data rule, which
+    :func:`check_task_range` checks (the rules here only compare sizes)."""
     op = "norm_and_project"
     yield ValueError, x.dim() == 3, lambda: f"{op}: x must be (B, T, d), got shape {tuple(x.shape)}"
     yield _dtype_rule(op, backend, x.device, x.dtype)
@@ -107,24 +113,58 @@ def norm_and_project_rules(
         0 <= num_prefix < T,
         lambda: f"{op}: num_prefix must be in [0, T) = [0, {T}) so that patch tokens remain, got {num_prefix}",
     )
+    stacked = task is not None
+    if stacked:
+        yield (
+            ValueError,
+            task.dim() == 1 and task.shape[0] == B and task.dtype == torch.int64,
+            lambda: f"{op}: task must be an int64 (B,) = ({B},) tensor of task indices, got {task.dtype} {tuple(task.shape)}",
+        )
+        yield (
+            ValueError,
+            mix.dim() in (3, 4) and mix.shape[0] >= 1,
+            lambda: f"{op}: with task, mix must be stacked per task, (K, Np, N) or (K, Np, N, d), got {tuple(mix.shape)}",
+        )
+    K = mix.shape[0] if stacked else None
+    task_shape = (K, d) if stacked else (d,)
     affine = {"norm1_weight": norm1_weight, "norm1_bias": norm1_bias, "gen_weight": gen_weight, "gen_bias": gen_bias}
     for name, t in affine.items():
         if t is not None:
+            shape = task_shape if name.startswith("gen") else (d,)
+            what = "(K, d)" if len(shape) == 2 else "(d,)"
             yield (
                 ValueError,
-                t.shape == (d,) and t.dtype in FLOATING,
-                lambda name=name, t=t: f"{op}: {name} must be a floating (d,) = ({d},) tensor, got {t.dtype} {tuple(t.shape)}",
+                t.shape == shape and t.dtype in FLOATING,
+                lambda name=name, t=t, shape=shape, what=what: (
+                    f"{op}: {name} must be a floating {what} = {shape} tensor, got {t.dtype} {tuple(t.shape)}"
+                ),
             )
     N = T - num_prefix
+    per_task = tuple(mix.shape[1:]) if stacked else tuple(mix.shape)
+    lead = "(K, " if stacked else "("
     yield (
         ValueError,
-        mix.dtype in FLOATING and mix.dim() in (2, 3) and mix.shape[0] >= 1 and tuple(mix.shape[1:]) in ((N,), (N, d)),
+        mix.dtype in FLOATING and len(per_task) in (2, 3) and per_task[0] >= 1 and per_task[1:] in ((N,), (N, d)),
         lambda: (
-            f"{op}: mix must be a floating (Np, N) or per-channel (Np, N, d) tensor with Np >= 1, "
+            f"{op}: mix must be a floating {lead}Np, N) or per-channel {lead}Np, N, d) tensor with Np >= 1, "
             f"N = T - num_prefix = {N} and d = {d}, got {mix.dtype} {tuple(mix.shape)}"
         ),
     )
-    yield _same_device_rule(op, {**affine, "mix": mix}, x.device)
+    yield _same_device_rule(op, {**affine, "mix": mix, "task": task}, x.device)
+
+
+def check_task_range(task: torch.Tensor, num_tasks: int, what: str = "norm_and_project: task") -> None:
+    """Raise an IndexError unless every value of ``task`` lies in ``[0, num_tasks)``. A data rule:
+    in eager it reads the values (one host sync), while ``torch.compile`` or ``torch.export``
+    traces it becomes a runtime assertion of the graph."""
+    message = f"{what} indices must lie in [0, {num_tasks}), one per image"
+    if torch.compiler.is_compiling():
+        torch._assert_async(((task >= 0) & (task < num_tasks)).all(), message)
+        return
+    if task.numel():
+        low, high = int(task.min()), int(task.max())
+        if low < 0 or high >= num_tasks:
+            raise IndexError(f"{message}; got values from {low} to {high}")
 
 
 def prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, dtype: torch.dtype, backend: str) -> Iterator[Rule]:
@@ -221,17 +261,25 @@ def _fakes(backend: str) -> dict[str, Callable]:
     """Fake (meta) implementations of the four kernel ops of ``backend``: the contract, then the
     output metadata exactly as the kernels allocate it."""
 
-    def norm_and_project_fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
-        check(norm_and_project_rules(x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend))
+    def norm_and_project_fwd(
+        x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task=None
+    ):
+        check(norm_and_project_rules(x, norm1_weight, norm1_bias, gen_weight, gen_bias, mix, num_prefix, backend, task))
         B, T, d = x.shape
+        num_prompts = mix.shape[0 if task is None else 1]
         row_stats = [x.new_empty(B, T, dtype=stats_dtype(x.dtype)) for _ in range(3)]
-        return (x.new_empty(B, T, d), x.new_empty(B, mix.shape[0], d), *row_stats)
+        return (x.new_empty(B, T, d), x.new_empty(B, num_prompts, d), *row_stats)
 
-    def norm_and_project_bwd(dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix):
-        check(norm_and_project_rules(x, norm1_weight, None, gen_weight, gen_bias, mix, num_prefix, backend))
+    def norm_and_project_bwd(
+        dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, task=None
+    ):
+        check(norm_and_project_rules(x, norm1_weight, None, gen_weight, gen_bias, mix, num_prefix, backend, task))
         d, stats = x.shape[-1], stats_dtype(x.dtype)
-        affine = [x.new_empty(d, dtype=stats) for _ in range(4)]
-        return (torch.empty_like(x, memory_format=torch.contiguous_format), *affine, mix.new_empty(mix.shape, dtype=stats))
+        gen_shape = (d,) if task is None else (mix.shape[0], d)
+        norm1 = [x.new_empty(d, dtype=stats) for _ in range(2)]
+        gen = [x.new_empty(gen_shape, dtype=stats) for _ in range(2)]
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return (dx, *norm1, *gen, mix.new_empty(mix.shape, dtype=stats))
 
     def prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale):
         check(prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, q.dtype, backend))
@@ -295,29 +343,30 @@ class _NormAndProject(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+    def forward(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task):
         fwd = KERNELS[backend].norm_and_project_fwd
-        return fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+        return fwd(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        backend, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix = inputs
+        backend, x, w1, b1, eps1, wg, bg, eps_g, mix, num_prefix, task = inputs
         _h, _g, mean, rstd1, rstd_g = output
-        ctx.save_for_backward(x, w1, wg, bg, mix, mean, rstd1, rstd_g)
+        ctx.save_for_backward(x, w1, wg, bg, mix, mean, rstd1, rstd_g, task)
         ctx.backend, ctx.eps_g, ctx.num_prefix = backend, eps_g, num_prefix
         ctx.mark_non_differentiable(mean, rstd1, rstd_g)
 
     @staticmethod
     def backward(ctx, dh, dg, _dmean, _drstd1, _drstd_g):
-        x, w1, wg, bg, mix, mean, rstd1, rstd_g = ctx.saved_tensors
+        x, w1, wg, bg, mix, mean, rstd1, rstd_g, task = ctx.saved_tensors
         need = ctx.needs_input_grad
+        num_prompts = mix.shape[0 if task is None else 1]
         dh = torch.zeros_like(x) if dh is None else dh.contiguous()
-        dg = x.new_zeros(x.shape[0], mix.shape[0], x.shape[-1]) if dg is None else dg.contiguous()
+        dg = x.new_zeros(x.shape[0], num_prompts, x.shape[-1]) if dg is None else dg.contiguous()
         if _differentiable_backward():
             bwd = functools.partial(composite.norm_and_project_bwd, recompute_eps_g=ctx.eps_g)
         else:
             bwd = KERNELS[ctx.backend].norm_and_project_bwd
-        dx, dw1, db1, dwg, dbg, dmix = bwd(dh, dg, x, w1, wg, bg, mix, mean, rstd1, rstd_g, ctx.num_prefix)
+        dx, dw1, db1, dwg, dbg, dmix = bwd(dh, dg, x, w1, wg, bg, mix, mean, rstd1, rstd_g, ctx.num_prefix, task)
         return (
             None,
             dx if need[1] else None,
@@ -328,6 +377,7 @@ class _NormAndProject(torch.autograd.Function):
             dbg.to(x.dtype) if need[6] else None,
             None,
             dmix.to(mix.dtype) if need[8] else None,
+            None,
             None,
         )
 
@@ -367,10 +417,12 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def norm_and_project(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix):
+def norm_and_project(
+    backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task=None
+):
     """``backend``'s ``norm_and_project`` on inputs the contract accepted: brings them into the
-    layout and dtypes the kernels take (contiguous ``x`` and weights, weights in ``x``'s dtype,
-    ``mix`` in the stats dtype) and returns ``(h, g)``."""
+    layout and dtypes the kernels take (contiguous ``x``, weights and ``task``, weights in ``x``'s
+    dtype, ``mix`` in the stats dtype) and returns ``(h, g)``."""
 
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(x.dtype).contiguous()
@@ -386,6 +438,7 @@ def norm_and_project(backend, x, norm1_weight, norm1_bias, eps1, gen_weight, gen
         float(eps_g),
         mix.to(stats_dtype(x.dtype)).contiguous(),
         int(num_prefix),
+        None if task is None else task.contiguous(),
     )
     return h, g
 

@@ -1,0 +1,354 @@
+"""Many tasks on one backbone: :class:`MultiTaskVAPT` serves and trains batches that mix tasks.
+
+A task is what fine-tuning one VAPT model produces besides the frozen backbone: its prompt
+parameters (a ``VAPTPrompts``) and its classifier head. ``MultiTaskVAPT`` keeps one of each per task
+next to a single shared backbone and runs a batch whose images belong to different tasks in one
+pass: every image is computed exactly as the single-task model of its task would compute it.
+
+How a mixed batch runs (``T`` the batch's task index ``(B,)``, ``K`` tasks):
+
+* adaptive blocks: the tasks' folded prompt matrices, LayerNorm affines and biases are stacked,
+  ``(K, Np, N)`` / ``(K, d)``, and ``norm_and_project`` indexes them by ``T`` inside its kernels;
+* static prompts (VPT-deep, the first ``vpt_depth`` blocks of VAPT): their keys and values are
+  computed once per task, ``(K, H, Np, D)``, then gathered per image for ``prefix_attention``
+  (which takes a per-image prefix);
+* feature projectors and heads: one batched product over the weights gathered per image (the
+  heads: one product over all the tasks' classes, each image keeping its own task's columns).
+
+Dropout draws its masks per image exactly as the single-task model does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .checkpoint import _prompts_of, _string_keys, _validate_then_copy
+from .config import VAPTConfig
+from .modules import ACTIVATIONS, Grid, VAPTPrompts, fold_mix
+from .ops.library import check_task_range
+
+Tasks = Union[Sequence[str], torch.Tensor]
+
+
+class MultiTaskVAPT(nn.Module):
+    """One frozen VAPT backbone serving and training many tasks, in batches that mix them.
+
+    Args:
+        model: a VAPT model (:func:`vapt_kernels.apply_vapt` or :func:`vapt_kernels.apply_vpt`)
+            with a linear head. Its backbone, VAPT configuration and backend are shared by every
+            task; its own prompts and head are not a task (they get no gradient here).
+
+    Example::
+
+        mt = vk.MultiTaskVAPT(model)
+        mt.add_task("pets", vk.trainable_state_dict(pets_model))
+        mt.add_task("cars", torch.load("cars.pt"))
+        logits = mt(images, ["pets", "cars", "pets"])   # (3, max classes), -inf past a task's own
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        caller = "MultiTaskVAPT"
+        _prompts_of(model, caller)
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Linear) or model.get_classifier() is not head:
+            raise TypeError(
+                f"{caller}: the model's classifier must be one nn.Linear at model.head, got "
+                f"{type(model.get_classifier()).__name__}; build the model with num_classes > 0 and no "
+                "distillation head"
+            )
+        self.model = model
+        self.prompts = nn.ModuleDict()  # task name -> VAPTPrompts
+        self.heads = nn.ModuleDict()  # task name -> nn.Linear
+        self.train(model.training)
+
+    @property
+    def config(self) -> VAPTConfig:
+        return self.model.vapt.config
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task names, in the order they were added."""
+        return list(self.prompts)
+
+    # --------------------------------------------------------------------------------------------
+    # tasks
+    # --------------------------------------------------------------------------------------------
+
+    def add_task(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Add a task from the trainable state dict of a single-task model.
+
+        Args:
+            name: a new task name (a non-empty string without ``.``).
+            state: :func:`vapt_kernels.trainable_state_dict` of a model with this backbone and
+                VAPT configuration; its head may have its own number of classes.
+
+        Raises:
+            ValueError: a name in use or not usable; a state dict of another VAPT configuration
+                (naming the fields that differ), with missing or unexpected keys, or invalid values.
+                Nothing is changed then.
+        """
+        caller = "MultiTaskVAPT.add_task"
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{caller}: a task name must be a non-empty string without '.', got {name!r}")
+        if name in self.prompts:
+            raise ValueError(f"{caller}: there is already a task {name!r}; remove_task({name!r}) first to replace it")
+        problems: list[str] = []
+        keys = _string_keys(caller, state, problems)
+        prompts = copy.deepcopy(self.model.vapt)
+        prompts.requires_grad_(True)
+        template = self.model.head
+        weight = state.get("head.weight")
+        classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else template.out_features
+        dd = {"device": template.weight.device, "dtype": template.weight.dtype}
+        head = nn.Linear(template.in_features, classes, bias=template.bias is not None, **dd)
+        targets = {f"vapt.{k}": p for k, p in prompts.named_parameters()}
+        targets.update({f"head.{k}": p for k, p in head.named_parameters()})
+        missing = sorted(set(targets) - set(keys))
+        unexpected = sorted(set(keys) - set(targets))
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        differences = _config_differences(state, self.model)
+        if differences:
+            problems.insert(0, "saved from another VAPT configuration than the model's: " + "; ".join(differences))
+        hint = (
+            f"Every task shares the model's backbone and VAPT configuration ({self.config}); pass "
+            "vapt_kernels.trainable_state_dict of a model built like it."
+        )
+        present = {k: p for k, p in targets.items() if k in state}
+        _validate_then_copy(caller, state, present, problems, hint, "state dict")
+        prompts.train(self.training)
+        head.train(self.training)
+        self.prompts[name] = prompts
+        self.heads[name] = head
+
+    def remove_task(self, name: str) -> None:
+        """Remove a task; the other tasks' parameters are untouched."""
+        self._check_name(name, "MultiTaskVAPT.remove_task")
+        del self.prompts[name]
+        del self.heads[name]
+
+    def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Copies of task ``name``'s parameters, keyed as :func:`vapt_kernels.trainable_state_dict`
+        keys a single-task model's: load them into one with
+        :func:`vapt_kernels.load_trainable_state_dict`."""
+        self._check_name(name, "MultiTaskVAPT.task_state_dict")
+        state = {f"vapt.{k}": p.detach().clone() for k, p in self.prompts[name].named_parameters()}
+        state.update({f"head.{k}": p.detach().clone() for k, p in self.heads[name].named_parameters()})
+        return state
+
+    def _check_name(self, name: str, caller: str) -> None:
+        if name not in self.prompts:
+            known = ", ".join(map(repr, self.prompts)) or "none yet"
+            raise KeyError(f"{caller}: no task {name!r}; the tasks are: {known}")
+
+    # --------------------------------------------------------------------------------------------
+    # forward
+    # --------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "MultiTaskVAPT":
+        """Task prompts and heads follow ``mode``; the frozen backbone stays in eval mode."""
+        nn.Module.train(self, mode)
+        self.model.train(mode)  # the VAPT model's own rule: backbone in eval, head dropout follows
+        return self
+
+    def task_index(self, tasks: Tasks, batch: int, device: torch.device) -> torch.Tensor:
+        """``tasks`` (``batch`` names, or a ``(batch,)`` integer tensor of task indices in the
+        order of :attr:`tasks`) as an int64 index on ``device``, checked."""
+        caller = "MultiTaskVAPT"
+        if not self.prompts:
+            raise RuntimeError(f"{caller}: there are no tasks yet; add one with add_task(name, state)")
+        if isinstance(tasks, torch.Tensor):
+            if tasks.shape != (batch,) or tasks.is_floating_point() or tasks.is_complex() or tasks.dtype == torch.bool:
+                raise ValueError(
+                    f"{caller}: a task tensor must be an integer (B,) = ({batch},) tensor of task indices, got "
+                    f"{tasks.dtype} {tuple(tasks.shape)}"
+                )
+            index = tasks.to(device=device, dtype=torch.long)
+            check_task_range(index, len(self.prompts), f"{caller}: task")
+            return index
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+            raise TypeError(
+                f"{caller}: tasks must be a list of {batch} task names or a LongTensor ({batch},) of task indices, "
+                f"got {type(tasks).__name__}"
+            )
+        if len(tasks) != batch:
+            raise ValueError(f"{caller}: got {len(tasks)} task names for a batch of {batch} images; give one per image")
+        position = {name: i for i, name in enumerate(self.prompts)}
+        unknown = sorted({repr(t) for t in tasks if not isinstance(t, str) or t not in position})
+        if unknown:
+            raise KeyError(f"{caller}: unknown task(s) {', '.join(unknown)}; the tasks are: {', '.join(self.prompts)}")
+        return torch.tensor([position[t] for t in tasks], dtype=torch.long, device=device)
+
+    def forward(self, images: torch.Tensor, tasks: Tasks) -> torch.Tensor:
+        """Logits ``(B, C_max)`` of a batch mixing tasks: row ``i`` holds task ``tasks[i]``'s
+        logits in its first ``C_t`` entries and ``-inf`` after them (so softmax, argmax and
+        cross-entropy see the task's own logits).
+
+        Args:
+            images: ``(B, 3, H, W)``, as the model takes them.
+            tasks: the task of each image: ``B`` names, or an integer ``(B,)`` tensor of indices
+                into :attr:`tasks` (what a compiled or exported model takes).
+        """
+        if images.dim() != 4:
+            raise ValueError(f"MultiTaskVAPT: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        task = self.task_index(tasks, images.shape[0], images.device)
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        prompts = _TaskPrompts(list(self.prompts.values()), task)
+        for block in model.blocks:
+            h, p, p_index = prompts.block(block.vapt_index, x, block.norm1, block.num_prefix_tokens, block._grid(x),
+                                          block.backend)  # fmt: skip
+            x = block.forward_prompted(x, h, p, p_index)
+        features = model.forward_head(model.norm(x), pre_logits=True)
+        return self._logits(features, task)
+
+    def _logits(self, features: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Every task's head as one product over the concatenated classes, each image keeping its
+        own task's columns, padded with ``-inf`` to the most classes."""
+        heads = list(self.heads.values())
+        classes = [head.out_features for head in heads]
+        weight = torch.cat([head.weight for head in heads])
+        bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
+        every = F.linear(features, weight, bias)  # (B, sum C_t)
+        starts = torch.tensor([sum(classes[:t]) for t in range(len(heads))], device=features.device)
+        counts = torch.tensor(classes, device=features.device)[task, None]  # (B, 1)
+        cols = torch.arange(max(classes), device=features.device)
+        own = torch.gather(every, 1, starts[task, None] + torch.minimum(cols, counts - 1))
+        return own.masked_fill(cols >= counts, float("-inf"))
+
+
+class _TaskPrompts:
+    """The prompts of every block for a batch whose image ``b`` belongs to task ``task[b]``, from
+    the tasks' ``VAPTPrompts`` (one configuration): the mixed-batch twin of
+    :meth:`VAPTPrompts.forward`."""
+
+    def __init__(self, tasks: list[VAPTPrompts], task: torch.Tensor) -> None:
+        self.tasks, self.task, self.first = tasks, task, tasks[0]
+
+    def stack(self, get) -> torch.Tensor:
+        return torch.stack([get(t) for t in self.tasks])
+
+    def block(
+        self, index: int, x: torch.Tensor, norm1: nn.LayerNorm, num_prefix: int, grid: Grid, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Block ``index``'s ``h = norm1(x)``, prompt rows and the index of each image's row:
+        ``(B, Np, d)`` with index None, or the static prompts ``(K, Np, d)`` with index ``task``."""
+        first, config = self.first, self.first.config
+        if first.is_static(index):
+            rows = self.stack(lambda t: t.prompt[0] if index == 0 else t.deep_prompts[index - 1])
+            if first.training and config.prompt_dropout > 0.0:
+                return norm1(x), F.dropout(rows[self.task], config.prompt_dropout, True), None
+            return norm1(x), rows, self.task
+        gens = [t.generator(index) for t in self.tasks]
+        gen = gens[0]
+        stacked = {
+            name: torch.stack([get(g) for g in gens]) if get(gen) is not None else None
+            for name, get in {
+                "token_weight": lambda g: g.token_proj.weight,
+                "token_bias": lambda g: g.token_proj.bias,
+                "kernel": lambda g: g.kernel,
+                "norm_weight": lambda g: g.norm.weight,
+                "norm_bias": lambda g: g.norm.bias,
+            }.items()
+        }
+        mix = fold_mix(stacked["token_weight"], stacked["kernel"], config, gen.grid, grid)
+        h, g = ops.norm_and_project(
+            x, norm1.weight, norm1.bias, norm1.eps, stacked["norm_weight"], stacked["norm_bias"], gen.norm.eps, mix,
+            num_prefix, backend=backend, task=self.task,
+        )  # fmt: skip
+        mask = gen.channel_mask(x.shape[0], g)  # the tasks share the dropout rate: any generator draws it
+        if mask is not None:
+            g = g * mask
+        g = g + stacked["token_bias"][self.task].unsqueeze(-1)
+        return h, self.project(index, g), None
+
+    def project(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """Each image's task's feature projector on ``G (B, Np, d)``, as batched products over the
+        weights gathered per image."""
+        if not len(self.first.projectors):
+            return g
+        j = 0 if self.first.config.share_projector else index - self.first.config.vpt_depth
+        projectors = [t.projectors[j] for t in self.tasks]
+        first = projectors[0]
+        fc1 = torch.stack([p.fc1.weight for p in projectors])[self.task]  # (B, r, d)
+        fc2 = torch.stack([p.fc2.weight for p in projectors])[self.task]  # (B, d, r)
+        a = ACTIVATIONS[first.activation](torch.bmm(g, fc1.transpose(1, 2)))
+        if first.dropout > 0.0:
+            a = F.dropout(a, first.dropout, first.training)
+        out = torch.bmm(a, fc2.transpose(1, 2))
+        if first.scale is not None:
+            out = out * torch.stack([p.scale for p in projectors])[self.task].unsqueeze(-1)
+        return g + out
+
+
+def _config_differences(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """The VAPT configuration fields a trainable state dict was visibly saved with that differ from
+    ``model``'s, each as ``"field: state dict X, model Y"`` (what the shapes and keys reveal;
+    dropout rates and activations leave no trace)."""
+    config, vapt = model.vapt.config, model.vapt
+    seen = _config_of_state(state, len(model.blocks), tuple(model.patch_embed.grid_size), config)
+    ours = {
+        "num_prompts": config.num_prompts,
+        "vpt_depth": config.vpt_depth,
+        "conv": config.conv,
+        "shared_kernel": config.shared_kernel,
+        "kernel_size": config.kernel_size,
+        "padding": config.padding,
+        "feature_projector": config.feature_projector,
+        "share_projector": config.share_projector,
+        "hidden_dim": config.hidden_dim,
+        "learnable_scale": config.learnable_scale,
+    }
+    if not len(vapt.generators):
+        for field in ("conv", "shared_kernel", "kernel_size", "padding", "feature_projector"):
+            ours.pop(field)
+    return [f"{f}: state dict {seen[f]}, model {ours[f]}" for f in ours if f in seen and seen[f] != ours[f]]
+
+
+def _config_of_state(state: Mapping[str, torch.Tensor], depth: int, grid: Grid, config: VAPTConfig) -> dict:
+    """The VAPT fields a trainable state dict reveals through its keys and shapes."""
+
+    def shape(key: str) -> Optional[tuple[int, ...]]:
+        value = state.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    seen: dict[str, object] = {}
+    prompt = shape("vapt.prompt")
+    if prompt is not None and len(prompt) == 3:
+        seen["num_prompts"] = prompt[1]
+    deep = shape("vapt.deep_prompts")
+    seen["vpt_depth"] = 1 + (deep[0] if deep else 0)
+    if not any(k.startswith("vapt.generators.") for k in state if isinstance(k, str)):
+        return seen
+    kernel = shape("vapt.generators.0.kernel")
+    seen["conv"] = kernel is not None
+    if kernel is not None and len(kernel) == 4:
+        seen["shared_kernel"] = kernel[0] == 1
+        seen["kernel_size"] = kernel[-1]
+    token = shape("vapt.generators.0.token_proj.weight")
+    if token is not None and len(token) == 2 and kernel is not None:
+        k = seen.get("kernel_size", config.kernel_size)
+        fits = [p for p in range(64) if (grid[0] + 2 * p - k + 1) * (grid[1] + 2 * p - k + 1) == token[1]]
+        if fits:
+            seen["padding"] = fits[0]
+    projectors = {k.split(".")[2] for k in state if isinstance(k, str) and k.startswith("vapt.projectors.")}
+    seen["feature_projector"] = bool(projectors)
+    if projectors:
+        adaptive = depth - seen["vpt_depth"]
+        if adaptive > 1:
+            seen["share_projector"] = len(projectors) == 1
+        fc1 = shape("vapt.projectors.0.fc1.weight")
+        if fc1 is not None and len(fc1) == 2:
+            seen["hidden_dim"] = fc1[0]
+        seen["learnable_scale"] = "vapt.projectors.0.scale" in state
+    return seen
