@@ -39,6 +39,16 @@ Backward, two kernels on one stream:
   ``mix`` is read once per image anyway, so ``_norm_and_project_bwd_per_channel_kernel`` works on
   tiles of a few whole rows and sums ``dxg`` prompt by prompt.
 
+Many tasks (a per-image index ``task (B,)``, values in ``[0, K)``): ``mix`` is stacked per task,
+``(K, Np, N)`` or ``(K, Np, N, d)``, and the prompt LayerNorm's affines are ``(K, d)``. Every
+per-image program above reaches its image's slices by a pointer offset of ``task[b]`` (the
+constexpr ``HAS_TASK``; without it the kernels compile to the one-task code). The per-task
+gradients are sums over a task's images in a fixed order: the backward sorts the images by task
+once (stably, so each task keeps batch order), the per-channel mix kernel gets a task axis and loops
+over its task's images, and ``_norm_and_project_task_sum_kernel`` (grid ``(K, C / BLOCK_C)``) sums
+the per-image partials of the shared mix (``a``, ``v``) and of the prompt LayerNorm's weight and
+bias per task. Without ``task`` none of this runs.
+
 Each program owns its slice of every output and partial buffer: no atomics, and the results do not
 depend on scheduling. Block sizes are chosen by :func:`launch_config` alone, for the launchers and
 for the offline compilation gate (``tests/test_gpu_static_triton.py``), which checks every
@@ -759,7 +769,7 @@ def launch_config(kernel: str, T: int, N: int, d: int, Np: int) -> dict:
         block_j = min(8, triton.next_power_of_2(Np))
         block_n = min(64 // block_j, triton.next_power_of_2(N))
         return dict(BLOCK_C=64, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=8, num_stages=2)
-    if kernel == "task_sum":  # a 16-byte load a thread per row
+    if kernel == "task_sum":  # one 16-byte load a thread per partial row
         return dict(BLOCK_C=512, num_warps=4, num_stages=1)
     raise ValueError(f"unknown norm_and_project kernel {kernel!r}")
 
@@ -774,10 +784,10 @@ def _device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _task_sums(src: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, K: int) -> torch.Tensor:
-    """``(K, C)`` per-task sums of the float32 per-image partials ``src (B, R, C)`` over each task's
-    images (``order``, ``starts``: see :func:`norm_and_project_backward`) and their ``R`` rows."""
-    _, R, C = src.shape
+def _task_sums(src: torch.Tensor, R: int, C: int, order: torch.Tensor, starts: torch.Tensor, K: int) -> torch.Tensor:
+    """``(K, C)`` per-task sums of float32 per-image partials, ``src`` holding ``(B, R, C)`` elements
+    contiguously, over each task's images (``order``, ``starts``: see
+    :func:`norm_and_project_backward`) and their ``R`` rows."""
     out = torch.empty(K, C, device=src.device, dtype=torch.float32)
     cfg = launch_config("task_sum", 0, 0, C, 0)
     _norm_and_project_task_sum_kernel[(K, triton.cdiv(C, cfg["BLOCK_C"]))](src, order, starts, out, R, C, **cfg)
@@ -931,7 +941,8 @@ def norm_and_project_backward(
             mcfg = launch_config("dmix", T, N, d, Np)
             # Tasks on axis 0, whose size limit is 2**31 - 1 (65535 on the others).
             c_blocks = triton.cdiv(d, mcfg["BLOCK_C"])
-            grid = (c_blocks * (K if has_task else 1), triton.cdiv(N, mcfg["BLOCK_N"]), triton.cdiv(Np, mcfg["BLOCK_J"]))
+            grid = (c_blocks * (K if has_task else 1), triton.cdiv(N, mcfg["BLOCK_N"]),
+                    triton.cdiv(Np, mcfg["BLOCK_J"]))  # fmt: skip
             _norm_and_project_dmix_kernel[grid](
                 dg, x, wg, bg, order, starts, mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
                 HAS_BG=gen_bias is not None, **flags, **mcfg,
@@ -954,13 +965,13 @@ def norm_and_project_backward(
                     HAS_W1=norm1_weight is not None, ROUND_BF16=_round_bf16(x.dtype), **flags, **cfg,
                 )  # fmt: skip
             if has_task:
-                dmix = _task_sums(a.view(B, 1, Np * N), order, starts, K).view(K, Np, N)
-                dmix += _task_sums(v.view(B, 1, Np), order, starts, K)[:, :, None]
+                dmix = _task_sums(a, 1, Np * N, order, starts, K).view(K, Np, N)
+                dmix += _task_sums(v, 1, Np, order, starts, K)[:, :, None]
             else:
                 dmix = a.sum(0) + v.sum(0)[:, None]
         dnorm1_weight, dnorm1_bias = (p.sum(0) for p in weight_partials[:2])
         if has_task:
-            dgen_weight, dgen_bias = (_task_sums(p.view(B, tiles, d), order, starts, K) for p in weight_partials[2:])
+            dgen_weight, dgen_bias = (_task_sums(p, tiles, d, order, starts, K) for p in weight_partials[2:])
         else:
             dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials[2:])
     return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix
