@@ -924,10 +924,12 @@ def norm_and_project_backward(
     flags = dict(HAS_WG=gen_weight is not None, HAS_TASK=has_task)
     if has_task:
         K = mix.shape[0]
-        # searchsorted on the sorted tasks, not bincount, which waits for the GPU to size its output.
+        # Each task's first place in the sorted tasks by searchsorted, not bincount, whose CUDA
+        # version waits for the GPU to size its output.
         order = torch.argsort(task, stable=True)
         starts = torch.searchsorted(task[order], torch.arange(K + 1, device=x.device))
     else:
+        # Placeholders for the kernels' task arguments, unread without HAS_TASK.
         order = starts = task = x
     with _device_guard(x):
         if per_channel:
