@@ -13,12 +13,13 @@ from the compiled metadata; registers, stack and local memory from the cubin's r
 (Triton's bundled ``cuobjdump``); TF32 from the PTX.
 
 Shapes: channels ``d`` of ViT-S/B/L/H/g/G and 2048, head dims 64/80/128, ``Np`` in 1/10/50/200, a
-14 x 14 patch grid behind one class token, shared and per-channel mix, static (broadcast) and
-adaptive prefixes, with LayerNorm affines (timm's default). Dtypes: every input dtype the Triton
-contract takes on CUDA (``KERNEL_DTYPES``). The ops bring every mixed-dtype call to one dtype
-before the kernels (weights to ``x``'s dtype, ``mix`` to float32; attention inputs to the autocast
-dtype, so float32 activations under bfloat16 autocast reach the attention kernels as bfloat16 and
-``norm_and_project`` as float32), so these launches are the ones mixed calls make.
+14 x 14 patch grid behind one class token, shared and per-channel mix, one task or three (a per-image
+task index), static (broadcast) and adaptive prefixes, with LayerNorm affines (timm's default).
+Dtypes: every input dtype the Triton contract takes on CUDA (``KERNEL_DTYPES``). The ops bring every
+mixed-dtype call to one dtype before the kernels (weights to ``x``'s dtype, ``mix`` to float32;
+attention inputs to the autocast dtype, so float32 activations under bfloat16 autocast reach the
+attention kernels as bfloat16 and ``norm_and_project`` as float32), so these launches are the ones
+mixed calls make.
 
 Runs in ``make test`` (marker ``gpu_static``); skips when Triton, its NVIDIA backend tools or the
 offline-compilation API of this Triton version are missing. Verified with Triton 3.8 (all pass) and
@@ -48,6 +49,8 @@ CHANNELS = (384, 768, 1024, 1280, 1408, 1664, 2048)
 HEAD_DIMS = (64, 80, 128)
 PROMPTS = (1, 10, 50, 200)
 PATCHES, PREFIX, BATCH = 196, 1, 2
+# Tasks of the many-task norm_and_project launches (per-image task index).
+TASKS = 3
 KERNEL_MODULES = ("vapt_kernels.ops.triton.norm_and_project", "vapt_kernels.ops.triton.prefix_attention")
 
 
@@ -120,23 +123,31 @@ def _launch_norm_and_project(nap, call) -> None:
     meta = dict(device="meta")
     T = PREFIX + PATCHES
     f32 = dict(device="meta", dtype=torch.float32)
+    task = torch.empty(BATCH, dtype=torch.int64, **meta)
     for dtype in library.KERNEL_DTYPES["triton"]["cuda"]:
         for d in CHANNELS:
             x = torch.empty(BATCH, T, d, dtype=dtype, **meta)
             w = torch.empty(d, dtype=dtype, **meta)
+            wk = torch.empty(TASKS, d, dtype=dtype, **meta)
             for Np in PROMPTS:
-                for mix_shape in ((Np, PATCHES), (Np, PATCHES, d)):
-                    mix = torch.empty(mix_shape, **f32)
-                    # Forward: g's own size in float32 at most (no buffer that grows with row tiles).
-                    budget = 4 * BATCH * Np * d
-                    _, _, mean, rstd1, rstd_g = call(
-                        nap.norm_and_project_forward, budget, x, w, w, 1e-6, w, w, 1e-6, mix, PREFIX
-                    )
-                    dg = torch.empty(BATCH, Np, d, dtype=dtype, **meta)
-                    # Backward: per-image prompt-by-patch and prompt-by-channel float32 buffers, and
-                    # the four weight gradients' float32 partials over blocks of 32 rows or more.
-                    budget = 4 * BATCH * Np * (PATCHES + d + 2) + 16 * BATCH * -(-T // 32) * d
-                    call(nap.norm_and_project_backward, budget, x, dg, x, w, w, w, mix, mean, rstd1, rstd_g, PREFIX)
+                # One task (task None), then TASKS tasks with per-task mix and prompt LayerNorm.
+                for lead, wg, tasks in (((), w, None), ((TASKS,), wk, task)):
+                    for mix_shape in ((*lead, Np, PATCHES), (*lead, Np, PATCHES, d)):
+                        mix = torch.empty(mix_shape, **f32)
+                        # Forward: g's own size in float32 at most (no buffer that grows with row tiles).
+                        budget = 4 * BATCH * Np * d
+                        _, _, mean, rstd1, rstd_g = call(
+                            nap.norm_and_project_forward, budget, x, w, w, 1e-6, wg, wg, 1e-6, mix, PREFIX, tasks
+                        )
+                        dg = torch.empty(BATCH, Np, d, dtype=dtype, **meta)
+                        # Backward: per-image prompt-by-patch and prompt-by-channel float32 buffers,
+                        # the four weight gradients' float32 partials over blocks of 32 rows or more
+                        # and, with tasks, the int64 images sorted by task and each task's start.
+                        budget = 4 * BATCH * Np * (PATCHES + d + 2) + 16 * BATCH * -(-T // 32) * d
+                        if tasks is not None:
+                            budget += 8 * (BATCH + TASKS + 1)
+                        call(nap.norm_and_project_backward, budget, x, dg, x, w, wg, wg, mix, mean, rstd1, rstd_g,
+                             PREFIX, tasks)  # fmt: skip
 
 
 def _launch_prefix_attention(pa, call) -> None:

@@ -33,8 +33,11 @@ def norm_and_project_fwd(
     eps_g: float,
     mix: Tensor,
     num_prefix: int,
+    task: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return norm_and_project_forward(x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix)
+    return norm_and_project_forward(
+        x, norm1_weight, norm1_bias, eps1, gen_weight, gen_bias, eps_g, mix, num_prefix, task
+    )
 
 
 @torch.library.custom_op(f"{NAMESPACE}::{library.NORM_AND_PROJECT_BWD}", mutates_args=())
@@ -50,9 +53,10 @@ def norm_and_project_bwd(
     rstd1: Tensor,
     rstd_g: Tensor,
     num_prefix: int,
+    task: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return norm_and_project_backward(
-        dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix
+        dh, dg, x, norm1_weight, gen_weight, gen_bias, mix, mean, rstd1, rstd_g, num_prefix, task
     )
 
 

@@ -39,6 +39,16 @@ Backward, two kernels on one stream:
   ``mix`` is read once per image anyway, so ``_norm_and_project_bwd_per_channel_kernel`` works on
   tiles of a few whole rows and sums ``dxg`` prompt by prompt.
 
+Many tasks (a per-image index ``task (B,)``, values in ``[0, K)``): ``mix`` is stacked per task,
+``(K, Np, N)`` or ``(K, Np, N, d)``, and the prompt LayerNorm's affines are ``(K, d)``. Every
+per-image program above reaches its image's slices by a pointer offset of ``task[b]`` (the
+constexpr ``HAS_TASK``; without it the kernels compile to the one-task code). The per-task
+gradients are sums over a task's images in a fixed order: the backward sorts the images by task
+once (stably, so each task keeps batch order), the per-channel mix kernel gets a task axis and loops
+over its task's images, and ``_norm_and_project_task_sum_kernel`` (grid ``(K, C / BLOCK_C)``) sums
+the per-image partials of the shared mix (``a``, ``v``) and of the prompt LayerNorm's weight and
+bias per task. Without ``task`` none of this runs.
+
 Each program owns its slice of every output and partial buffer: no atomics, and the results do not
 depend on scheduling. Block sizes are chosen by :func:`launch_config` alone, for the launchers and
 for the offline compilation gate (``tests/test_gpu_static_triton.py``), which checks every
@@ -66,9 +76,9 @@ import triton.language as tl
 from .prefix_attention import INTERPRETED, round_to_bfloat16
 
 # Shape arguments that are not specialised on (divisible by 16, equal to 1): one compiled kernel
-# serves every token and prompt count. ``d`` is specialised: its divisibility lets rows be loaded
-# in 16-byte vectors.
-_SHAPE_ARGS = ["B", "T", "N", "Np", "num_prefix"]
+# serves every token, prompt and row-tile count. ``d`` is specialised: its divisibility lets rows be
+# loaded in 16-byte vectors.
+_SHAPE_ARGS = ["B", "T", "N", "Np", "num_prefix", "R"]
 
 
 def _jit(fn):
@@ -199,9 +209,10 @@ def _patch_rows_lng(
 @_jit
 def _norm_and_project_g_shared_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
-    mix_ptr,  # (Np, N) shared mix, float32, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias, (K, d) with HAS_TASK (read only when HAS_BG)
+    mix_ptr,  # (Np, N) shared mix, (K, Np, N) with HAS_TASK, float32, contiguous
+    task_ptr,  # (B,) int64 task of each image (read only when HAS_TASK)
     mean_ptr,  # (B, T) row means, float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
     g_ptr,  # (B, Np, d) output projection, x's dtype
@@ -212,6 +223,7 @@ def _norm_and_project_g_shared_kernel(
     num_prefix,  # prefix tokens P (patch n is row P + n)
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task mix and affines, image b using slice task[b]
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_N: tl.constexpr,  # patches per step of the loop over the patches
@@ -219,6 +231,11 @@ def _norm_and_project_g_shared_kernel(
 ):
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(0).to(tl.int64)
+    if HAS_TASK:
+        t = tl.load(task_ptr + b)
+        mix_ptr += t * Np * N
+        wg_ptr += t * d
+        bg_ptr += t * d
     js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_ok = js < Np
@@ -245,9 +262,10 @@ def _norm_and_project_g_shared_kernel(
 @_jit
 def _norm_and_project_g_kernel(
     x_ptr,  # (B, T, d) block input, contiguous
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
-    mix_ptr,  # (Np, N, d) per-channel mix, float32, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias, (K, d) with HAS_TASK (read only when HAS_BG)
+    mix_ptr,  # (Np, N, d) per-channel mix, (K, Np, N, d) with HAS_TASK, float32, contiguous
+    task_ptr,  # (B,) int64 task of each image (read only when HAS_TASK)
     mean_ptr,  # (B, T) row means, float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
     g_ptr,  # (B, Np, d) output projection, x's dtype
@@ -258,6 +276,7 @@ def _norm_and_project_g_kernel(
     num_prefix,  # prefix tokens P (patch n is row P + n)
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task mix and affines, image b using slice task[b]
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_N: tl.constexpr,  # patches per step of the loop over the patches
@@ -265,6 +284,11 @@ def _norm_and_project_g_kernel(
 ):
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(0).to(tl.int64)
+    if HAS_TASK:
+        t = tl.load(task_ptr + b)
+        mix_ptr += t * Np * N * d
+        wg_ptr += t * d
+        bg_ptr += t * d
     js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_ok = js < Np
@@ -296,8 +320,9 @@ def _norm_and_project_g_kernel(
 def _norm_and_project_dmix_shared_kernel(
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias, (K, d) with HAS_TASK (read only when HAS_BG)
+    task_ptr,  # (B,) int64 task of each image (read only when HAS_TASK)
     mean_ptr,  # (B, T) row means, float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
     a_ptr,  # (B, Np, N) output a[b, j, n] = sum_c dg[b, j, c] w_g[c] xhat_g[b, P + n, c], float32
@@ -310,12 +335,17 @@ def _norm_and_project_dmix_shared_kernel(
     num_prefix,  # prefix tokens P (patch n is row P + n)
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task affines, image b using slice task[b]
     BLOCK_C: tl.constexpr,  # channels per step of the loop over the channels
     BLOCK_N: tl.constexpr,  # patches per program (>= 16, a tl.dot dimension)
     BLOCK_J: tl.constexpr,  # prompts per program (>= 16, a tl.dot dimension)
 ):
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(0).to(tl.int64)
+    if HAS_TASK:
+        t = tl.load(task_ptr + b)
+        wg_ptr += t * d
+        bg_ptr += t * d
     pid_n = tl.program_id(1)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -353,8 +383,9 @@ def _norm_and_project_bwd_shared_kernel(
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    mix_ptr,  # (Np, N) shared mix, float32, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    mix_ptr,  # (Np, N) shared mix, (K, Np, N) with HAS_TASK, float32, contiguous
+    task_ptr,  # (B,) int64 task of each image (read only when HAS_TASK)
     a_ptr,  # (B, Np, N) sum_c dg[b, j, c] w_g[c] xhat_g[b, P + n, c], float32, from the dmix kernel
     u_ptr,  # (B, Np) dg[b, j] . w_g, float32, from the dmix kernel
     mean_ptr,  # (B, T) row means, float32
@@ -372,6 +403,7 @@ def _norm_and_project_bwd_shared_kernel(
     num_prefix,  # prefix tokens P (rows t < P have no mix column)
     HAS_W1: tl.constexpr,
     HAS_WG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task mix and weight, image b using slice task[b]
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_T: tl.constexpr,  # rows per program (>= 16, a tl.dot dimension)
     BLOCK_C: tl.constexpr,  # channels per step of the loops over the channels
@@ -380,6 +412,10 @@ def _norm_and_project_bwd_shared_kernel(
     tile = tl.program_id(0)
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(1).to(tl.int64)
+    if HAS_TASK:
+        t = tl.load(task_ptr + b)
+        mix_ptr += t * Np * N
+        wg_ptr += t * d
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     mean, rstd1, rstd_g = _row_statistics(mean_ptr, rstd1_ptr, rstdg_ptr, b, rows, row_ok, T)
@@ -459,8 +495,9 @@ def _norm_and_project_bwd_per_channel_kernel(
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
     w1_ptr,  # (d,) norm1 weight (read only when HAS_W1)
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    mix_ptr,  # (Np, N, d) per-channel mix, float32, contiguous
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    mix_ptr,  # (Np, N, d) per-channel mix, (K, Np, N, d) with HAS_TASK, float32, contiguous
+    task_ptr,  # (B,) int64 task of each image (read only when HAS_TASK)
     mean_ptr,  # (B, T) row means, float32
     rstd1_ptr,  # (B, T) 1 / sqrt(var + eps1), float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
@@ -476,6 +513,7 @@ def _norm_and_project_bwd_per_channel_kernel(
     num_prefix,  # prefix tokens P (rows t < P have no mix column)
     HAS_W1: tl.constexpr,
     HAS_WG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task mix and weight, image b using slice task[b]
     ROUND_BF16: tl.constexpr,  # interpreter with bfloat16 x: round stores to nearest (its conversion truncates)
     BLOCK_T: tl.constexpr,  # rows per tile
     BLOCK_D: tl.constexpr,  # next power of two >= d: whole rows, so each row sum is taken in registers
@@ -484,6 +522,10 @@ def _norm_and_project_bwd_per_channel_kernel(
     chunk = tl.program_id(0)
     # int64: b * T * d overflows int32 for large batches.
     b = tl.program_id(1).to(tl.int64)
+    if HAS_TASK:
+        t = tl.load(task_ptr + b)
+        mix_ptr += t * Np * N * d
+        wg_ptr += t * d
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
     w1 = _channel_vector(w1_ptr, cols, d, HAS_W1, 1.0)
@@ -585,11 +627,13 @@ def _bwd_per_channel_tile(
 def _norm_and_project_dmix_kernel(
     dg_ptr,  # (B, Np, d) gradient of g, contiguous
     x_ptr,  # (B, T, d) block input, contiguous
-    wg_ptr,  # (d,) prompt LayerNorm weight (read only when HAS_WG)
-    bg_ptr,  # (d,) prompt LayerNorm bias (read only when HAS_BG)
+    wg_ptr,  # (d,) prompt LayerNorm weight, (K, d) with HAS_TASK (read only when HAS_WG)
+    bg_ptr,  # (d,) prompt LayerNorm bias, (K, d) with HAS_TASK (read only when HAS_BG)
+    order_ptr,  # (B,) int64 images sorted by task, stably (read only when HAS_TASK)
+    starts_ptr,  # (K + 1,) int64: task t's images are order[starts[t]:starts[t + 1]] (read only when HAS_TASK)
     mean_ptr,  # (B, T) row means, float32
     rstdg_ptr,  # (B, T) 1 / sqrt(var + eps_g), float32
-    dmix_ptr,  # (Np, N, d) output gradient of the per-channel mix, float32
+    dmix_ptr,  # (Np, N, d) output gradient of the per-channel mix, (K, Np, N, d) with HAS_TASK, float32
     B,  # images
     T,  # tokens per image
     N,  # patch tokens per image (mix columns)
@@ -598,11 +642,21 @@ def _norm_and_project_dmix_kernel(
     num_prefix,  # prefix tokens P (patch n is row P + n)
     HAS_WG: tl.constexpr,
     HAS_BG: tl.constexpr,
+    HAS_TASK: tl.constexpr,  # per-task affines and dmix: grid axis 0 is (task, channel block)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_N: tl.constexpr,  # patches per program
     BLOCK_J: tl.constexpr,  # prompts per program
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if HAS_TASK:
+        c_blocks = tl.cdiv(d, BLOCK_C)
+        t = tl.program_id(0) // c_blocks
+        cols = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        wg_ptr += t * d
+        bg_ptr += t * d
+        # int64: t * Np * N * d may exceed int32.
+        dmix_ptr += t.to(tl.int64) * Np * N * d
+    else:
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     js = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     col_ok = cols < d
@@ -612,27 +666,60 @@ def _norm_and_project_dmix_kernel(
     wg = _channel_vector(wg_ptr, cols, d, HAS_WG, 1.0)
     bg = _channel_vector(bg_ptr, cols, d, HAS_BG, 0.0)
 
-    # dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, n, c], accumulated over the images in a fixed
-    # order in float32 registers. Image pointers are advanced by increments: b * T * d may
-    # exceed int32.
+    # dmix[j, n, c] = sum_b dg[b, j, c] * LN_g(x)[b, n, c] over the images (of task t), accumulated
+    # in a fixed order in float32 registers: batch order, or task t's images in the stable order.
     acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_C), dtype=tl.float32)
-    x_b = x_ptr
-    dg_b = dg_ptr
-    mean_b = mean_ptr
-    rstdg_b = rstdg_ptr
-    for _ in range(0, B):
-        xg = _patch_rows_lng(x_b, mean_b, rstdg_b, wg, bg, ns, cols, N, d, num_prefix)
-        dgc = tl.load(dg_b + dg_offs, mask=dg_mask, other=0.0).to(tl.float32)
-        acc += dgc[:, None, :] * xg[None, :, :]
-        x_b += T * d
-        dg_b += Np * d
-        mean_b += T
-        rstdg_b += T
+    if HAS_TASK:
+        for i in range(tl.load(starts_ptr + t), tl.load(starts_ptr + t + 1)):
+            b = tl.load(order_ptr + i)
+            xg = _patch_rows_lng(x_ptr + b * T * d, mean_ptr + b * T, rstdg_ptr + b * T, wg, bg, ns, cols, N, d,
+                                 num_prefix)  # fmt: skip
+            dgc = tl.load(dg_ptr + b * Np * d + dg_offs, mask=dg_mask, other=0.0).to(tl.float32)
+            acc += dgc[:, None, :] * xg[None, :, :]
+    else:
+        # Image pointers are advanced by increments: b * T * d may exceed int32.
+        x_b = x_ptr
+        dg_b = dg_ptr
+        mean_b = mean_ptr
+        rstdg_b = rstdg_ptr
+        for _ in range(0, B):
+            xg = _patch_rows_lng(x_b, mean_b, rstdg_b, wg, bg, ns, cols, N, d, num_prefix)
+            dgc = tl.load(dg_b + dg_offs, mask=dg_mask, other=0.0).to(tl.float32)
+            acc += dgc[:, None, :] * xg[None, :, :]
+            x_b += T * d
+            dg_b += Np * d
+            mean_b += T
+            rstdg_b += T
 
     # int64: j * N * d may exceed int32.
     out_offs = js.to(tl.int64)[:, None, None] * N * d + (ns[:, None] * d + cols[None, :])[None, :, :]
     out_mask = j_ok[:, None, None] & (ns < N)[None, :, None] & col_ok[None, None, :]
     tl.store(dmix_ptr + out_offs, acc, mask=out_mask)
+
+
+@_jit
+def _norm_and_project_task_sum_kernel(
+    src_ptr,  # (B, R, C) per-image partial sums, float32, contiguous
+    order_ptr,  # (B,) int64 images sorted by task, stably
+    starts_ptr,  # (K + 1,) int64: task t's images are order[starts[t]:starts[t + 1]]
+    out_ptr,  # (K, C) output: out[t] = sum over task t's images b and r < R of src[b, r], float32
+    R,  # partial rows per image
+    C,  # columns
+    BLOCK_C: tl.constexpr,  # columns per program
+):
+    """Per-task sums of per-image partials, each task's images in the stable order and each image's
+    rows in turn: deterministic, where ``index_add_`` on CUDA adds with atomics. A task without
+    images gets zeros."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(tl.load(starts_ptr + t), tl.load(starts_ptr + t + 1)):
+        # int64: b * R * C may exceed int32.
+        src_b = src_ptr + tl.load(order_ptr + i) * R * C
+        for r in range(0, R):
+            acc += tl.load(src_b + r * C + cols, mask=col_ok, other=0.0)
+    tl.store(out_ptr + t.to(tl.int64) * C + cols, acc, mask=col_ok)
 
 
 # Largest tile of whole rows (BLOCK_T * BLOCK_D float32 elements) a LayerNorm program keeps per
@@ -650,8 +737,8 @@ def launch_config(kernel: str, T: int, N: int, d: int, Np: int) -> dict:
     accumulators hold at most 4096 elements.
 
     Args:
-        kernel: ``fwd``, ``g_shared``, ``g``, ``dmix_shared``, ``bwd_shared``, ``bwd_per_channel``
-            or ``dmix`` (the kernel ``_norm_and_project_<kernel>_kernel``).
+        kernel: ``fwd``, ``g_shared``, ``g``, ``dmix_shared``, ``bwd_shared``, ``bwd_per_channel``,
+            ``dmix`` or ``task_sum`` (the kernel ``_norm_and_project_<kernel>_kernel``).
         T, N, d, Np: tokens, patches, channels and prompts.
     """
     if kernel in ("fwd", "bwd_per_channel"):
@@ -682,6 +769,8 @@ def launch_config(kernel: str, T: int, N: int, d: int, Np: int) -> dict:
         block_j = min(8, triton.next_power_of_2(Np))
         block_n = min(64 // block_j, triton.next_power_of_2(N))
         return dict(BLOCK_C=64, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=8, num_stages=2)
+    if kernel == "task_sum":  # one 16-byte load a thread per partial row
+        return dict(BLOCK_C=512, num_warps=4, num_stages=1)
     raise ValueError(f"unknown norm_and_project kernel {kernel!r}")
 
 
@@ -695,6 +784,16 @@ def _device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _task_sums(src: torch.Tensor, R: int, C: int, order: torch.Tensor, starts: torch.Tensor, K: int) -> torch.Tensor:
+    """``(K, C)`` per-task sums of float32 per-image partials, ``src`` holding ``(B, R, C)`` elements
+    contiguously, over each task's images (``order``, ``starts``: see
+    :func:`norm_and_project_backward`) and their ``R`` rows."""
+    out = torch.empty(K, C, device=src.device, dtype=torch.float32)
+    cfg = launch_config("task_sum", 0, 0, C, 0)
+    _norm_and_project_task_sum_kernel[(K, triton.cdiv(C, cfg["BLOCK_C"]))](src, order, starts, out, R, C, **cfg)
+    return out
+
+
 def norm_and_project_forward(
     x: torch.Tensor,
     norm1_weight: Optional[torch.Tensor],
@@ -705,28 +804,36 @@ def norm_and_project_forward(
     eps_g: float,
     mix: torch.Tensor,
     num_prefix: int,
+    task: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = LN_1(x)`` and ``g = mix @ LN_g(x[:, num_prefix:])``: one kernel normalises, a second one
-    reads the patch rows again and projects them (no buffer but the outputs).
+    reads the patch rows again and projects them (no buffer but the outputs). With ``task``, image
+    ``b`` is projected with its task's slices ``mix[task[b]]``, ``gen_weight[task[b]]`` and
+    ``gen_bias[task[b]]``, reached by pointer offsets in the kernel.
 
     Args:
         x: block input ``(B, T, d)``, contiguous, float32/float16/bfloat16.
         norm1_weight: ``(d,)`` in x's dtype, or None for ones.
         norm1_bias: ``(d,)`` in x's dtype, or None for zeros.
         eps1: norm1 epsilon.
-        gen_weight: ``(d,)`` prompt LayerNorm weight in x's dtype, or None for ones.
-        gen_bias: ``(d,)`` prompt LayerNorm bias in x's dtype, or None for zeros.
+        gen_weight: ``(d,)`` prompt LayerNorm weight in x's dtype, ``(K, d)`` with ``task``, or None
+            for ones.
+        gen_bias: ``(d,)`` prompt LayerNorm bias in x's dtype, ``(K, d)`` with ``task``, or None for
+            zeros.
         eps_g: prompt LayerNorm epsilon.
-        mix: ``(Np, N)`` or per-channel ``(Np, N, d)``, float32, contiguous, ``N = T - num_prefix``.
+        mix: ``(Np, N)`` or per-channel ``(Np, N, d)``, float32, contiguous, ``N = T - num_prefix``;
+            with ``task`` stacked per task, ``(K, Np, N)`` or ``(K, Np, N, d)``.
         num_prefix: prefix tokens ``P``, left out of the projection.
+        task: ``(B,)`` int64 task of each image, values in ``[0, K)``, contiguous, or None (one task).
 
     Returns:
         ``h (B, T, d)`` and ``g (B, Np, d)`` in x's dtype, and the float32 row statistics
         ``mean``, ``rstd1 = 1/sqrt(var + eps1)``, ``rstd_g = 1/sqrt(var + eps_g)``, each ``(B, T)``.
     """
     B, T, d = x.shape
-    Np, N = mix.shape[:2]
-    per_channel = mix.dim() == 3
+    lead = int(task is not None)
+    Np, N = mix.shape[lead : lead + 2]
+    per_channel = mix.dim() == 3 + lead
     stats = dict(device=x.device, dtype=torch.float32)
     h = torch.empty_like(x)
     mean = torch.empty(B, T, **stats)
@@ -746,8 +853,9 @@ def norm_and_project_forward(
         cfg = launch_config("g" if per_channel else "g_shared", T, N, d, Np)
         kernel[(B, triton.cdiv(Np, cfg["BLOCK_J"]), triton.cdiv(d, cfg["BLOCK_C"]))](
             x, gen_weight if gen_weight is not None else x, gen_bias if gen_bias is not None else x,
-            mix, mean, rstd_g, g, T, N, d, Np, num_prefix,
-            HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None, ROUND_BF16=_round_bf16(x.dtype), **cfg,
+            mix, task if task is not None else x, mean, rstd_g, g, T, N, d, Np, num_prefix,
+            HAS_WG=gen_weight is not None, HAS_BG=gen_bias is not None, HAS_TASK=task is not None,
+            ROUND_BF16=_round_bf16(x.dtype), **cfg,
         )  # fmt: skip
     return h, g, mean, rstd1, rstd_g
 
@@ -764,6 +872,7 @@ def norm_and_project_backward(
     rstd1: torch.Tensor,
     rstd_g: torch.Tensor,
     num_prefix: int,
+    task: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`norm_and_project_forward`: one pass over ``x`` for ``dx`` and the weight
     gradients, and a mix-gradient kernel (for a shared mix it runs first: its per-image sums also
@@ -771,27 +880,38 @@ def norm_and_project_backward(
     ``(B * tiles, d)`` over 32 rows or more each and, for a shared mix, the ``(B, Np, N)``
     per-image mix partials.
 
+    With ``task``, the images are grouped by task once (a stable sort: ``order[starts[t]:
+    starts[t + 1]]`` are task ``t``'s images in batch order) and every per-task gradient is summed
+    over its task's images in that order, never with atomics: the per-channel mix kernel gets a
+    task axis, and the per-image partials of the shared mix and of the prompt LayerNorm's weight
+    and bias are summed per task by ``_norm_and_project_task_sum_kernel``. Without ``task`` none of
+    this runs: no sort, no extra buffer or launch.
+
     Args:
         dh: ``(B, T, d)`` gradient of ``h``, contiguous, x's dtype.
         dg: ``(B, Np, d)`` gradient of ``g``, contiguous, x's dtype.
         x: the forward's block input ``(B, T, d)``.
         norm1_weight: ``(d,)`` or None (ones).
-        gen_weight: ``(d,)`` or None (ones).
-        gen_bias: ``(d,)`` or None (zeros); needed for ``dmix``.
-        mix: ``(Np, N)`` or ``(Np, N, d)``, float32, contiguous.
+        gen_weight: ``(d,)``, ``(K, d)`` with ``task``, or None (ones).
+        gen_bias: ``(d,)``, ``(K, d)`` with ``task``, or None (zeros); needed for ``dmix``.
+        mix: ``(Np, N)`` or ``(Np, N, d)``, float32, contiguous; ``(K, Np, N)`` or ``(K, Np, N, d)``
+            with ``task``.
         mean: ``(B, T)`` float32 row means from the forward.
         rstd1: ``(B, T)`` float32 ``1/sqrt(var + eps1)`` from the forward.
         rstd_g: ``(B, T)`` float32 ``1/sqrt(var + eps_g)`` from the forward.
         num_prefix: prefix tokens ``P``.
+        task: ``(B,)`` int64 task of each image, values in ``[0, K)``, contiguous, or None (one task).
 
     Returns:
-        ``dx (B, T, d)`` in x's dtype; float32 ``dnorm1_weight``, ``dnorm1_bias``,
-        ``dgen_weight``, ``dgen_bias`` (each ``(d,)``, computed even for None weights) and
-        ``dmix`` (mix's shape).
+        ``dx (B, T, d)`` in x's dtype; float32 ``dnorm1_weight``, ``dnorm1_bias`` (each ``(d,)``),
+        ``dgen_weight``, ``dgen_bias`` (each ``(d,)``, ``(K, d)`` with ``task``; computed even for
+        None weights) and ``dmix`` (mix's shape; a task without images gets zeros).
     """
     B, T, d = x.shape
-    Np, N = mix.shape[:2]
-    per_channel = mix.dim() == 3
+    has_task = task is not None
+    lead = int(has_task)
+    Np, N = mix.shape[lead : lead + 2]
+    per_channel = mix.dim() == 3 + lead
     stats = dict(device=x.device, dtype=torch.float32)
     cfg = launch_config("bwd_per_channel" if per_channel else "bwd_shared", T, N, d, Np)
     # Row chunks of one program (the weight partials' rows per image).
@@ -801,20 +921,32 @@ def norm_and_project_backward(
     w1 = norm1_weight if norm1_weight is not None else x
     wg = gen_weight if gen_weight is not None else x
     bg = gen_bias if gen_bias is not None else x
-    flags = dict(HAS_WG=gen_weight is not None)
+    flags = dict(HAS_WG=gen_weight is not None, HAS_TASK=has_task)
+    if has_task:
+        K = mix.shape[0]
+        # Each task's first place in the sorted tasks by searchsorted, not bincount, whose CUDA
+        # version waits for the GPU to size its output.
+        order = torch.argsort(task, stable=True)
+        starts = torch.searchsorted(task[order], torch.arange(K + 1, device=x.device))
+    else:
+        # Placeholders for the kernels' task arguments, unread without HAS_TASK.
+        order = starts = task = x
     with _device_guard(x):
         if per_channel:
             if x.numel() > 0:
                 _norm_and_project_bwd_per_channel_kernel[(tiles, B)](
-                    dh, dg, x, w1, wg, mix, mean, rstd1, rstd_g, dx, *weight_partials, T, N, d, Np, num_prefix,
+                    dh, dg, x, w1, wg, mix, task, mean, rstd1, rstd_g, dx, *weight_partials, T, N, d, Np, num_prefix,
                     HAS_W1=norm1_weight is not None, ROUND_BF16=_round_bf16(x.dtype), **flags, **cfg,
                 )  # fmt: skip
             # Also run for B == 0, where it writes zeros.
             dmix = torch.empty(mix.shape, **stats)
             mcfg = launch_config("dmix", T, N, d, Np)
-            grid = (triton.cdiv(d, mcfg["BLOCK_C"]), triton.cdiv(N, mcfg["BLOCK_N"]), triton.cdiv(Np, mcfg["BLOCK_J"]))
+            # Tasks on axis 0, whose size limit is 2**31 - 1 (65535 on the others).
+            c_blocks = triton.cdiv(d, mcfg["BLOCK_C"])
+            grid = (c_blocks * (K if has_task else 1), triton.cdiv(N, mcfg["BLOCK_N"]),
+                    triton.cdiv(Np, mcfg["BLOCK_J"]))  # fmt: skip
             _norm_and_project_dmix_kernel[grid](
-                dg, x, wg, bg, mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
+                dg, x, wg, bg, order, starts, mean, rstd_g, dmix, B, T, N, d, Np, num_prefix,
                 HAS_BG=gen_bias is not None, **flags, **mcfg,
             )  # fmt: skip
         else:
@@ -826,13 +958,22 @@ def norm_and_project_backward(
                 mcfg = launch_config("dmix_shared", T, N, d, Np)
                 grid = (B, triton.cdiv(N, mcfg["BLOCK_N"]), triton.cdiv(Np, mcfg["BLOCK_J"]))
                 _norm_and_project_dmix_shared_kernel[grid](
-                    dg, x, wg, bg, mean, rstd_g, a, u, v, T, N, d, Np, num_prefix,
+                    dg, x, wg, bg, task, mean, rstd_g, a, u, v, T, N, d, Np, num_prefix,
                     HAS_BG=gen_bias is not None, **flags, **mcfg,
                 )  # fmt: skip
                 _norm_and_project_bwd_shared_kernel[(tiles, B)](
-                    dh, dg, x, w1, wg, mix, a, u, mean, rstd1, rstd_g, dx, *weight_partials, T, N, d, Np, num_prefix,
+                    dh, dg, x, w1, wg, mix, task, a, u, mean, rstd1, rstd_g, dx, *weight_partials,
+                    T, N, d, Np, num_prefix,
                     HAS_W1=norm1_weight is not None, ROUND_BF16=_round_bf16(x.dtype), **flags, **cfg,
                 )  # fmt: skip
-            dmix = a.sum(0) + v.sum(0)[:, None]
-    dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials)
+            if has_task:
+                dmix = _task_sums(a, 1, Np * N, order, starts, K).view(K, Np, N)
+                dmix += _task_sums(v, 1, Np, order, starts, K)[:, :, None]
+            else:
+                dmix = a.sum(0) + v.sum(0)[:, None]
+        dnorm1_weight, dnorm1_bias = (p.sum(0) for p in weight_partials[:2])
+        if has_task:
+            dgen_weight, dgen_bias = (_task_sums(p, tiles, d, order, starts, K) for p in weight_partials[2:])
+        else:
+            dgen_weight, dgen_bias = (p.sum(0) for p in weight_partials[2:])
     return dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix
