@@ -252,11 +252,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     col_part = at::empty({nap::bwd_column_slots(B, T, d, v), 4, d}, stats_opts);
     const nap::Geometry rg = nap::rows_bwd_geometry(B, T);
     check_launchable(rg, op, "rows_bwd_kernel");
-    const auto rows_kernel = vec ? rows_bwd_kernel<scalar_t, kVec> : rows_bwd_kernel<scalar_t, 1>;
+    const auto rows_kernel =
+        task_ptr == nullptr ? (vec ? rows_bwd_kernel<scalar_t, kVec, false> : rows_bwd_kernel<scalar_t, 1, false>)
+                            : (vec ? rows_bwd_kernel<scalar_t, kVec, true> : rows_bwd_kernel<scalar_t, 1, true>);
     rows_kernel<<<grid_of(rg), rg.threads, rg.dynamic_smem, stream>>>(
-        dh.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1, wg, task_ptr, dxg.data_ptr<float>(), mean.data_ptr<float>(),
-        rstd1.data_ptr<float>(), rstd_g.data_ptr<float>(), dx.data_ptr<scalar_t>(), col_part.data_ptr<float>(), T, d,
-        P, groups);
+        dh.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w1, wg, task_ptr, dxg.data_ptr<float>(),
+        mean.data_ptr<float>(), rstd1.data_ptr<float>(), rstd_g.data_ptr<float>(), dx.data_ptr<scalar_t>(),
+        col_part.data_ptr<float>(), T, d, P, groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (shared_mix) {

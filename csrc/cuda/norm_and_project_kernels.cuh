@@ -18,8 +18,9 @@
 //
 // Many tasks (a per-image index task (B,) int64 in [0, K)): mix is stacked per task, (K, Np, N) or
 // (K, Np, N, d), and gen_weight/gen_bias are (K, d); image b uses the slices of task[b], reached by
-// offsetting pointers with task[b] (no per-image copy of mix). project_kernel's TASKS
-// instantiations read these indices; the others are the single-task code. The per-task sums are
+// offsetting pointers with task[b] (no per-image copy of mix). The TASKS instantiations of
+// project_kernel and rows_bwd_kernel read these indices; the others are the single-task code
+// (compiled as before the index existed: same registers). The per-task sums are
 // deterministic without atomics: the per-channel dmix sums each task's images inside
 // project_kernel in the order of a stable sort of task; the shared-mix dmix and dgen_weight/bias
 // come from per-image partials that task_sum_kernel adds up in that same order.
@@ -174,13 +175,12 @@ struct RowOperand {
     int64_t ch = channels_along_k ? k : c;
     const float v = static_cast<float>(rows[r * d + ch]);
     if (mean == nullptr) return v;
-    const float xhat = (v - mean[r]) * rstd[r];
     if constexpr (TASKS) {
       if (task != nullptr) ch += task[image_along_k ? k : z] * d;  // the affine row of the image's task
     }
     const float wv = w == nullptr ? 1.0f : static_cast<float>(w[ch]);
     const float bv = b == nullptr ? 0.0f : static_cast<float>(b[ch]);
-    return xhat * wv + bv;
+    return (v - mean[r]) * rstd[r] * wv + bv;
   }
 };
 
@@ -312,16 +312,17 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
 // Phase 2 (thread per pack of VEC channels): dx = rstd1 (dy1 - coef0 - xhat1 coef1)
 // + rstd_g (dyg - coef2 - xhatg coef3) for every row, and sums of dh * xhat1, dh, dxg * xhatg, dxg
 // over the block's rows into col_part[slot, 0..3, :] (added over slots on the host: deterministic).
-// With task (many tasks), wg is (K, d) and image b uses its row task[b].
+// TASKS (many tasks): wg is (K, d) and image b uses its row task[b]; the single-task instantiation
+// does not read task.
 // __launch_bounds__ with a minimum of one block per SM: with the block size alone, ptxas 13 allots
 // some variants 48 registers and spills.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool TASKS>
 __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
     const scalar_t* __restrict__ dh,  // (B, T, d)
     const scalar_t* __restrict__ x,   // (B, T, d)
     const scalar_t* __restrict__ w1,  // (d,) or nullptr
     const scalar_t* __restrict__ wg,  // (d,), (K, d) with task, or nullptr
-    const int64_t* __restrict__ task, // (B,) or nullptr (one task)
+    const int64_t* __restrict__ task, // (B,), read with TASKS only
     const float* __restrict__ dxg,    // (B, N, d): mix^T dg, the gradient reaching LN_g(x)
     const float* __restrict__ mean,   // (B, T)
     const float* __restrict__ rstd1,  // (B, T)
@@ -338,7 +339,9 @@ __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
   const int lane = threadIdx.x % kWarpSize;
   const float inv_d = 1.0f / static_cast<float>(d);
   const int64_t N = T - P;
-  if (wg != nullptr && task != nullptr) wg += task[b] * d;
+  if constexpr (TASKS) {
+    if (wg != nullptr) wg += task[b] * d;  // the gen weight row of the image's task
+  }
 
   for (int r = warp; r < rows; r += kRowWarps) {
     const int64_t row = b * T + t0 + r, n = t0 + r - P;  // n < 0: a prefix row

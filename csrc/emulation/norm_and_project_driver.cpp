@@ -184,10 +184,12 @@ void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
   std::vector<float> col_part = nan_filled<float>(slots * 4 * d);
   const nap::Geometry bg_geom = nap::rows_bwd_geometry(B, T);
   check_launchable(bg_geom);
-  const auto rows_bwd = vec_bwd ? rows_bwd_kernel<scalar_t, kVec> : rows_bwd_kernel<scalar_t, 1>;
+  const auto rows_bwd =
+      !tasks ? (vec_bwd ? rows_bwd_kernel<scalar_t, kVec, false> : rows_bwd_kernel<scalar_t, 1, false>)
+             : (vec_bwd ? rows_bwd_kernel<scalar_t, kVec, true> : rows_bwd_kernel<scalar_t, 1, true>);
   vapt_emu_launch(rows_bwd, grid_of(bg_geom), dim3(bg_geom.threads), bg_geom.dynamic_smem, dh.data(), x.data(), w1,
-                  wg, task_ptr, dxg.data(), mean.data(), rstd1.data(), rstd_g.data(), dx.data(), col_part.data(), T, d, P,
-                  groups);
+                  wg, task_ptr, dxg.data(), mean.data(), rstd1.data(), rstd_g.data(), dx.data(), col_part.data(), T, d,
+                  P, groups);
 
   if (shared_mix) {
     const StridedOperand<scalar_t> dg_b{dg.data(), Np * d, d, 1, 0};
