@@ -485,6 +485,8 @@ NAP_TASK_CASES = [
     NapCase(torch.float16, 5, 50, 1, 130, 34, False, AFFINE, 3),  # 2 channel tiles; Np = 34 > BM = 32
     NapCase(torch.bfloat16, 5, 12, 5, 24, 3, True, AFFINE, 3),
     NapCase(torch.bfloat16, 5, 50, 1, 72, 7, False, ("norm1_bias", "gen_bias"), 1),
+    NapCase(torch.float32, 5, 10, 1, 384, 1, True, AFFINE, 3),  # d = 384: 12 channel tiles; Np = 1
+    NapCase(torch.bfloat16, 5, 197, 1, 24, 3, True, AFFINE, 3),  # N = 196: 7 M tiles of dxg
 ]
 
 
