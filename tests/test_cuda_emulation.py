@@ -107,7 +107,10 @@ def _unpack(raw: bytes, layout: list[tuple[tuple[int, ...], torch.dtype]]) -> li
     outs, offset = [], 0
     for shape, dtype in layout:
         size = math.prod(shape) * 4
-        t = torch.frombuffer(bytearray(raw[offset : offset + size]), dtype=dtype).view(shape)
+        if size == 0:  # frombuffer refuses an empty buffer
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = torch.frombuffer(bytearray(raw[offset : offset + size]), dtype=dtype).view(shape)
         outs.append(t.double() if dtype == torch.float32 else t)
         offset += size
     assert offset == len(raw), "the driver wrote more or less than expected"
@@ -299,12 +302,14 @@ class NapCase(NamedTuple):
     Np: int
     per_channel: bool  # mix (Np, N, d), else (Np, N)
     affine: tuple[str, ...]  # the affine parameters given (the others are None)
+    K: int = 0  # tasks: 0 for task None, else mix (K, ...), gen affines (K, d) and a task index (B,)
 
     def __str__(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
         mix = "per-channel" if self.per_channel else "shared"
         affine = "+".join(a.replace("norm1_", "n").replace("gen_", "g") for a in self.affine) or "no-affine"
-        return f"{name}-B{self.B}-T{self.T}-P{self.P}-d{self.d}-Np{self.Np}-{mix}-{affine}"
+        tasks = f"-K{self.K}" if self.K else ""
+        return f"{name}-B{self.B}-T{self.T}-P{self.P}-d{self.d}-Np{self.Np}-{mix}-{affine}{tasks}"
 
 
 # Tiles: rows_fwd 8 rows a block; rows_bwd 32 rows a block, 256 threads on packs of 16 bytes when d
@@ -335,21 +340,32 @@ NAP_CASES = [
 ]
 
 
+def _task_index(B: int, K: int) -> torch.Tensor:
+    """(B,) int64: all 0 for K = 1; for K = 3, task 2 every fourth image and 0 otherwise, so that
+    task 1 has no image, the tasks interleave, and a task with more than 8 images (B >= 12) spans
+    two k steps of the per-channel dmix."""
+    b = torch.arange(B)
+    return torch.where(b % 4 == 3, K - 1, 0) if K > 1 else torch.zeros(B, dtype=torch.int64)
+
+
 def _nap_inputs(case: NapCase, generator: torch.Generator) -> dict[str, torch.Tensor | None]:
     """What the op hands the launcher: x in its dtype; affine parameters, float32 as a model keeps
     them under autocast, cast to x's dtype (``library.norm_and_project`` does); mix in float32 (the
-    stats dtype), whatever x's dtype."""
+    stats dtype), whatever x's dtype. With tasks: the gen affines (K, d), mix (K, ...) and task."""
     B, T, d, N = case.B, case.T, case.d, case.T - case.P
+    tasks = (case.K,) if case.K else ()
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     args = {"x": (randn(B, T, d) * 1.5 + randn(B, T, 1)).to(case.dtype)}  # rows far from zero mean
     for name in AFFINE:
-        value = 1 + 0.5 * randn(d) if name.endswith("weight") else 0.3 * randn(d)
+        shape = (*tasks, d) if name.startswith("gen_") else (d,)
+        value = 1 + 0.5 * randn(*shape) if name.endswith("weight") else 0.3 * randn(*shape)
         args[name] = value.float().to(case.dtype) if name in case.affine else None
-    mix_shape = (case.Np, N, d) if case.per_channel else (case.Np, N)
+    mix_shape = (*tasks, case.Np, N, d) if case.per_channel else (*tasks, case.Np, N)
     args["mix"] = (randn(*mix_shape) * N**-0.5).float()
+    args["task"] = _task_index(B, case.K) if case.K else None
     return args
 
 
@@ -359,15 +375,17 @@ def _nap_emulate(driver: Path, tmp_path: Path, case: NapCase, args: dict, dh, dg
     B, T, d, Np = case.B, case.T, case.d, case.Np
     given = sum(1 << i for i, name in enumerate(AFFINE) if args[name] is not None)
     header = struct.pack(
-        "<9i2f", DTYPE_CODE[case.dtype], B, T, d, Np, case.P, case.per_channel, given, True, EPS1, EPS_G
+        "<10i2f", DTYPE_CODE[case.dtype], B, T, d, Np, case.P, case.per_channel, given, True, case.K, EPS1, EPS_G
     )
-    tensors = [args["x"], *(args[n] for n in AFFINE if args[n] is not None), args["mix"], dh, dg]
+    task = [args["task"]] if case.K else []
+    tensors = [args["x"], *(args[n] for n in AFFINE if args[n] is not None), args["mix"], *task, dh, dg]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     src.write_bytes(header + b"".join(t.float().contiguous().numpy().tobytes() for t in tensors))
     _run(driver, ["norm_and_project", str(src), str(dst)], tmp_path, seed)
     f32, i32 = torch.float32, torch.int32
     layout = [((B, T, d), f32), ((B, Np, d), f32)] + [((B, T), f32)] * 3 + [((1,), i32)]
-    layout += [((B, T, d), f32)] + [((d,), f32)] * 4 + [(tuple(args["mix"].shape), f32), ((1,), i32)]
+    gen = (case.K, d) if case.K else (d,)
+    layout += [((B, T, d), f32)] + [((d,), f32)] * 2 + [(gen, f32)] * 2 + [(tuple(args["mix"].shape), f32), ((1,), i32)]
     *fwd, vec_fwd, dx, dw1, db1, dwg, dbg, dmix, vec_bwd = _unpack(dst.read_bytes(), layout)
     return [*fwd, dx, dw1, db1, dwg, dbg, dmix], bool(vec_fwd), bool(vec_bwd)
 
@@ -437,6 +455,99 @@ def test_norm_and_project_schedule_independence(nap_driver, tmp_path):
     """Another order of the threads between barriers gives bit-identical results."""
     case = NapCase(torch.float16, 2, 35, 1, 40, 6, False, AFFINE)
     generator = torch.Generator().manual_seed(11)
+    args = _nap_inputs(case, generator)
+    dh, dg = _nap_grads(case, generator)
+    first = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg, seed=1)[0]
+    second = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg, seed=2)[0]
+    for name, a, b in zip(NAP_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------
+# norm_and_project with many tasks (a per-image task index)
+# --------------------------------------------------------------------------------------------
+
+# The brief's cases: K = 1, and K = 3 with task 1 unused (_task_index); B = 0, 1, 5 (and 12: a task of
+# 9 images over two k steps of the per-channel dmix); shared and per channel; P = 0 and > 0; Np,
+# N, d off the tiles; with and without the affine parameters. The per-channel forward g and dxg run
+# on ChannelMixTaskTile (one image a block); the per-channel dmix sums each task's images inside
+# project_kernel; the shared dmix and the gen affine gradients go through task_sum_kernel.
+NAP_TASK_CASES = [
+    NapCase(torch.float32, 5, 8, 1, 33, 3, False, AFFINE, 3),  # N = 7, d = 33: one-element packs
+    NapCase(torch.float32, 5, 54, 5, 24, 17, True, AFFINE, 3),  # N = 49; Np = 17 > BM = 16 and 32
+    NapCase(torch.float32, 1, 1, 0, 1, 1, True, AFFINE, 1),  # N = d = Np = 1, P = 0
+    NapCase(torch.float32, 1, 197, 1, 24, 3, False, ("gen_weight", "gen_bias"), 3),  # N = 196, tasks 1, 2 empty
+    NapCase(torch.float32, 12, 9, 2, 40, 10, True, AFFINE, 3),  # 16-byte packs; Np = 10 > BK = 8
+    NapCase(torch.float32, 5, 21, 0, 7, 3, False, (), 1),  # no affine, P = 0
+    NapCase(torch.float32, 0, 8, 1, 24, 3, False, AFFINE, 3),  # B = 0: empty outputs, zero gradients
+    NapCase(torch.float32, 0, 8, 1, 24, 3, True, AFFINE, 1),
+    NapCase(torch.float16, 5, 18, 1, 40, 17, True, ("norm1_weight", "gen_weight"), 3),
+    NapCase(torch.float16, 5, 50, 1, 130, 34, False, AFFINE, 3),  # 2 channel tiles; Np = 34 > BM = 32
+    NapCase(torch.bfloat16, 5, 12, 5, 24, 3, True, AFFINE, 3),
+    NapCase(torch.bfloat16, 5, 50, 1, 72, 7, False, ("norm1_bias", "gen_bias"), 1),
+    NapCase(torch.float32, 5, 10, 1, 384, 1, True, AFFINE, 3),  # d = 384: 12 channel tiles; Np = 1
+    NapCase(torch.bfloat16, 5, 197, 1, 24, 3, True, AFFINE, 3),  # N = 196: 7 M tiles of dxg
+]
+
+
+def _nap_task_reference(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_prefix: int, dtype: torch.dtype):
+    """(h, g, dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix) of the brief's oracle, a
+    loop over tasks through the single-task formulation, with every input in ``dtype`` (absent affine
+    parameters as their identity, as in :func:`_nap_reference`)."""
+    x, mix, task = args["x"], args["mix"], args["task"]
+    (B, T, d), K = x.shape, mix.shape[0]
+    shapes = {"norm1_weight": (d,), "norm1_bias": (d,), "gen_weight": (K, d), "gen_bias": (K, d)}
+    affine = {n: args[n] if args[n] is not None else (torch.ones if n.endswith("weight") else torch.zeros)(shapes[n])
+              for n in AFFINE}
+    leaves = {n: t.to(dtype).requires_grad_() for n, t in {"x": x, **affine, "mix": mix}.items()}
+    x, w1, b1, gw, gb, mix = leaves.values()
+    h = torch.nn.functional.layer_norm(x, (d,), w1, b1, EPS1)
+    g = x.new_zeros(B, mix.shape[1], d)
+    for t in range(K):
+        sel = task == t
+        xn = torch.nn.functional.layer_norm(x[sel, num_prefix:], (d,), gw[t], gb[t], EPS_G)
+        g[sel] = mix[t] @ xn if mix.dim() == 3 else torch.einsum("jnc,bnc->bjc", mix[t], xn)
+    grads = torch.autograd.grad((h, g), list(leaves.values()), (dh.to(dtype), dg.to(dtype)))
+    return [h.detach(), g.detach(), *grads]
+
+
+@pytest.mark.parametrize("case", NAP_TASK_CASES, ids=str)
+def test_norm_and_project_tasks(nap_driver, tmp_path, case):
+    """The many-task path of the emulated kernels against the brief's float64 oracle; a task without
+    images gets exact zeros."""
+    generator = torch.Generator().manual_seed(sum(map(ord, str(case))))
+    args = _nap_inputs(case, generator)
+    dh, dg = _nap_grads(case, generator)
+    got, _, _ = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg)
+    named = dict(zip(NAP_NAMES, got))
+    if case.B == 0:
+        for name, t in named.items():
+            assert t.numel() == 0 or not t.any(), f"{name}: not zero for an empty batch"
+        return
+    unused = [t for t in range(case.K) if not (args["task"] == t).any()]
+    for name in ("dgen_weight", "dgen_bias", "dmix"):
+        assert not named[name][unused].any(), f"{name}: not exactly zero for the tasks {unused} without images"
+
+    exact_h, exact_g, *exact_grads = _nap_task_reference(args, dh, dg, case.P, torch.float64)
+    exact = [exact_h, exact_g, *_row_stats(args["x"]), *exact_grads]
+    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAP_NAMES, got, exact)}
+    if case.dtype == torch.float32:
+        worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
+    else:
+        plain_h, plain_g, *plain_grads = _nap_task_reference(args, dh, dg, case.P, case.dtype)
+        plain = dict(zip(["h", "g", "dx", *NAP_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
+        plain_errors = {name: _max_rel_err(p.double(), exact[NAP_NAMES.index(name)]) for name, p in plain.items()}
+        plain_errors.update({name: FP32_TOL / 2 for name in STATS})
+        worse = {n: (errors[n], plain_errors[n]) for n in NAP_NAMES if not errors[n] <= 2 * plain_errors[n]}
+    print(f"{case}: max relative errors {errors}")
+    assert not worse, f"{case}: (error, bound/2) {worse}"
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+def test_norm_and_project_tasks_schedule_independence(nap_driver, tmp_path, per_channel):
+    """Another order of the threads between barriers gives bit-identical per-task results."""
+    case = NapCase(torch.float16, 6, 20, 1, 40, 6, per_channel, AFFINE, 3)
+    generator = torch.Generator().manual_seed(13)
     args = _nap_inputs(case, generator)
     dh, dg = _nap_grads(case, generator)
     first = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg, seed=1)[0]

@@ -148,7 +148,8 @@ def test_every_kernel_fits_without_spills(resources, arch):
 # The launches of norm_and_project at the shapes the gate covers, printed by the launcher's own
 # geometry functions: "kernel threads grid_x grid_y grid_z dynamic_smem" per line. The largest
 # supported shapes: d up to 2048 (and odd widths), Np up to 200, ViT-B and larger token counts,
-# batches up to 1024; the geometry does not depend on the dtype (float, half and bfloat16 alike).
+# batches up to 1024, up to 1000 tasks; the geometry does not depend on the dtype (float, half and
+# bfloat16 alike).
 LAUNCH_PROGRAM = r"""
 #include <cstdio>
 #include <initializer_list>
@@ -178,6 +179,15 @@ int main() {
             show("project_kernel", project_geometry<ChannelMixTile>(B, Np, d));
             show("project_kernel", project_geometry<ChannelMixTile>(B, N, d));
             show("project_kernel", project_geometry<ChannelMixTile>(N, Np, d));
+            // many tasks: per-channel forward g and dxg one image a block, the per-channel dmix
+            // once per task, the per-task sums of the shared-mix dmix and the gen affine gradients
+            for (long long K : {1LL, 1000LL}) {
+              show("project_kernel", project_geometry<ChannelMixTaskTile>(B, Np, d));
+              show("project_kernel", project_geometry<ChannelMixTaskTile>(B, N, d));
+              show("project_kernel", project_geometry<ChannelMixTile>(N, Np, d, K));
+              show("task_sum_kernel", task_sum_geometry(K, Np * N));
+              show("task_sum_kernel", task_sum_geometry(K, d));
+            }
           }
   return 0;
 }

@@ -15,6 +15,15 @@
 // once; rows_bwd_kernel turns it and dh into dx (both LayerNorm backward terms in one pass) and the
 // weight/bias gradients (per-block column partials); project_kernel also computes dmix: per image
 // for the shared mix (a sum over channels), summed over the batch for the per-channel mix.
+//
+// Many tasks (a per-image index task (B,) int64 in [0, K)): mix is stacked per task, (K, Np, N) or
+// (K, Np, N, d), and gen_weight/gen_bias are (K, d); image b uses the slices of task[b], reached by
+// offsetting pointers with task[b] (no per-image copy of mix). The TASKS instantiations of
+// project_kernel and rows_bwd_kernel read these indices; the others are the single-task code
+// (compiled as before the index existed: same registers). The per-task sums are
+// deterministic without atomics: the per-channel dmix sums each task's images inside
+// project_kernel in the order of a stable sort of task; the shared-mix dmix and dgen_weight/bias
+// come from per-image partials that task_sum_kernel adds up in that same order.
 
 #pragma once
 
@@ -125,13 +134,19 @@ __global__ void __launch_bounds__(kRowThreads) rows_fwd_kernel(
 // ---------------------------------------------------------------------------------------------
 
 // A[z, m, k, c] = a[z * z_stride + m * m_stride + k * k_stride + c * c_stride]: mix (float, the same
-// for every z) or dg (x's dtype).
+// for every z) or dg (x's dtype). With TASKS and z_index: a[z_index[z] * z_stride + ...] (the mix of
+// task[b] for image z = b).
 template <typename a_t>
 struct StridedOperand {
   const a_t* a;
   int64_t z_stride, m_stride, k_stride, c_stride;
+  const int64_t* z_index = nullptr;  // (Z,) or nullptr: z itself
 
+  template <bool TASKS>
   __device__ __forceinline__ float load(int64_t z, int64_t m, int64_t k, int64_t c) const {
+    if constexpr (TASKS) {
+      if (z_index != nullptr) z = z_index[z];
+    }
     return static_cast<float>(a[z * z_stride + m * m_stride + k * k_stride + c * c_stride]);
   }
 };
@@ -139,7 +154,9 @@ struct StridedOperand {
 // Bop[z, k, c] = element (r, ch) of a (rows, d) matrix in x's dtype (x or dg), with
 // r = z * z_stride + i * row_stride + row0 and (i, ch) = (k, c), or (c, k) when channels_along_k
 // (the sum runs over channels: the shared-mix dmix). With mean != nullptr the element is taken from
-// LN_g of its row, rebuilt from the saved statistics.
+// LN_g of its row, rebuilt from the saved statistics. With TASKS and task: w and b are (K, d) and the
+// row of image z (or k, image_along_k: the per-channel dmix sums over images) uses their row
+// task[image].
 template <typename scalar_t>
 struct RowOperand {
   const scalar_t* rows;
@@ -147,18 +164,34 @@ struct RowOperand {
   bool channels_along_k = false;
   const float* mean = nullptr;  // (rows,) or nullptr: the rows as they are
   const float* rstd = nullptr;  // (rows,), with mean
-  const scalar_t* w = nullptr;  // (d,) or nullptr, with mean
-  const scalar_t* b = nullptr;  // (d,) or nullptr, with mean
+  const scalar_t* w = nullptr;  // (d,), (K, d) with task, or nullptr, with mean
+  const scalar_t* b = nullptr;  // (d,), (K, d) with task, or nullptr, with mean
+  const int64_t* task = nullptr;  // (images,) or nullptr: one affine row for all
+  bool image_along_k = false;
 
+  template <bool TASKS>
   __device__ __forceinline__ float load(int64_t z, int64_t k, int64_t c) const {
     const int64_t r = z * z_stride + (channels_along_k ? c : k) * row_stride + row0;
-    const int64_t ch = channels_along_k ? k : c;
+    int64_t ch = channels_along_k ? k : c;
     const float v = static_cast<float>(rows[r * d + ch]);
     if (mean == nullptr) return v;
+    if constexpr (TASKS) {
+      if (task != nullptr) ch += task[image_along_k ? k : z] * d;  // the affine row of the image's task
+    }
     const float wv = w == nullptr ? 1.0f : static_cast<float>(w[ch]);
     const float bv = b == nullptr ? 0.0f : static_cast<float>(b[ch]);
     return (v - mean[r]) * rstd[r] * wv + bv;
   }
+};
+
+// The per-task sums over k of project_kernel (TASKS only; order == nullptr: none): block x =
+// s * z_blocks + zb, z_blocks = ceil(Z / BZ), computes z block zb of task s's output, out + s *
+// out_stride, summing k over the images order[bounds[s]], ..., order[bounds[s + 1] - 1] only (each
+// task's images in ascending index order: a stable sort of task). A task without images gets zeros.
+struct KSegments {
+  const int64_t* order = nullptr;   // (K_sum,): the summed k grouped by task
+  const int64_t* bounds = nullptr;  // (tasks + 1,): task s owns order[bounds[s] : bounds[s + 1]]
+  int64_t out_stride = 0;
 };
 
 // Geometry nap::project_geometry<Tile>(Z, M, C): block (bz, bm, bc) owns
@@ -168,17 +201,31 @@ struct RowOperand {
 // branches in the product), then thread (tz, tm, tc) accumulates its TZ x TM x TC sub-tile:
 // acc[iz][im][ic] += A[z0, tm*TM + im, k(, tc*TC + ic)] * Bop[tz*TZ + iz, k, tc*TC + ic].
 // out[z, m, c] lives at out[z * oz + m * om + c]. A is staged once per block, for z0: it may depend
-// on z (z_stride != 0) only when BZ == 1 (the launcher checks).
-template <typename Tile, typename a_t, typename scalar_t, typename out_t>
+// on z (z_stride != 0, or a z_index) only when BZ == 1 (the launcher checks). TASKS: the operands'
+// task indices and the per-task segments `seg` are read (the many-task op); otherwise they are ignored.
+template <typename Tile, bool TASKS, typename a_t, typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a_t> A, RowOperand<scalar_t> Bop,
-                                                                out_t* __restrict__ out, int64_t oz, int64_t om,
-                                                                int64_t Z, int64_t M, int64_t K, int64_t C) {
+                                                                KSegments seg, out_t* __restrict__ out, int64_t oz,
+                                                                int64_t om, int64_t Z, int64_t M, int64_t K,
+                                                                int64_t C) {
   constexpr int BZ = Tile::BZ, BM = Tile::BM, BC = Tile::BC, TZ = Tile::TZ, TM = Tile::TM, TC = Tile::TC;
   constexpr int BK = Tile::BK, AC = Tile::A_PER_CHANNEL ? BC : 1;
   __shared__ __align__(16) float a_s[BK][BM][AC];
   __shared__ __align__(16) float b_s[BK][BZ][BC];
 
-  const int64_t z0 = static_cast<int64_t>(blockIdx.x) * BZ;
+  unsigned int zb = blockIdx.x;
+  int64_t k_begin = 0, k_end = K;
+  if constexpr (TASKS) {
+    if (seg.order != nullptr) {
+      const unsigned int z_blocks = static_cast<unsigned int>((Z + BZ - 1) / BZ);
+      const unsigned int s = blockIdx.x / z_blocks;
+      zb = blockIdx.x % z_blocks;
+      k_begin = seg.bounds[s];
+      k_end = seg.bounds[s + 1];
+      out += s * seg.out_stride;
+    }
+  }
+  const int64_t z0 = static_cast<int64_t>(zb) * BZ;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * BC;
   const int tc = threadIdx.x % (BC / TC);
@@ -193,18 +240,25 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
 #pragma unroll
       for (int ic = 0; ic < TC; ++ic) acc[iz][im][ic] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+  // k_of(kk): the kk-th summed k (through the task grouping when there is one).
+  const auto k_of = [&](int64_t kk) -> int64_t {
+    if constexpr (TASKS) {
+      if (seg.order != nullptr) return seg.order[kk];
+    }
+    return kk;
+  };
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     // Staging: consecutive threads take consecutive c (coalesced rows of x, dg and the per-channel
     // mix when c is the channel; for the shared-mix dmix, c is the patch and the rows come from L1).
     for (int i = threadIdx.x; i < BK * BM * AC; i += Tile::threads) {
       const int c = i % AC, m = i / AC % BM, k = i / AC / BM;
-      const bool inside = k0 + k < K && m0 + m < M && c0 + c < C;
-      a_s[k][m][c] = inside ? A.load(z0, m0 + m, k0 + k, c0 + c) : 0.0f;
+      const bool inside = k0 + k < k_end && m0 + m < M && c0 + c < C;
+      a_s[k][m][c] = inside ? A.template load<TASKS>(z0, m0 + m, k_of(k0 + k), c0 + c) : 0.0f;
     }
     for (int i = threadIdx.x; i < BK * BZ * BC; i += Tile::threads) {
       const int c = i % BC, z = i / BC % BZ, k = i / BC / BZ;
-      const bool inside = k0 + k < K && z0 + z < Z && c0 + c < C;
-      b_s[k][z][c] = inside ? Bop.load(z0 + z, k0 + k, c0 + c) : 0.0f;
+      const bool inside = k0 + k < k_end && z0 + z < Z && c0 + c < C;
+      b_s[k][z][c] = inside ? Bop.template load<TASKS>(z0 + z, k_of(k0 + k), c0 + c) : 0.0f;
     }
     __syncthreads();
 #pragma unroll
@@ -258,14 +312,17 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
 // Phase 2 (thread per pack of VEC channels): dx = rstd1 (dy1 - coef0 - xhat1 coef1)
 // + rstd_g (dyg - coef2 - xhatg coef3) for every row, and sums of dh * xhat1, dh, dxg * xhatg, dxg
 // over the block's rows into col_part[slot, 0..3, :] (added over slots on the host: deterministic).
+// TASKS (many tasks): wg is (K, d) and image b uses its row task[b]; the single-task instantiation
+// does not read task.
 // __launch_bounds__ with a minimum of one block per SM: with the block size alone, ptxas 13 allots
 // some variants 48 registers and spills.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool TASKS>
 __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
     const scalar_t* __restrict__ dh,  // (B, T, d)
     const scalar_t* __restrict__ x,   // (B, T, d)
     const scalar_t* __restrict__ w1,  // (d,) or nullptr
-    const scalar_t* __restrict__ wg,  // (d,) or nullptr
+    const scalar_t* __restrict__ wg,  // (d,), (K, d) with task, or nullptr
+    const int64_t* __restrict__ task, // (B,), read with TASKS only
     const float* __restrict__ dxg,    // (B, N, d): mix^T dg, the gradient reaching LN_g(x)
     const float* __restrict__ mean,   // (B, T)
     const float* __restrict__ rstd1,  // (B, T)
@@ -282,6 +339,9 @@ __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
   const int lane = threadIdx.x % kWarpSize;
   const float inv_d = 1.0f / static_cast<float>(d);
   const int64_t N = T - P;
+  if constexpr (TASKS) {
+    if (wg != nullptr) wg += task[b] * d;  // the gen weight row of the image's task
+  }
 
   for (int r = warp; r < rows; r += kRowWarps) {
     const int64_t row = b * T + t0 + r, n = t0 + r - P;  // n < 0: a prefix row
@@ -361,6 +421,34 @@ __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
     store_pack<VEC>(col_slot + 2 * d + c, dwg);
     store_pack<VEC>(col_slot + 3 * d + c, dbg);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-task sums of per-image partials (many tasks).
+// ---------------------------------------------------------------------------------------------
+
+// Geometry nap::task_sum_geometry(tasks, L): thread i of block (x, s) writes out[s, i] (tasks, L) for
+// i = x * kRowThreads + threadIdx.x < L: the sum over task s's images b = order[bounds[s]], ...,
+// order[bounds[s + 1] - 1] (ascending b) of that image's partials part[(b * S + q) * stride + i],
+// q < S, added up first (the S column-partial slots of an image; S = 1 for the per-image dmix).
+// One thread per output in a fixed order: deterministic; a task without images gets zeros.
+__global__ void __launch_bounds__(kRowThreads) task_sum_kernel(
+    const float* __restrict__ part,     // (B * S, stride): rows b * S ... b * S + S - 1 are image b's
+    const int64_t* __restrict__ order,  // (B,): the images grouped by task
+    const int64_t* __restrict__ bounds, // (tasks + 1,): task s owns order[bounds[s] : bounds[s + 1]]
+    float* __restrict__ out,            // (tasks, L)
+    int64_t S, int64_t stride, int64_t L) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x;
+  const int64_t s = blockIdx.y;
+  if (i >= L) return;
+  float total = 0.0f;
+  for (int64_t j = bounds[s]; j < bounds[s + 1]; ++j) {
+    const float* image = part + order[j] * S * stride + i;
+    float sum = 0.0f;
+    for (int64_t q = 0; q < S; ++q) sum += image[q * stride];
+    total += sum;
+  }
+  out[s * L + i] = total;
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ inline constexpr int64_t bwd_column_slots(int64_t B, int64_t T, int64_t d, int v
 
 // ---------------------------------------------------------------------------------------------
 // project_kernel: out[z, m, c] = sum_k A[m, k(, c)] * Bop[z, k, c] (the prompt projection, the
-// prompt gradient reaching LN_g(x), and the per-channel mix gradient).
+// prompt gradient reaching LN_g(x), and the mix gradients).
 // ---------------------------------------------------------------------------------------------
 
 // A block computes a BZ x BM x BC tile of out; thread (tz, tm, tc) a TZ x TM x TC sub-tile, in
@@ -82,10 +82,23 @@ using SharedMixTile = ProjectTile<1, 32, 128, 1, 4, 4, 16, false>;
 // Per-channel mix (Np, N, d): nothing is shared across channels, so a thread holds one channel and
 // reuses values over z instead: TZ x TM = 16 multiply-adds per 4 + 4 words.
 using ChannelMixTile = ProjectTile<8, 16, 32, 4, 4, 1, 8, true>;
+// Per-channel mix of many tasks, where A (mix[task[b]]) depends on the image z: one image a block
+// (A is staged once per block), so a thread reuses values over TM rows only: 4 multiply-adds per
+// 4 + 1 words.
+using ChannelMixTaskTile = ProjectTile<1, 32, 32, 1, 4, 1, 8, true>;
 
+// `segments` > 1: the per-task sums (KSegments), one copy of the (Z, M, C) grid per task along x.
 template <typename Tile>
-inline constexpr Geometry project_geometry(int64_t Z, int64_t M, int64_t C) {
-  return {ceil_div(Z, Tile::BZ), ceil_div(M, Tile::BM), ceil_div(C, Tile::BC), Tile::threads, 0};
+inline constexpr Geometry project_geometry(int64_t Z, int64_t M, int64_t C, int64_t segments = 1) {
+  return {segments * ceil_div(Z, Tile::BZ), ceil_div(M, Tile::BM), ceil_div(C, Tile::BC), Tile::threads, 0};
+}
+
+// ---------------------------------------------------------------------------------------------
+// task_sum_kernel (many tasks): (tasks, L) per-task sums of per-image partials, a thread per output.
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr Geometry task_sum_geometry(int64_t tasks, int64_t L) {
+  return {ceil_div(L, kRowThreads), tasks, 1, kRowThreads, 0};
 }
 
 // Whether CUDA can launch `g` (the launcher refuses shapes that break this).
