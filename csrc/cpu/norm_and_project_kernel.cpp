@@ -6,6 +6,11 @@
 //             mean, rstd1, rstd_g (B, T) stats dtype (float32, float64 for float64 x).
 //   backward: dx (B, T, d) in x's dtype = the sum of both LayerNorm backward terms;
 //             dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias (d,) and dmix (mix's shape), stats.
+// With a task index task (B,) int64 in [0, K): mix is stacked per task, (K, Np, N) or (K, Np, N, d),
+// gen_weight/gen_bias are (K, d) (None: ones / zeros), and image b uses the slices of task[b] (a
+// pointer offset, no per-image copy); dgen_weight, dgen_bias (K, d) and dmix (K, ...) hold in slice
+// k the sums over the images of task k only (zeros for a task without images). norm1's affine and
+// its gradients stay (d,). Without it everything runs as the case K = 1 with every image in task 0.
 //
 // Why one kernel: both LayerNorms normalise the same rows with the same mean and variance (only eps
 // and the affine differ), so each row of x is read once, and the prompt projection is accumulated
@@ -18,11 +23,18 @@
 // dx row by row. Each item keeps partial sums of its own: the forward a partial g (Np x d per
 // image) in a (B, tiles, Np, d) buffer, the backward partial weight/bias gradients in an
 // (items, 4, d) buffer. The partials are summed after the parallel loop in a fixed order, and the
-// tiling depends on the shapes only, so results do not depend on the thread count (no atomics).
+// tiling depends on the shapes (and the task index) only, so results do not depend on the thread
+// count (no atomics).
+// The images of a group all have one task, so an item reads one slice of mix and of the gen affine,
+// and its dgen partials belong to that task: dnorm1 sums all items, dgen[k] the items of task k's
+// groups, both in item order.
 // An image group is one image for the shared mix, whose dmix then has per-image partials
-// (B, Np, N), summed after. For the per-channel mix it is the whole batch: the tile's block of mix
+// (B, Np, N), summed after into dmix[task[b]] in image order. For the per-channel mix it is every
+// image of one task (the whole batch without a task index; with one, the images of each task
+// present, in index order, found by a counting sort once per call): the tile's block of mix
 // (Np x rows x d) and the block of dmix it accumulates stay in cache across the images instead of
-// being streamed B times, and dmix needs no per-image partials.
+// being streamed once per image, and dmix needs no per-image partials: an item owns its rows of
+// its task's dmix slice, so it accumulates in place.
 //
 // All arithmetic is in at::opmath_type<scalar_t> (float for bfloat16), vectorised over channels
 // with the vector types of simd.h: each work-item loop is compiled once per ISA variant (baseline,
@@ -101,16 +113,80 @@ VAPT_ALWAYS_INLINE void row_out_commit(const acc_t* values, scalar_t* row, int64
 
 struct Problem {
   int64_t B, T, P, N, d, Np;
+  int64_t K;  // tasks (1 without a task index)
   bool per_channel;
 };
 
-// Work item i = (image group i / tiles, row tile i % tiles). Chosen from the shapes only, so the
-// summation order (and the result) is the same on every machine and thread count.
+// The images of each group (a group has one task). Without a task index group g is images
+// [g * per, (g + 1) * per) of task 0; with one, the shared mix has one image per group (per = 1,
+// group g = image g of task task[g]) and the per-channel mix one group per task present, its images
+// order[bounds[g]:bounds[g + 1]] in index order.
+struct ImageGroups {
+  int64_t count;
+  int64_t per;                       // images per group when bounds is null
+  const int64_t* order = nullptr;    // (B,) images grouped by task, or null: 0, 1, ..., B - 1
+  const int64_t* bounds = nullptr;   // (count + 1,) offsets into order, or null
+  const int64_t* task = nullptr;     // (count,) the task of each group, or null: task 0
+  int64_t begin(int64_t g) const { return bounds ? bounds[g] : g * per; }
+  int64_t end(int64_t g) const { return bounds ? bounds[g + 1] : (g + 1) * per; }
+  int64_t image(int64_t i) const { return order ? order[i] : i; }
+  int64_t task_of(int64_t g) const { return task ? task[g] : 0; }
+};
+
+// The storage behind an ImageGroups: the checked task index, and for the per-channel mix its
+// counting sort. Without a task index it holds nothing.
+struct TaskGroups {
+  std::vector<int64_t> order, bounds, task;
+  ImageGroups groups;
+
+  TaskGroups(const TaskGroups&) = delete;  // groups points into the vectors
+  TaskGroups(const char* op, const Problem& p, const std::optional<at::Tensor>& tasks) {
+    if (!tasks) {
+      groups.count = p.per_channel ? 1 : p.B;
+      groups.per = p.per_channel ? p.B : 1;
+      return;
+    }
+    const int64_t* t = tasks->const_data_ptr<int64_t>();
+    std::vector<int64_t> counts(p.K, 0);
+    for (int64_t b = 0; b < p.B; ++b) {
+      TORCH_CHECK(t[b] >= 0 && t[b] < p.K, op, ": task must be in [0, K = ", p.K, "), got task[", b,
+                  "] = ", t[b]);
+      ++counts[t[b]];
+    }
+    if (!p.per_channel) {
+      groups.count = p.B;
+      groups.per = 1;
+      groups.task = t;
+      return;
+    }
+    std::vector<int64_t> next(p.K);
+    bounds.push_back(0);
+    for (int64_t k = 0; k < p.K; ++k) {
+      next[k] = bounds.back();
+      if (counts[k] > 0) {
+        task.push_back(k);
+        bounds.push_back(bounds.back() + counts[k]);
+      }
+    }
+    order.resize(p.B);
+    for (int64_t b = 0; b < p.B; ++b) {
+      order[next[t[b]]++] = b;
+    }
+    groups.count = static_cast<int64_t>(task.size());
+    groups.per = 0;
+    groups.order = order.data();
+    groups.bounds = bounds.data();
+    groups.task = task.data();
+  }
+};
+
+// Work item i = (image group i / tiles, row tile i % tiles). Chosen from the shapes and the number
+// of groups only, so the summation order (and the result) is the same on every machine and thread
+// count.
 struct Tiling {
-  int64_t images_per_group;  // 1 (shared mix) or B (per-channel mix)
-  int64_t groups;            // B / images_per_group
+  int64_t groups;
   int64_t rows_per_tile;
-  int64_t tiles;             // per image group
+  int64_t tiles;  // per image group
   int64_t items() const { return groups * tiles; }
 };
 
@@ -121,10 +197,9 @@ constexpr int64_t kTargetItems = 32;
 constexpr int64_t kMinRowsPerTile = 8;
 constexpr int64_t kMaxRowsPerTile = 32;
 
-Tiling make_tiling(const Problem& p) {
+Tiling make_tiling(const Problem& p, const ImageGroups& ig) {
   Tiling t;
-  t.images_per_group = p.per_channel ? p.B : 1;
-  t.groups = p.B / t.images_per_group;
+  t.groups = ig.count;
   const int64_t min_rows = std::clamp(p.Np, kMinRowsPerTile, kMaxRowsPerTile);
   const int64_t fewest = (p.T + kMaxRowsPerTile - 1) / kMaxRowsPerTile;
   const int64_t most = std::max(fewest, p.T / min_rows);
@@ -246,9 +321,10 @@ template <typename scalar_t>
 struct FwdArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;                                // (B, T, d)
-  const acc_t *w1, *b1, *wg, *bg;                   // (d,), None already made ones / zeros
+  const acc_t *w1, *b1;                             // (d,), None already made ones / zeros
+  const acc_t *wg, *bg;                             // (K, d), None already made ones / zeros
   acc_t eps1, eps_g;
-  const acc_t* mix;                                 // (Np, N) or (Np, N, d)
+  const acc_t* mix;                                 // (K, Np, N) or (K, Np, N, d)
   scalar_t* h;                                      // (B, T, d)
   acc_t *mean, *rstd1, *rstd_g;                     // (B, T)
   acc_t* g_partial;                                 // (B, tiles, Np, d)
@@ -263,11 +339,13 @@ int64_t fwd_scratch_size(const Problem& p, const Tiling& tl) {
 // Work items [begin, end) of the forward pass.
 template <int kBytes, typename scalar_t>
 VAPT_ALWAYS_INLINE void norm_and_project_fwd_items(const FwdArgs<scalar_t>& a, const Problem& p,
-                                                   const Tiling& tl, int64_t begin, int64_t end,
+                                                   const ImageGroups& ig, const Tiling& tl, int64_t begin,
+                                                   int64_t end,
                                                    at::opmath_type<scalar_t>* scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = typename simd::Simd<acc_t, kBytes>::V;
   const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
+  const int64_t mix_size = Np * N * (p.per_channel ? d : 1);
   acc_t* x_buf = scratch;
   acc_t* xc = x_buf + d;
   acc_t* out_buf = xc + d;
@@ -278,10 +356,15 @@ VAPT_ALWAYS_INLINE void norm_and_project_fwd_items(const FwdArgs<scalar_t>& a, c
     const int64_t group = item / tl.tiles, tile = item % tl.tiles;
     const TileRows rows(p, tl, tile);
     const int64_t patch_rows = rows.t_end - rows.p_begin;
+    // The slices of the group's task.
+    const int64_t k = ig.task_of(group);
+    const acc_t* mix = a.mix + k * mix_size;
+    const acc_t *wg = a.wg + k * d, *bg = a.bg + k * d;
     if (!p.per_channel) {
-      gather_mix_columns(a.mix, p, rows, mix_t);
+      gather_mix_columns(mix, p, rows, mix_t);
     }
-    for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
+    for (int64_t i = ig.begin(group); i < ig.end(group); ++i) {
+      const int64_t b = ig.image(i);
       for (int64_t t = rows.t_begin; t < rows.t_end; ++t) {
         const int64_t row = b * p.T + t;
         const acc_t* xr = row_in<kBytes>(a.x + row * d, x_buf, d);
@@ -312,7 +395,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_fwd_items(const FwdArgs<scalar_t>& a, c
           const V v = load<V>(xc + c, n);
           store(hr + c, v * r1 * load<V>(a.w1 + c, n) + load<V>(a.b1 + c, n), n);
           if (patch) {
-            store(xg + c, v * rg * load<V>(a.wg + c, n) + load<V>(a.bg + c, n), n);
+            store(xg + c, v * rg * load<V>(wg + c, n) + load<V>(bg + c, n), n);
           }
         });
         row_out_commit<kBytes>(hr, h_row, d);
@@ -337,7 +420,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_fwd_items(const FwdArgs<scalar_t>& a, c
         // block of mix streamed (and reused from cache by the next image of the group).
         for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
           for (int64_t j = 0; j < Np; ++j) {
-            const acc_t* mj = a.mix + (j * N + (rows.p_begin - p.P)) * d + c;
+            const acc_t* mj = mix + (j * N + (rows.p_begin - p.P)) * d + c;
             V acc{};
             for (int64_t r = 0; r < patch_rows; ++r) {
               acc = load<V>(mj + r * d, n) * load<V>(xg_tile + r * d + c, n) + acc;
@@ -376,12 +459,12 @@ VAPT_ALWAYS_INLINE void reduce_g_rows(const at::opmath_type<scalar_t>* g_partial
 
 template <typename scalar_t>
 void norm_and_project_fwd_kernel(const FwdArgs<scalar_t>& a, scalar_t* g, const Problem& p,
-                                 const Tiling& tl) {
+                                 const ImageGroups& ig, const Tiling& tl) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(fwd_scratch_size(p, tl));
     simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
-      norm_and_project_fwd_items<decltype(isa)::kBytes>(a, p, tl, begin, end, scratch.data());
+      norm_and_project_fwd_items<decltype(isa)::kBytes>(a, p, ig, tl, begin, end, scratch.data());
     });
   });
   at::parallel_for(0, p.B * p.Np, 1, [&](int64_t begin, int64_t end) {
@@ -401,12 +484,13 @@ struct BwdArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dh, *x;                           // (B, T, d)
   const acc_t* dg;                                  // (B, Np, d), already in opmath
-  const acc_t *w1, *wg, *bg;                        // (d,)
-  const acc_t* mix;                                 // (Np, N) or (Np, N, d)
+  const acc_t* w1;                                  // (d,)
+  const acc_t *wg, *bg;                             // (K, d)
+  const acc_t* mix;                                 // (K, Np, N) or (K, Np, N, d)
   const acc_t *mean, *rstd1, *rstd_g;               // (B, T)
   scalar_t* dx;                                     // (B, T, d)
   acc_t* w_partial;                                 // (items, 4, d): dw1, db1, dwg, dbg
-  acc_t* dmix_partial;                              // (groups, Np, N) shared, (1, Np, N, d) per channel
+  acc_t* dmix_partial;                              // (B, Np, N) shared, dmix (K, Np, N, d) per channel
 };
 
 // Per-thread scratch of the backward work items, in opmath elements: x and dh rows, an output
@@ -419,12 +503,13 @@ int64_t bwd_scratch_size(const Problem& p, const Tiling& tl) {
 // Work items [begin, end) of the backward pass.
 template <int kBytes, typename scalar_t>
 VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, const Problem& p,
-                                                   const Tiling& tl, int64_t begin, int64_t end,
+                                                   const ImageGroups& ig, const Tiling& tl, int64_t begin,
+                                                   int64_t end,
                                                    at::opmath_type<scalar_t>* scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = typename simd::Simd<acc_t, kBytes>::V;
   const int64_t d = p.d, Np = p.Np, N = p.N, R = tl.rows_per_tile;
-  const int64_t dmix_group_size = Np * N * (p.per_channel ? d : 1);
+  const int64_t mix_size = Np * N * (p.per_channel ? d : 1);
   acc_t* x_buf = scratch;
   acc_t* dh_buf = x_buf + d;
   acc_t* out_buf = dh_buf + d;
@@ -446,12 +531,18 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
     acc_t* dwg = db1 + d;
     acc_t* dbg = dwg + d;
     std::fill_n(dw1, 4 * d, acc_t(0));
-    acc_t* dmix = a.dmix_partial + group * dmix_group_size;
+    // The slices of the group's task; dmix: the image's partial (shared), the task's slice of
+    // dmix (per channel).
+    const int64_t k = ig.task_of(group);
+    const acc_t* mix = a.mix + k * mix_size;
+    const acc_t *wg = a.wg + k * d, *bg = a.bg + k * d;
+    acc_t* dmix = a.dmix_partial + (p.per_channel ? k : group) * mix_size;
     if (!p.per_channel) {
-      gather_mix_columns(a.mix, p, rows, mix_t);
+      gather_mix_columns(mix, p, rows, mix_t);
     }
 
-    for (int64_t b = group * tl.images_per_group; b < (group + 1) * tl.images_per_group; ++b) {
+    for (int64_t i = ig.begin(group); i < ig.end(group); ++i) {
+      const int64_t b = ig.image(i);
       const acc_t* dgb = a.dg + b * Np * d;
 
       // Rows of the tile (prefix rows first, then patch rows, as in x): centre, LN_1 term's
@@ -478,7 +569,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
           store(dw1 + c, dhv * (v * r1) + load<V>(dw1 + c, n), n);
           store(db1 + c, dhv + load<V>(db1 + c, n), n);
           if (patch) {
-            store(xg + c, v * rg * load<V>(a.wg + c, n) + load<V>(a.bg + c, n), n);
+            store(xg + c, v * rg * load<V>(wg + c, n) + load<V>(bg + c, n), n);
           }
         });
         s1[r] = simd::reduce_add(s1v);
@@ -516,7 +607,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
             for (int64_t j = 0; j < Np; ++j) {
               const V dgv = load<V>(dgb + j * d + c, n);
               const int64_t off = (j * N + n_idx) * d + c;
-              acc = load<V>(a.mix + off, n) * dgv + acc;
+              acc = load<V>(mix + off, n) * dgv + acc;
               store(dmix + off, dgv * xgv + load<V>(dmix + off, n), n);
             }
             store(dxg_tile + r * d + c, acc, n);
@@ -540,7 +631,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
           for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
             const V v = load<V>(xc + c, n);
             const V dxgv = load<V>(dxg + c, n);
-            const V dyg = dxgv * load<V>(a.wg + c, n);
+            const V dyg = dxgv * load<V>(wg + c, n);
             sg1 += dyg;
             sg2 += dyg * v;
             store(dwg + c, dxgv * (v * rg) + load<V>(dwg + c, n), n);
@@ -554,7 +645,7 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
         for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
           V v = load<V>(xc + c, n) * slope + shift + load<V>(dy + c, n);
           if (patch) {
-            v = load<V>(dxg + c, n) * rg * load<V>(a.wg + c, n) + v;
+            v = load<V>(dxg + c, n) * rg * load<V>(wg + c, n) + v;
           }
           store(out + c, v, n);
         });
@@ -564,45 +655,58 @@ VAPT_ALWAYS_INLINE void norm_and_project_bwd_items(const BwdArgs<scalar_t>& a, c
   }
 }
 
-// out[k][c] = sum over items of w_partial[item][k][c] for the 4 weight/bias gradients, in item
-// order.
+// The weight/bias gradients from the items' partials w_partial (items, 4, d), each summed in item
+// order: out[0], out[1] (dnorm1) (d,) over all items; out[2], out[3] (dgen) (K, d), slice k over
+// the items of task k's groups. out is zero on entry.
 template <int kBytes, typename acc_t>
-VAPT_ALWAYS_INLINE void reduce_weight_grads(const acc_t* w_partial, int64_t items, int64_t d,
-                                            acc_t* const out[4]) {
+VAPT_ALWAYS_INLINE void reduce_weight_grads(const acc_t* w_partial, const ImageGroups& ig, const Tiling& tl,
+                                            int64_t d, acc_t* const out[4]) {
   using V = typename simd::Simd<acc_t, kBytes>::V;
+  const int64_t items = tl.items();
   for (int64_t k = 0; k < 4; ++k) {
-    for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
-      V acc{};
+    if (k < 2 || ig.task == nullptr) {
+      for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+        V acc{};
+        for (int64_t item = 0; item < items; ++item) {
+          acc += load<V>(w_partial + (item * 4 + k) * d + c, n);
+        }
+        store(out[k] + c, acc, n);
+      });
+    } else {
       for (int64_t item = 0; item < items; ++item) {
-        acc += load<V>(w_partial + (item * 4 + k) * d + c, n);
+        acc_t* o = out[k] + ig.task_of(item / tl.tiles) * d;
+        const acc_t* w = w_partial + (item * 4 + k) * d;
+        for_chunks<V>(d, [&](int64_t c, int64_t n) VAPT_INLINE_LAMBDA {
+          store(o + c, load<V>(o + c, n) + load<V>(w + c, n), n);
+        });
       }
-      store(out[k] + c, acc, n);
-    });
+    }
   }
 }
 
-// Runs the work items, then sums their partials: weight_grads[4] (d,) and, for the shared mix,
-// dmix (Np, N) (the per-channel dmix was accumulated in place).
+// Runs the work items, then sums their partials: weight_grads[4] ((d,) for norm1, (K, d) for
+// gen) and, for the shared mix, dmix (K, Np, N) (the per-channel dmix was accumulated in place).
 template <typename scalar_t>
-void norm_and_project_bwd_kernel(const BwdArgs<scalar_t>& a, const Problem& p, const Tiling& tl,
-                                 at::opmath_type<scalar_t>* const weight_grads[4],
+void norm_and_project_bwd_kernel(const BwdArgs<scalar_t>& a, const Problem& p, const ImageGroups& ig,
+                                 const Tiling& tl, at::opmath_type<scalar_t>* const weight_grads[4],
                                  at::opmath_type<scalar_t>* dmix) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, tl.items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(bwd_scratch_size(p, tl));
     simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
-      norm_and_project_bwd_items<decltype(isa)::kBytes>(a, p, tl, begin, end, scratch.data());
+      norm_and_project_bwd_items<decltype(isa)::kBytes>(a, p, ig, tl, begin, end, scratch.data());
     });
   });
   simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
-    reduce_weight_grads<decltype(isa)::kBytes>(a.w_partial, tl.items(), p.d, weight_grads);
+    reduce_weight_grads<decltype(isa)::kBytes>(a.w_partial, ig, tl, p.d, weight_grads);
   });
   if (!p.per_channel) {
-    // dmix[j, n] = sum over images of the per-image partials, in image order.
+    // dmix[task[b], j, n] += the partial of image b (group b), in image order.
     const int64_t size = p.Np * p.N;
     for (int64_t b = 0; b < p.B; ++b) {
+      acc_t* dmix_task = dmix + ig.task_of(b) * size;
       for (int64_t i = 0; i < size; ++i) {
-        dmix[i] += a.dmix_partial[b * size + i];
+        dmix_task[i] += a.dmix_partial[b * size + i];
       }
     }
   }
@@ -612,29 +716,63 @@ void norm_and_project_bwd_kernel(const BwdArgs<scalar_t>& a, const Problem& p, c
 // Entry points
 // ------------------------------------------------------------------------------------------------
 
-// A weight or bias as a contiguous (d,) opmath tensor; None becomes `fill` (ones or zeros).
-at::Tensor affine_or(const std::optional<at::Tensor>& w, double fill, const at::Tensor& x) {
+// A weight or bias as a contiguous opmath tensor of `shape` ((d,), or (K, d) per task); None
+// becomes `fill` (ones or zeros).
+at::Tensor affine_or(const std::optional<at::Tensor>& w, double fill, const at::Tensor& x, at::IntArrayRef shape) {
   if (w.has_value()) {
     return w->to(stats_dtype(x));
   }
-  return at::full({x.size(2)}, fill, x.options().dtype(stats_dtype(x)));
+  return at::full(shape, fill, x.options().dtype(stats_dtype(x)));
 }
 
-Problem make_problem(const at::Tensor& x, const at::Tensor& mix, int64_t num_prefix) {
-  return Problem{x.size(0), x.size(1), num_prefix, x.size(1) - num_prefix, x.size(2), mix.size(0), mix.dim() == 3};
+// The task index when one is given (a defined tensor), else nullopt.
+std::optional<at::Tensor> task_index(const std::optional<at::Tensor>& task) {
+  return task.has_value() && task->defined() ? task : std::nullopt;
+}
+
+// The inputs a task index adds: task (B,) int64 contiguous on x's device, mix (K, Np, N) or
+// (K, Np, N, d) contiguous with K >= 1, gen affines (K, d) in x's dtype, contiguous. Returns mix[0],
+// one task's (Np, N) or (Np, N, d), for the checks and the sizes without a task index. The values
+// of task are checked in TaskGroups.
+at::Tensor check_task_inputs(const char* op, const at::Tensor& x, const at::Tensor& task, const at::Tensor& mix,
+                             std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> gen) {
+  const at::Device device = kernel_device(op, "x", x, at::kCPU);
+  check_rank(op, "x", x, device, 3);
+  check_tensor(op, "task", task, device, at::kLong, {x.size(0)}, Layout::kContiguous);
+  check_device(op, "mix", mix, device);
+  TORCH_CHECK((mix.dim() == 3 || mix.dim() == 4) && mix.size(0) >= 1, op,
+              ": with task, mix must be (K, Np, N) or (K, Np, N, d) with K >= 1, got shape ", mix.sizes());
+  check_layout(op, "mix", mix, Layout::kContiguous);
+  for (const auto& [name, w] : gen) {
+    if (w->has_value() && (*w)->defined()) {
+      check_tensor(op, name, **w, device, x.scalar_type(), {mix.size(0), x.size(2)}, Layout::kContiguous);
+    }
+  }
+  return mix.select(0, 0);
+}
+
+// mix_task: one task's mix, (Np, N) or (Np, N, d); K: the tasks (1 without a task index).
+Problem make_problem(const at::Tensor& x, const at::Tensor& mix_task, int64_t num_prefix, int64_t K) {
+  return Problem{x.size(0), x.size(1), num_prefix, x.size(1) - num_prefix, x.size(2), mix_task.size(0), K,
+                 mix_task.dim() == 3};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_project_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& norm1_weight,
     const std::optional<at::Tensor>& norm1_bias, double eps1,
     const std::optional<at::Tensor>& gen_weight, const std::optional<at::Tensor>& gen_bias,
-    double eps_g, const at::Tensor& mix, int64_t num_prefix) {
+    double eps_g, const at::Tensor& mix, int64_t num_prefix, const std::optional<at::Tensor>& task) {
   constexpr const char* op = "vapt::norm_and_project_fwd (CPU)";
-  check_norm_and_project_inputs(op, at::kCPU, x, mix, num_prefix,
+  const std::optional<at::Tensor> tasks = task_index(task);
+  const std::optional<at::Tensor> none;
+  const at::Tensor mix_task =
+      tasks ? check_task_inputs(op, x, *tasks, mix, {{"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}}) : mix;
+  check_norm_and_project_inputs(op, at::kCPU, x, mix_task, num_prefix,
                                 {{"norm1_weight", &norm1_weight}, {"norm1_bias", &norm1_bias},
-                                 {"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
+                                 {"gen_weight", tasks ? &none : &gen_weight},
+                                 {"gen_bias", tasks ? &none : &gen_bias}});
 
-  const Problem p = make_problem(x, mix, num_prefix);
+  const Problem p = make_problem(x, mix_task, num_prefix, tasks ? mix.size(0) : 1);
   const auto stats_opts = x.options().dtype(stats_dtype(x));
   at::Tensor h = at::empty_like(x);
   at::Tensor g = at::empty({p.B, p.Np, p.d}, x.options());
@@ -645,9 +783,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
     return {h, g.zero_(), mean, rstd1, rstd_g};
   }
 
-  const Tiling tl = make_tiling(p);
-  const at::Tensor w1 = affine_or(norm1_weight, 1.0, x), b1 = affine_or(norm1_bias, 0.0, x);
-  const at::Tensor wg = affine_or(gen_weight, 1.0, x), bg = affine_or(gen_bias, 0.0, x);
+  const TaskGroups task_groups(op, p, tasks);
+  const ImageGroups& ig = task_groups.groups;
+  const Tiling tl = make_tiling(p, ig);
+  const std::vector<int64_t> gen_shape = tasks ? std::vector<int64_t>{p.K, p.d} : std::vector<int64_t>{p.d};
+  const at::Tensor w1 = affine_or(norm1_weight, 1.0, x, {p.d}), b1 = affine_or(norm1_bias, 0.0, x, {p.d});
+  const at::Tensor wg = affine_or(gen_weight, 1.0, x, gen_shape), bg = affine_or(gen_bias, 0.0, x, gen_shape);
   at::Tensor g_partial = at::empty({p.B, tl.tiles, p.Np, p.d}, stats_opts);
 
   VAPT_DISPATCH_CPU_TYPES(x.scalar_type(), "norm_and_project_fwd_cpu", [&] {
@@ -666,7 +807,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
     a.rstd1 = rstd1.mutable_data_ptr<acc_t>();
     a.rstd_g = rstd_g.mutable_data_ptr<acc_t>();
     a.g_partial = g_partial.mutable_data_ptr<acc_t>();
-    norm_and_project_fwd_kernel<scalar_t>(a, g.mutable_data_ptr<scalar_t>(), p, tl);
+    norm_and_project_fwd_kernel<scalar_t>(a, g.mutable_data_ptr<scalar_t>(), p, ig, tl);
   });
   return {h, g, mean, rstd1, rstd_g};
 }
@@ -677,26 +818,35 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
                          const std::optional<at::Tensor>& gen_weight,
                          const std::optional<at::Tensor>& gen_bias, const at::Tensor& mix,
                          const at::Tensor& mean, const at::Tensor& rstd1,
-                         const at::Tensor& rstd_g, int64_t num_prefix) {
+                         const at::Tensor& rstd_g, int64_t num_prefix,
+                         const std::optional<at::Tensor>& task) {
   constexpr const char* op = "vapt::norm_and_project_bwd (CPU)";
-  check_norm_and_project_inputs(op, at::kCPU, x, mix, num_prefix,
-                                {{"norm1_weight", &norm1_weight}, {"gen_weight", &gen_weight},
-                                 {"gen_bias", &gen_bias}});
-  check_norm_and_project_grads(op, x, mix, dh, dg, mean, rstd1, rstd_g);
+  const std::optional<at::Tensor> tasks = task_index(task);
+  const std::optional<at::Tensor> none;
+  const at::Tensor mix_task =
+      tasks ? check_task_inputs(op, x, *tasks, mix, {{"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}}) : mix;
+  check_norm_and_project_inputs(op, at::kCPU, x, mix_task, num_prefix,
+                                {{"norm1_weight", &norm1_weight},
+                                 {"gen_weight", tasks ? &none : &gen_weight},
+                                 {"gen_bias", tasks ? &none : &gen_bias}});
+  check_norm_and_project_grads(op, x, mix_task, dh, dg, mean, rstd1, rstd_g);
 
-  const Problem p = make_problem(x, mix, num_prefix);
+  const Problem p = make_problem(x, mix_task, num_prefix, tasks ? mix.size(0) : 1);
   const auto stats_opts = x.options().dtype(stats_dtype(x));
+  const std::vector<int64_t> gen_shape = tasks ? std::vector<int64_t>{p.K, p.d} : std::vector<int64_t>{p.d};
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw1 = at::zeros({p.d}, stats_opts), db1 = at::zeros({p.d}, stats_opts);
-  at::Tensor dwg = at::zeros({p.d}, stats_opts), dbg = at::zeros({p.d}, stats_opts);
+  at::Tensor dwg = at::zeros(gen_shape, stats_opts), dbg = at::zeros(gen_shape, stats_opts);
   at::Tensor dmix = at::zeros(mix.sizes(), stats_opts);
   if (p.B == 0 || p.T == 0) {
     return {dx, dw1, db1, dwg, dbg, dmix};
   }
 
-  const Tiling tl = make_tiling(p);
-  const at::Tensor w1 = affine_or(norm1_weight, 1.0, x);
-  const at::Tensor wg = affine_or(gen_weight, 1.0, x), bg = affine_or(gen_bias, 0.0, x);
+  const TaskGroups task_groups(op, p, tasks);
+  const ImageGroups& ig = task_groups.groups;
+  const Tiling tl = make_tiling(p, ig);
+  const at::Tensor w1 = affine_or(norm1_weight, 1.0, x, {p.d});
+  const at::Tensor wg = affine_or(gen_weight, 1.0, x, gen_shape), bg = affine_or(gen_bias, 0.0, x, gen_shape);
   const at::Tensor dg_acc = dg.to(stats_dtype(x));  // small (B, Np, d); converted once, not per row
   at::Tensor w_partial = at::empty({tl.items(), 4, p.d}, stats_opts);
   // Per-image dmix partials for the shared mix; the per-channel mix accumulates into dmix itself.
@@ -720,7 +870,7 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
     a.dmix_partial = dmix_partial.mutable_data_ptr<acc_t>();
     acc_t* const weight_grads[4] = {dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>(),
                                     dwg.mutable_data_ptr<acc_t>(), dbg.mutable_data_ptr<acc_t>()};
-    norm_and_project_bwd_kernel<scalar_t>(a, p, tl, weight_grads, dmix.mutable_data_ptr<acc_t>());
+    norm_and_project_bwd_kernel<scalar_t>(a, p, ig, tl, weight_grads, dmix.mutable_data_ptr<acc_t>());
   });
   return {dx, dw1, db1, dwg, dbg, dmix};
 }
