@@ -786,7 +786,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_and_
   const TaskGroups task_groups(op, p, tasks);
   const ImageGroups& ig = task_groups.groups;
   const Tiling tl = make_tiling(p, ig);
-  const std::vector<int64_t> gen_shape = tasks ? std::vector<int64_t>{p.K, p.d} : std::vector<int64_t>{p.d};
+  const int64_t gen_sizes[2] = {p.K, p.d};
+  const at::IntArrayRef gen_shape = tasks ? at::IntArrayRef(gen_sizes, 2) : at::IntArrayRef(gen_sizes + 1, 1);
   const at::Tensor w1 = affine_or(norm1_weight, 1.0, x, {p.d}), b1 = affine_or(norm1_bias, 0.0, x, {p.d});
   const at::Tensor wg = affine_or(gen_weight, 1.0, x, gen_shape), bg = affine_or(gen_bias, 0.0, x, gen_shape);
   at::Tensor g_partial = at::empty({p.B, tl.tiles, p.Np, p.d}, stats_opts);
@@ -833,7 +834,8 @@ norm_and_project_bwd_cpu(const at::Tensor& dh, const at::Tensor& dg, const at::T
 
   const Problem p = make_problem(x, mix_task, num_prefix, tasks ? mix.size(0) : 1);
   const auto stats_opts = x.options().dtype(stats_dtype(x));
-  const std::vector<int64_t> gen_shape = tasks ? std::vector<int64_t>{p.K, p.d} : std::vector<int64_t>{p.d};
+  const int64_t gen_sizes[2] = {p.K, p.d};
+  const at::IntArrayRef gen_shape = tasks ? at::IntArrayRef(gen_sizes, 2) : at::IntArrayRef(gen_sizes + 1, 1);
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw1 = at::zeros({p.d}, stats_opts), db1 = at::zeros({p.d}, stats_opts);
   at::Tensor dwg = at::zeros(gen_shape, stats_opts), dbg = at::zeros(gen_shape, stats_opts);
