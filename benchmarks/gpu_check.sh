@@ -8,6 +8,8 @@
 #   tests.log       pytest, the CUDA cases of the suite
 #   bench_ops.log   pytest-benchmark table; ops.json its raw data; ops_summary.txt the target ratios
 #   bench_model.log vapt-bench table; model/results.csv, model/summary.json
+#   bench_tasks.log vapt-bench --tasks 16 (ViT-B, batch 128, bf16): mixed batches of 16 tasks against
+#                   the single-task model and the loop over tasks; tasks/results.csv, tasks/summary.json
 # Installs nothing; uses $PYTHON (default python3) with torch, triton, timm, pytest, pytest-benchmark
 # and hypothesis already there. Every step has a time limit (seconds; override with the variables
 # below) so that the whole check fits a lent machine's few minutes; a step that runs out is a failed
@@ -16,9 +18,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT/model"
+mkdir -p "$OUT/model" "$OUT/tasks"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-TESTS_LIMIT=${TESTS_LIMIT:-240} OPS_LIMIT=${OPS_LIMIT:-90} MODEL_LIMIT=${MODEL_LIMIT:-90}
+TESTS_LIMIT=${TESTS_LIMIT:-240} OPS_LIMIT=${OPS_LIMIT:-90} MODEL_LIMIT=${MODEL_LIMIT:-90} TASKS_LIMIT=${TASKS_LIMIT:-60}
 status=0
 step() { echo "== $1 ($(date +%T))"; }
 
@@ -45,6 +47,11 @@ timeout "$OPS_LIMIT" "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_benc
 step "model benchmark"
 timeout "$MODEL_LIMIT" "$PY" -m vapt_kernels.bench --device cuda --out "$OUT/model" >"$OUT/bench_model.log" 2>&1 || status=1
 tail -n 30 "$OUT/bench_model.log"
+
+step "many-task benchmark"
+timeout "$TASKS_LIMIT" "$PY" -m vapt_kernels.bench --device cuda --tasks 16 --steps 15 --no-memory \
+    --providers floor vapt-triton vapt-native --out "$OUT/tasks" >"$OUT/bench_tasks.log" 2>&1 || status=1
+tail -n 20 "$OUT/bench_tasks.log"
 
 step "done, status $status"
 exit $status

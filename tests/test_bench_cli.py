@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,3 +175,31 @@ def test_providers_compute_one_model(one_thread):
     assert {"vapt-official", "vapt-torch"} <= set(outputs)
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["vapt-official"], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_tasks_add_the_mixed_and_loop_providers(tmp_path, one_thread):
+    out_dir = tmp_path / "results"
+    cmd = [sys.executable, "-m", "vapt_kernels.bench", *TINY, "--steps", "2", "--modes", "infer", "--tasks", "3",
+           "--providers", "floor", "vapt-torch", "--out", str(out_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path).stdout
+    rows = list(csv.DictReader((out_dir / "results.csv").open()))
+    expected = ["floor", "vapt-torch", "vapt-torch-mixed", "vapt-torch-loop"]
+    assert [r["provider"] for r in rows] == expected
+    assert all(r["status"] == "ok" and r["tasks"] == "3" and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    assert "| 3 tasks |" in out
+    assert re.search(r"infer vapt-torch-mixed: \d\.\d{3}x vapt-torch loop \d+\.\d\dx slower", out), out
+
+
+def test_mixed_and_loop_providers_compute_the_single_task_model():
+    """With every task holding the single-task provider's parameters, the mixed batch and the loop
+    over tasks give its logits, row for row."""
+    cfg = harness.BenchConfig.for_device("cpu", model="vit_tiny_patch16_224", img_size=32, batch=5, tasks=3,
+                                         providers=("vapt-torch",))
+    base = harness.build_backbone(cfg)
+    models = harness.build_providers(cfg, base)
+    assert list(models) == ["vapt-torch", "vapt-torch-mixed", "vapt-torch-loop"]
+    x, _ = harness.inputs(cfg, base)
+    with torch.no_grad():
+        single = models["vapt-torch"].eval()(x)
+        for name in ("vapt-torch-mixed", "vapt-torch-loop"):
+            torch.testing.assert_close(models[name].eval()(x), single, rtol=1e-5, atol=1e-5, msg=name)

@@ -235,41 +235,35 @@ class _TaskPrompts:
     def __init__(self, tasks: list[VAPTPrompts], task: torch.Tensor) -> None:
         self.tasks, self.task, self.first = tasks, task, tasks[0]
 
-    def stack(self, get) -> torch.Tensor:
-        return torch.stack([get(t) for t in self.tasks])
+    @staticmethod
+    def stack(modules: list[nn.Module], get) -> Optional[torch.Tensor]:
+        """``get(module)`` of every task stacked, ``(K, ...)``; None where the modules have none."""
+        values = [get(m) for m in modules]
+        return None if values[0] is None else torch.stack(values)
 
     def block(
         self, index: int, x: torch.Tensor, norm1: nn.LayerNorm, num_prefix: int, grid: Grid, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Block ``index``'s ``h = norm1(x)``, prompt rows and the index of each image's row:
         ``(B, Np, d)`` with index None, or the static prompts ``(K, Np, d)`` with index ``task``."""
-        first, config = self.first, self.first.config
-        if first.is_static(index):
-            rows = self.stack(lambda t: t.prompt[0] if index == 0 else t.deep_prompts[index - 1])
-            if first.training and config.prompt_dropout > 0.0:
+        config = self.first.config
+        if self.first.is_static(index):
+            rows = self.stack(self.tasks, lambda m: m.prompt[0] if index == 0 else m.deep_prompts[index - 1])
+            if self.first.training and config.prompt_dropout > 0.0:
                 return norm1(x), F.dropout(rows[self.task], config.prompt_dropout, True), None
             return norm1(x), rows, self.task
         gens = [t.generator(index) for t in self.tasks]
         gen = gens[0]
-        stacked = {
-            name: torch.stack([get(g) for g in gens]) if get(gen) is not None else None
-            for name, get in {
-                "token_weight": lambda g: g.token_proj.weight,
-                "token_bias": lambda g: g.token_proj.bias,
-                "kernel": lambda g: g.kernel,
-                "norm_weight": lambda g: g.norm.weight,
-                "norm_bias": lambda g: g.norm.bias,
-            }.items()
-        }
-        mix = fold_mix(stacked["token_weight"], stacked["kernel"], config, gen.grid, grid)
+        token_weight = self.stack(gens, lambda m: m.token_proj.weight)
+        mix = fold_mix(token_weight, self.stack(gens, lambda m: m.kernel), config, gen.grid, grid)
         h, g = ops.norm_and_project(
-            x, norm1.weight, norm1.bias, norm1.eps, stacked["norm_weight"], stacked["norm_bias"], gen.norm.eps, mix,
-            num_prefix, backend=backend, task=self.task,
+            x, norm1.weight, norm1.bias, norm1.eps, self.stack(gens, lambda m: m.norm.weight),
+            self.stack(gens, lambda m: m.norm.bias), gen.norm.eps, mix, num_prefix, backend=backend, task=self.task,
         )  # fmt: skip
         mask = gen.channel_mask(x.shape[0], g)  # the tasks share the dropout rate: any generator draws it
         if mask is not None:
             g = g * mask
-        g = g + stacked["token_bias"][self.task].unsqueeze(-1)
+        g = g + self.stack(gens, lambda m: m.token_proj.bias)[self.task].unsqueeze(-1)
         return h, self.project(index, g), None
 
     def project(self, index: int, g: torch.Tensor) -> torch.Tensor:
@@ -280,14 +274,14 @@ class _TaskPrompts:
         j = 0 if self.first.config.share_projector else index - self.first.config.vpt_depth
         projectors = [t.projectors[j] for t in self.tasks]
         first = projectors[0]
-        fc1 = torch.stack([p.fc1.weight for p in projectors])[self.task]  # (B, r, d)
-        fc2 = torch.stack([p.fc2.weight for p in projectors])[self.task]  # (B, d, r)
+        fc1 = self.stack(projectors, lambda m: m.fc1.weight)[self.task]  # (B, r, d)
+        fc2 = self.stack(projectors, lambda m: m.fc2.weight)[self.task]  # (B, d, r)
         a = ACTIVATIONS[first.activation](torch.bmm(g, fc1.transpose(1, 2)))
         if first.dropout > 0.0:
             a = F.dropout(a, first.dropout, first.training)
         out = torch.bmm(a, fc2.transpose(1, 2))
         if first.scale is not None:
-            out = out * torch.stack([p.scale for p in projectors])[self.task].unsqueeze(-1)
+            out = out * self.stack(projectors, lambda m: m.scale)[self.task].unsqueeze(-1)
         return g + out
 
 

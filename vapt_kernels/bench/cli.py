@@ -56,6 +56,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    metavar="PROVIDER", help=f"any of {', '.join(harness.PROVIDERS)} (default: all)")
     p.add_argument("--modes", nargs="+", choices=harness.MODES, default=list(harness.MODES),
                    help="train, infer or both (default: both)")
+    p.add_argument("--tasks", type=_positive, default=1,
+                   help="K > 1: add vapt-<backend>-mixed (one batch mixing K tasks, vapt_kernels.MultiTaskVAPT) and "
+                   "vapt-<backend>-loop (one call per task on its images) for every fast backend (default: 1)")
     p.add_argument("--sweep", choices=list(SWEEPS),
                    help="repeat over prompt counts (1, 10, 50, 100) or batch sizes (1, 8, 32)")
     p.add_argument("--compile", action="store_true",
@@ -95,6 +98,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def format_task_ratios(rows: list[dict]) -> str:
+    """For every ``vapt-<backend>-mixed`` provider: its time over the single-task provider's on the
+    same batch, and the loop's over it; empty without them."""
+    median = {(r["mode"], r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    lines = []
+    for (mode, provider), mixed in median.items():
+        if provider.endswith("-mixed"):
+            single, loop = provider.removesuffix("-mixed"), provider.replace("-mixed", "-loop")
+            parts = [f"{mode} {provider}:"]
+            if (mode, single) in median:
+                parts.append(f"{mixed / median[mode, single]:.3f}x {single}")
+            if (mode, loop) in median:
+                parts.append(f"loop {median[mode, loop] / mixed:.2f}x slower")
+            lines.append(" ".join(parts))
+    return "\n".join(lines)
+
+
 def append_csv(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` to the CSV at ``path``; a file with other columns (an older version's) is
     rewritten first under the union of its columns and :data:`harness.CSV_FIELDS`."""
@@ -121,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = harness.BenchConfig.for_device(
         args.device, model=args.model, batch=args.batch, prompts=args.prompts, dtype=args.dtype, steps=args.steps,
         warmup=args.warmup, img_size=args.img_size, providers=args.providers, modes=args.modes,
-        memory=not args.no_memory, compile=args.compile,
+        memory=not args.no_memory, compile=args.compile, tasks=args.tasks,
     )
     env = harness.environment(args.device)
     configs = [replace(base, **{args.sweep: value}) for value in SWEEPS[args.sweep]] if args.sweep else [base]
@@ -131,10 +151,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "versions": {k: env[k] for k in ("torch", "triton", "timm", "vapt_kernels")}, "sweep": args.sweep, "runs": [],
     }
     for cfg in configs:
-        print(f"{cfg.model} | batch {cfg.batch} | {cfg.prompts} prompts | {cfg.dtype} | {env['device']} | "
+        tasks = f" | {cfg.tasks} tasks" if cfg.tasks > 1 else ""
+        print(f"{cfg.model} | batch {cfg.batch} | {cfg.prompts} prompts{tasks} | {cfg.dtype} | {env['device']} | "
               f"{cfg.steps} timed steps after {cfg.warmup} warm-up, interleaved ({env['timing']})", flush=True)
         rows = harness.result_rows(cfg, harness.measure(cfg), env, args.sweep)
-        print(format_table(rows) + "\n", flush=True)
+        ratios = format_task_ratios(rows)
+        print(format_table(rows) + ("\n" + ratios if ratios else "") + "\n", flush=True)
         summary["runs"].append({"config": asdict(cfg), "rows": rows})
         if out:  # after every configuration, so that an interrupted sweep keeps what it measured
             out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,12 @@ Providers:
                     on the device is reported as ``n/a (reason)``.
     <name>+compile  with ``compile``: ``torch.compile`` of the floor, of vapt-official and of the
                     last available fast backend (ratios stay relative to the eager floor).
+    vapt-<backend>-mixed, vapt-<backend>-loop
+                    with ``tasks = K > 1``, for each fast backend: a :class:`vapt_kernels.MultiTaskVAPT`
+                    of ``K`` tasks on one batch whose images cycle through the tasks; ``mixed``
+                    runs it as one batch, ``loop`` calls it once per task on that task's images
+                    (how peft serves a mixed batch of LoRA adapters) and puts the rows back in order.
+                    Next to ``vapt-<backend>`` on the same batch, they show what mixing costs.
 
 What is measured per provider and mode: ``train``, one training step (forward, cross-entropy,
 backward, gradients cleared; only prompts and head are trainable); ``infer``, one forward without
@@ -77,7 +83,7 @@ ROUND_STEPS = {"cpu": 3, "cuda": 10}
 NUM_CLASSES = 100
 CSV_FIELDS = [
     "timestamp", "git_commit", "device", "torch", "triton", "timm", "vapt_kernels", "model", "img_size",
-    "batch", "prompts", "dtype", "steps", "warmup", "mode", "provider", "status", "reason", "median_ms",
+    "batch", "prompts", "tasks", "dtype", "steps", "warmup", "mode", "provider", "status", "reason", "median_ms",
     "p20_ms", "p80_ms", "img_per_s", "ratio_to_floor", "peak_mem_mb", "mem_method",
     "seed", "sweep", "samples", "timing",
 ]
@@ -101,6 +107,7 @@ class BenchConfig:
         memory: also measure peak memory.
         compile: add ``torch.compile`` providers.
         seed: seed of the backbone, prompt and input initialisation.
+        tasks: ``K``; above 1, add the mixed-batch and loop providers of every fast backend.
     """
 
     model: str
@@ -116,6 +123,7 @@ class BenchConfig:
     memory: bool = True
     compile: bool = False
     seed: int = 0
+    tasks: int = 1
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "BenchConfig":
@@ -191,13 +199,56 @@ def _floor(base: nn.Module) -> nn.Module:
     return model
 
 
+class MixedBatch(nn.Module):
+    """A :class:`vapt_kernels.MultiTaskVAPT` fed a fixed task per image: in one call, or in one call
+    per task on its images with the logits put back in batch order (``loop``)."""
+
+    def __init__(self, mt: vk.MultiTaskVAPT, batch: int, loop: bool) -> None:
+        super().__init__()
+        self.mt, self.loop = mt, loop
+        tasks = len(mt.tasks)
+        self.register_buffer("task", torch.arange(batch) % tasks, persistent=False)
+        self.groups = [torch.arange(t, batch, tasks) for t in range(tasks)]  # each task's images
+        self.order = torch.argsort(torch.cat(self.groups))  # batch position -> row of the loop's output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.loop:
+            return self.mt(images, self.task)
+        parts = [self.mt(images[g.to(images.device)], self.task[g]) for g in self.groups]
+        return torch.cat(parts)[self.order.to(images.device)]
+
+
+def provider_names(cfg: BenchConfig) -> tuple[str, ...]:
+    """``cfg.providers`` and, with ``cfg.tasks > 1``, the ``-mixed`` and ``-loop`` providers of each
+    fast backend among them."""
+    names = list(cfg.providers)
+    if cfg.tasks > 1:
+        fast = [n for n in cfg.providers if n.removeprefix("vapt-") in FAST_BACKENDS]
+        names += [f"{n}-{kind}" for n in fast for kind in ("mixed", "loop")]
+    return tuple(names)
+
+
 def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Module, Unavailable]]:
-    """Provider name -> model, or -> an :class:`Unavailable` saying why it cannot run on the device."""
+    """Provider name (:func:`provider_names`) -> model, or -> an :class:`Unavailable` saying why it
+    cannot run on the device."""
     device_type = torch.device(cfg.device).type
     models: dict[str, Union[nn.Module, Unavailable]] = {}
     vapt = None
-    for name in cfg.providers:
-        if name == "floor":
+    for name in provider_names(cfg):
+        if name.endswith(("-mixed", "-loop")):
+            single, kind = name.rsplit("-", 1)
+            backend = single.removeprefix("vapt-")
+            reason = ops.unavailable_reason(backend, device_type)
+            if reason:
+                models[name] = Unavailable(reason)
+                continue
+            if vapt is None:
+                vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
+            mt = vk.MultiTaskVAPT(vk.set_backend(copy.deepcopy(vapt), backend))
+            for t in range(cfg.tasks):
+                mt.add_task(f"task{t}", vk.trainable_state_dict(vapt))
+            models[name] = MixedBatch(mt, cfg.batch, loop=kind == "loop")
+        elif name == "floor":
             models[name] = _floor(base)
         elif name == "vpt-deep":
             models[name] = OfficialFormulation(vk.apply_vpt(copy.deepcopy(base), num_prompts=cfg.prompts))
@@ -369,7 +420,8 @@ def cuda_peak_memory(step: Callable[[], None]) -> float:
 def cpu_peak_memory(cfg: BenchConfig, provider: str, mode: str) -> Optional[float]:
     """Peak RSS growth (MiB) over two steps of one provider, in a fresh interpreter; None if the
     probe failed (e.g. no ``/proc``)."""
-    probe = json.dumps(asdict(replace(cfg, providers=(provider,), modes=(mode,))))
+    tasks = cfg.tasks if provider.endswith(("-mixed", "-loop")) else 1
+    probe = json.dumps(asdict(replace(cfg, providers=(provider,), modes=(mode,), tasks=tasks)))
     code = "import sys; from vapt_kernels.bench.harness import memory_probe; memory_probe(sys.argv[1])"
     try:
         out = subprocess.run([sys.executable, "-c", code, probe], capture_output=True, text=True, timeout=600)
@@ -392,7 +444,7 @@ def memory_probe(probe: str) -> None:
     cfg = BenchConfig(**{**fields, "providers": tuple(fields["providers"]), "modes": tuple(fields["modes"])})
     keep_freed_memory()
     base = build_backbone(cfg)
-    (model,) = build_providers(cfg, base).values()
+    model = build_providers(cfg, base)[cfg.providers[0]]
     x, y = inputs(cfg, base)
     step = make_step(model, cfg.modes[0], x, y, cfg.dtype)
     del base
@@ -470,6 +522,7 @@ def result_rows(cfg: BenchConfig, results: list[Result], env: dict[str, str], sw
         rows.append({
             **env,
             "model": cfg.model, "img_size": cfg.img_size or "", "batch": cfg.batch, "prompts": cfg.prompts,
+            "tasks": cfg.tasks,
             "dtype": cfg.dtype, "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "sweep": sweep or "",
             "mode": r.mode, "provider": r.provider, "status": r.status, "reason": r.reason,
             "median_ms": _round(med), "p20_ms": _round(r.quantile_ms(0.2)), "p80_ms": _round(r.quantile_ms(0.8)),
