@@ -424,6 +424,25 @@ def _nap_grads(case: NapCase, generator: torch.Generator) -> tuple[torch.Tensor,
     return dh, dg
 
 
+def _assert_matches_float64(case, args, dh, dg, got, reference) -> None:
+    """The emulated outputs ``got`` (:data:`NAP_NAMES`) against ``reference`` in float64: float32
+    within :data:`FP32_TOL`, 16-bit no worse than twice the plain formulation in that dtype."""
+    exact_h, exact_g, *exact_grads = reference(args, dh, dg, case.P, torch.float64)
+    exact = [exact_h, exact_g, *_row_stats(args["x"]), *exact_grads]
+    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAP_NAMES, got, exact)}
+    if case.dtype == torch.float32:
+        worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
+    else:
+        plain_h, plain_g, *plain_grads = reference(args, dh, dg, case.P, case.dtype)
+        plain = dict(zip(["h", "g", "dx", *NAP_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
+        plain_errors = {name: _max_rel_err(p.double(), exact[NAP_NAMES.index(name)]) for name, p in plain.items()}
+        # The row statistics are fp32 in the kernels and in the plain formulation's own arithmetic.
+        plain_errors.update({name: FP32_TOL / 2 for name in STATS})
+        worse = {n: (errors[n], plain_errors[n]) for n in NAP_NAMES if not errors[n] <= 2 * plain_errors[n]}
+    print(f"{case}: max relative errors {errors}")
+    assert not worse, f"{case}: (error, bound/2) {worse}"
+
+
 @pytest.mark.parametrize("case", NAP_CASES, ids=str)
 def test_norm_and_project(nap_driver, tmp_path, case):
     """Forward (h, g, the saved row statistics) and backward (dx, the affine gradients, dmix) of the
@@ -435,20 +454,7 @@ def test_norm_and_project(nap_driver, tmp_path, case):
     packs = case.d % (16 // case.dtype.itemsize) == 0
     assert (vec_fwd, vec_bwd) == (packs, packs), "the launcher's choice of 16-byte packs"
 
-    exact_h, exact_g, *exact_grads = _nap_reference(args, dh, dg, case.P, torch.float64)
-    exact = [exact_h, exact_g, *_row_stats(args["x"]), *exact_grads]
-    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAP_NAMES, got, exact)}
-    if case.dtype == torch.float32:
-        worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
-    else:
-        plain_h, plain_g, *plain_grads = _nap_reference(args, dh, dg, case.P, case.dtype)
-        plain = dict(zip(["h", "g", "dx", *NAP_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
-        plain_errors = {name: _max_rel_err(p.double(), exact[NAP_NAMES.index(name)]) for name, p in plain.items()}
-        # The row statistics are fp32 in the kernels and in the plain formulation's own arithmetic.
-        plain_errors.update({name: FP32_TOL / 2 for name in STATS})
-        worse = {n: (errors[n], plain_errors[n]) for n in NAP_NAMES if not errors[n] <= 2 * plain_errors[n]}
-    print(f"{case}: max relative errors {errors}")
-    assert not worse, f"{case}: (error, bound/2) {worse}"
+    _assert_matches_float64(case, args, dh, dg, got, _nap_reference)
 
 
 def test_norm_and_project_schedule_independence(nap_driver, tmp_path):
@@ -528,19 +534,7 @@ def test_norm_and_project_tasks(nap_driver, tmp_path, case):
     for name in ("dgen_weight", "dgen_bias", "dmix"):
         assert not named[name][unused].any(), f"{name}: not exactly zero for the tasks {unused} without images"
 
-    exact_h, exact_g, *exact_grads = _nap_task_reference(args, dh, dg, case.P, torch.float64)
-    exact = [exact_h, exact_g, *_row_stats(args["x"]), *exact_grads]
-    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAP_NAMES, got, exact)}
-    if case.dtype == torch.float32:
-        worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
-    else:
-        plain_h, plain_g, *plain_grads = _nap_task_reference(args, dh, dg, case.P, case.dtype)
-        plain = dict(zip(["h", "g", "dx", *NAP_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
-        plain_errors = {name: _max_rel_err(p.double(), exact[NAP_NAMES.index(name)]) for name, p in plain.items()}
-        plain_errors.update({name: FP32_TOL / 2 for name in STATS})
-        worse = {n: (errors[n], plain_errors[n]) for n in NAP_NAMES if not errors[n] <= 2 * plain_errors[n]}
-    print(f"{case}: max relative errors {errors}")
-    assert not worse, f"{case}: (error, bound/2) {worse}"
+    _assert_matches_float64(case, args, dh, dg, got, _nap_task_reference)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
