@@ -32,17 +32,19 @@ MIXED = ["cars", "pets", "cars", "birds", "pets", "cars"]
 def _build(base, config, classes: int, backend: str):
     model = copy.deepcopy(base)
     model.reset_classifier(classes)
-    model.to(next(base.parameters()).dtype)
+    model.to(next(base.parameters()))
     if config is None:
         return vk.apply_vpt(model, 3, backend=backend)
     return vk.apply_vapt(model, config, backend=backend)
 
 
-def task_models(config, backend: str = "torch", dtype=torch.float64, **vit) -> tuple[dict, vk.MultiTaskVAPT]:
+def task_models(
+    config, backend: str = "torch", dtype=torch.float64, device: str = "cpu", **vit
+) -> tuple[dict, vk.MultiTaskVAPT]:
     """One single-task model per task of :data:`CLASSES` (one backbone, their own prompts and head),
     and a MultiTaskVAPT of the same backbone holding all of them."""
     torch.manual_seed(0)
-    base = tiny_vit(**vit).to(dtype)
+    base = tiny_vit(**vit).to(device, dtype)
     models = {}
     for seed, (name, classes) in enumerate(CLASSES.items(), start=1):
         model = _build(base, config, classes, backend)
@@ -80,8 +82,8 @@ def test_rows_equal_the_single_task_models(backend, config):
 
 @pytest.mark.parametrize("backend, device", kernel_cases("triton"))
 def test_rows_equal_the_single_task_models_in_float32(backend, device):
-    models, mt = task_models(CONFIGS["per-channel-deep"], backend, torch.float32)
-    x = images(mt.model, batch=4).float()
+    models, mt = task_models(CONFIGS["per-channel-deep"], backend, torch.float32, device)
+    x = images(mt.model, batch=4).to(device, torch.float32)
     with torch.no_grad():
         assert_rows_equal_their_models(mt(x, MIXED[:4]), models, x, MIXED[:4], 1e-5)
 
@@ -110,15 +112,21 @@ def test_padded_logits_give_the_task_its_own_softmax_argmax_and_loss():
             assert_close_rel(padded_loss[i], F.cross_entropy(own, targets[i : i + 1]), 1e-12, "cross-entropy")
 
 
+TRAINING_CASES = [
+    *(pytest.param(*p.values, "cpu", torch.float64, 1e-10, marks=p.marks, id=p.id) for p in FLOAT64_BACKENDS),
+    *(pytest.param(*p.values, torch.float32, 1e-5, marks=p.marks, id=f"{p.id}-float32") for p in kernel_cases("triton")),
+]
+
+
 @pytest.mark.parametrize("config", ["vapt", "per-channel-deep", "vpt-deep"])
-@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
-def test_one_step_on_a_mixed_batch_equals_a_step_per_task(backend, config):
+@pytest.mark.parametrize("backend, device, dtype, tol", TRAINING_CASES)
+def test_one_step_on_a_mixed_batch_equals_a_step_per_task(backend, device, dtype, tol, config):
     """The gradient of each task's parameters on a mixed batch is the gradient of the loss over its
     own images: one SGD step on the mixed batch leaves every task as a step of its own model on its
     own images does. The backbone stays frozen and in eval mode."""
-    models, mt = task_models(CONFIGS[config], backend)
-    x = images(mt.model, batch=len(MIXED))
-    targets = torch.tensor([6, 0, 3, 2, 4, 1])
+    models, mt = task_models(CONFIGS[config], backend, dtype, device)
+    x = images(mt.model, batch=len(MIXED)).to(device, dtype)
+    targets = torch.tensor([6, 0, 3, 2, 4, 1], device=device)
     backbone = {n: p.detach().clone() for n, p in mt.model.named_parameters() if not n.startswith(("vapt.", "head."))}
 
     mt.train()
@@ -137,7 +145,7 @@ def test_one_step_on_a_mixed_batch_equals_a_step_per_task(backend, config):
         stepped = mt.task_state_dict(name)
         assert stepped.keys() == expected.keys()
         for key, value in expected.items():
-            assert_close_rel(stepped[key], value, 1e-10, f"{name} {key} after one step")
+            assert_close_rel(stepped[key], value, tol, f"{name} {key} after one step")
     for n, p in mt.model.named_parameters():
         if n in backbone:
             assert not p.requires_grad and torch.equal(p, backbone[n]), f"backbone {n} changed"

@@ -124,7 +124,7 @@ def fold_mix(
         ``(Np, N)`` for a shared kernel or no convolution, ``(Np, N, d)`` per channel, ``N = H * W``,
         with a leading ``K`` for stacked inputs. A cross-correlation followed by a linear map over
         positions is the full correlation of the linear map's weight with the flipped kernel, so
-        ``M`` is built directly: pad ``W_tok`` on its ``(H', W')`` grid, take its ``K x K`` patches
+        ``M`` is built directly: pad ``W_tok`` on its ``(H', W')`` grid, take its ``k x k`` patches
         and weight them by the kernel taps. Nothing ever convolves an identity.
     """
     w_tok = resample_token_weight(token_weight, config, built_grid, grid)

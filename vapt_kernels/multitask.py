@@ -67,6 +67,7 @@ class MultiTaskVAPT(nn.Module):
         self.model = model
         self.prompts = nn.ModuleDict()  # task name -> VAPTPrompts
         self.heads = nn.ModuleDict()  # task name -> nn.Linear
+        self._index_classes()
         self.train(model.training)
 
     @property
@@ -130,12 +131,14 @@ class MultiTaskVAPT(nn.Module):
         head.train(self.training)
         self.prompts[name] = prompts
         self.heads[name] = head
+        self._index_classes()
 
     def remove_task(self, name: str) -> None:
         """Remove a task; the other tasks' parameters are untouched."""
         self._check_name(name, "MultiTaskVAPT.remove_task")
         del self.prompts[name]
         del self.heads[name]
+        self._index_classes()
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Copies of task ``name``'s parameters, keyed as :func:`vapt_kernels.trainable_state_dict`
@@ -145,6 +148,15 @@ class MultiTaskVAPT(nn.Module):
         state = {f"vapt.{k}": p.detach().clone() for k, p in self.prompts[name].named_parameters()}
         state.update({f"head.{k}": p.detach().clone() for k, p in self.heads[name].named_parameters()})
         return state
+
+    def _index_classes(self) -> None:
+        """Where each task's classes start among all the tasks' classes, and how many it has: buffers
+        on the model's device, so that a forward on the GPU never copies them from the host."""
+        classes = [head.out_features for head in self.heads.values()]
+        starts = [sum(classes[:t]) for t in range(len(classes))]
+        device = self.model.head.weight.device
+        self.register_buffer("class_starts", torch.tensor(starts, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("class_counts", torch.tensor(classes, dtype=torch.long, device=device), persistent=False)
 
     def _check_name(self, name: str, caller: str) -> None:
         if name not in self.prompts:
@@ -216,14 +228,12 @@ class MultiTaskVAPT(nn.Module):
         """Every task's head as one product over the concatenated classes, each image keeping its
         own task's columns, padded with ``-inf`` to the most classes."""
         heads = list(self.heads.values())
-        classes = [head.out_features for head in heads]
         weight = torch.cat([head.weight for head in heads])
         bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
         every = F.linear(features, weight, bias)  # (B, sum C_t)
-        starts = torch.tensor([sum(classes[:t]) for t in range(len(heads))], device=features.device)
-        counts = torch.tensor(classes, device=features.device)[task, None]  # (B, 1)
-        cols = torch.arange(max(classes), device=features.device)
-        own = torch.gather(every, 1, starts[task, None] + torch.minimum(cols, counts - 1))
+        counts = self.class_counts[task, None]  # (B, 1)
+        cols = torch.arange(max(head.out_features for head in heads), device=features.device)
+        own = torch.gather(every, 1, self.class_starts[task, None] + torch.minimum(cols, counts - 1))
         return own.masked_fill(cols >= counts, float("-inf"))
 
 

@@ -155,10 +155,11 @@ def norm_and_project_rules(
 
 def check_task_range(task: torch.Tensor, num_tasks: int, what: str = "norm_and_project: task") -> None:
     """Raise an IndexError unless every value of ``task`` lies in ``[0, num_tasks)``. A data rule:
-    in eager it reads the values (one host sync), while ``torch.compile`` or ``torch.export``
-    traces it becomes a runtime assertion of the graph."""
+    on CPU tensors in eager mode it reads the values; on GPU tensors (where reading them would stall
+    the host once per block) and while ``torch.compile`` or ``torch.export`` traces it, it is an
+    asynchronous assertion on the device, which raises a RuntimeError with the same words."""
     message = f"{what} indices must lie in [0, {num_tasks}), one per image"
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or task.device.type != "cpu":
         torch._assert_async(((task >= 0) & (task < num_tasks)).all(), message)
         return
     if task.numel():
