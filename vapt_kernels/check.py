@@ -33,6 +33,7 @@ SELF_TESTED = ("torch", "native", "triton")  # `reference` is the composite path
 # Input dtype -> the largest relative error (max |a - b| / max |b|) of any output or gradient.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 PROJECT_SHAPE = dict(B=2, P=1, N=15, d=48, Np=5)  # N not a power of two; one prefix token
+PROJECT_TASKS = (2, 0, 2)  # the many-task case: each image's task, of 3 (task 1 has no image)
 ATTENTION_SHAPE = dict(B=2, H=2, T=10, D=24, Np=5)  # T = 1 + 9 patches
 PROJECT_NAMES = ("h", "g", "dx", "dnorm1_weight", "dnorm1_bias", "dgen_weight", "dgen_bias", "dmix")
 ATTENTION_NAMES = ("out", "dq", "dk", "dv", "dk_prefix", "dv_prefix")
@@ -164,16 +165,28 @@ def print_auto_table(devs: list[torch.device], failed: set[tuple[str, str, torch
 
 def _project_cases(gen: torch.Generator) -> list[tuple[list[torch.Tensor], Callable]]:
     """``norm_and_project`` leaves (float64, CPU) and how to make the op's arguments from them: a
-    shared ``(Np, N)`` and a per-channel ``(Np, N, d)`` mix."""
+    shared ``(Np, N)`` and a per-channel ``(Np, N, d)`` mix, and a batch of 3 tasks (mix
+    ``(K, Np, N)`` and prompt LayerNorm affines ``(K, d)`` stacked, a task index per image)."""
     B, P, N, d, Np = PROJECT_SHAPE.values()
+    K, Bt = max(PROJECT_TASKS) + 1, len(PROJECT_TASKS)
 
     def args(x, w1, b1, wg, bg, mix):
         return (x, w1, b1, 1e-6, wg, bg, 1e-5, mix, P)
 
+    def task_args(x, w1, b1, wg, bg, mix):
+        return (*args(x, w1, b1, wg, bg, mix), torch.tensor(PROJECT_TASKS, device=x.device))
+
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    return [([randn(B, P + N, d), *(randn(d) for _ in range(4)), randn(Np, N, *extra)], args) for extra in ((), (d,))]
+    cases = [([randn(B, P + N, d), *(randn(d) for _ in range(4)), randn(Np, N, *extra)], args) for extra in ((), (d,))]
+    tasks = [randn(Bt, P + N, d), randn(d), randn(d), randn(K, d), randn(K, d), randn(K, Np, N)]
+    return cases + [(tasks, task_args)]
+
+
+def _norm_and_project(*args, backend: str):
+    """``ops.norm_and_project`` on the arguments of :func:`_project_cases` (the task index last)."""
+    return ops.norm_and_project(*args[:9], backend=backend, task=args[9] if len(args) > 9 else None)
 
 
 def _attention_cases(gen: torch.Generator) -> list[tuple[list[torch.Tensor], Callable]]:
@@ -212,7 +225,7 @@ def _outputs_and_grads(fn: Callable, leaves: list[torch.Tensor], make_args: Call
     args = make_args(*leaves)
     outs = fn(*args)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
-    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]  # not task indices
     return outs + list(torch.autograd.grad(outs, inputs, douts(outs)))
 
 
@@ -223,7 +236,7 @@ def compare(op: str, backend: str, device: torch.device, dtype: torch.dtype, see
     gen = torch.Generator().manual_seed(seed)
     if op == "norm_and_project":
         cases, names = _project_cases(gen), PROJECT_NAMES
-        public, reference = ops.norm_and_project, composite.norm_and_project_reference
+        public, reference = _norm_and_project, composite.norm_and_project_reference
     else:
         cases, names = _attention_cases(gen), ATTENTION_NAMES
         public, reference = ops.prefix_attention, composite.prefix_attention_reference
@@ -263,7 +276,7 @@ def self_test(devs: list[torch.device]) -> set[tuple[str, str, torch.dtype]]:
         "error = max |a - b| / max |b| over every output and every input gradient; fresh allocations are\n"
         "filled with NaN first, so unwritten outputs fail\n"
         f"  norm_and_project  B={B}, {P} prefix + {N} patch tokens, d={d}, Np={Np}; mix (Np, N) [0] and per channel "
-        f"(Np, N, d) [1]: {', '.join(PROJECT_NAMES)}\n"
+        f"(Np, N, d) [1]; images of tasks {PROJECT_TASKS}, mix (3, Np, N) [2]: {', '.join(PROJECT_NAMES)}\n"
         f"  prefix_attention  B={Ba}, H={H}, T={T}, D={D}, Np={Npa}, q/k/v strided views of one qkv tensor; prefix "
         f"batch 1 (broadcast) [0] and {Ba} [1]: {', '.join(ATTENTION_NAMES)}\n"
         "  tolerance         " + ", ".join(f"{_name(dt)} {tol:.0e}" for dt, tol in TOLERANCES.items())
