@@ -43,7 +43,10 @@ def draw(csv_path: Path, run: Optional[str] = None, out_dir: Optional[Path] = No
         ax.set_ylabel(label)
         ax.legend()
     r0 = last[0]
-    fig.suptitle(f"{r0['model']}, batch {r0['batch']}, {r0['prompts']} prompts, {r0['dtype']}, {r0['device']}", fontsize=9)
+    tasks = f", {r0['tasks']} tasks" if int(r0.get("tasks") or 1) > 1 else ""  # older CSVs have no tasks column
+    fig.suptitle(
+        f"{r0['model']}, batch {r0['batch']}, {r0['prompts']} prompts{tasks}, {r0['dtype']}, {r0['device']}", fontsize=9
+    )
     fig.tight_layout()
     written.append(out_dir / "throughput.png")
     fig.savefig(written[-1], dpi=120)
