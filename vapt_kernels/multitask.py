@@ -244,6 +244,9 @@ class _TaskPrompts:
 
     def __init__(self, tasks: list[VAPTPrompts], task: torch.Tensor) -> None:
         self.tasks, self.task, self.first = tasks, task, tasks[0]
+        # Projector j's weights gathered per image, once per forward (a shared projector serves
+        # every adaptive block).
+        self.projector_weights: dict[int, tuple] = {}
 
     @staticmethod
     def stack(modules: list[nn.Module], get) -> Optional[torch.Tensor]:
@@ -284,14 +287,19 @@ class _TaskPrompts:
         j = 0 if self.first.config.share_projector else index - self.first.config.vpt_depth
         projectors = [t.projectors[j] for t in self.tasks]
         first = projectors[0]
-        fc1 = self.stack(projectors, lambda m: m.fc1.weight)[self.task]  # (B, r, d)
-        fc2 = self.stack(projectors, lambda m: m.fc2.weight)[self.task]  # (B, d, r)
-        a = ACTIVATIONS[first.activation](torch.bmm(g, fc1.transpose(1, 2)))
+        if j not in self.projector_weights:
+            self.projector_weights[j] = (
+                self.stack(projectors, lambda m: m.fc1.weight)[self.task].transpose(1, 2),  # (B, d, r)
+                self.stack(projectors, lambda m: m.fc2.weight)[self.task].transpose(1, 2),  # (B, r, d)
+                None if first.scale is None else self.stack(projectors, lambda m: m.scale)[self.task].unsqueeze(-1),
+            )
+        fc1_t, fc2_t, scale = self.projector_weights[j]
+        a = ACTIVATIONS[first.activation](torch.bmm(g, fc1_t))
         if first.dropout > 0.0:
             a = F.dropout(a, first.dropout, first.training)
-        out = torch.bmm(a, fc2.transpose(1, 2))
-        if first.scale is not None:
-            out = out * self.stack(projectors, lambda m: m.scale)[self.task].unsqueeze(-1)
+        out = torch.bmm(a, fc2_t)
+        if scale is not None:
+            out = out * scale
         return g + out
 
 
