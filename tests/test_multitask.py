@@ -218,6 +218,10 @@ def test_bad_task_states_are_refused_before_anything_changes():
         "unexpected key": (ValueError, "new", {**good, "vapt.extra": good["head.bias"]}, "unexpected keys: vapt.extra"),
         "NaN": (ValueError, "new", {**good, "vapt.prompt": good["vapt.prompt"] * float("nan")}, "NaN"),
         "head width": (ValueError, "new", {**good, "head.weight": torch.zeros(5, 7, dtype=torch.float64)}, "head.weight"),
+        "no classes": (
+            ValueError, "new", {**good, "head.weight": good["head.weight"][:0], "head.bias": good["head.bias"][:0]},
+            "the head has no classes",
+        ),
     }
     for case, (error, name, state, words) in cases.items():
         with pytest.raises(error) as raised:

@@ -5,10 +5,10 @@ parameters (a ``VAPTPrompts``) and its classifier head. ``MultiTaskVAPT`` keeps 
 next to a single shared backbone and runs a batch whose images belong to different tasks in one
 pass: every image is computed exactly as the single-task model of its task would compute it.
 
-How a mixed batch runs (``T`` the batch's task index ``(B,)``, ``K`` tasks):
+How a mixed batch runs (``task`` the batch's task index ``(B,)``, ``K`` tasks):
 
 * adaptive blocks: the tasks' folded prompt matrices, LayerNorm affines and biases are stacked,
-  ``(K, Np, N)`` / ``(K, d)``, and ``norm_and_project`` indexes them by ``T`` inside its kernels;
+  ``(K, Np, N)`` / ``(K, d)``, and ``norm_and_project`` indexes them by ``task`` inside its kernels;
 * static prompts (VPT-deep, the first ``vpt_depth`` blocks of VAPT): their keys and values are
   computed once per task, ``(K, H, Np, D)``, then gathered per image for ``prefix_attention``
   (which takes a per-image prefix);
@@ -92,9 +92,10 @@ class MultiTaskVAPT(nn.Module):
                 VAPT configuration; its head may have its own number of classes.
 
         Raises:
+            TypeError: ``state`` is not a mapping.
             ValueError: a name in use or not usable; a state dict of another VAPT configuration
-                (naming the fields that differ), with missing or unexpected keys, or invalid values.
-                Nothing is changed then.
+                (naming the fields that differ), with missing or unexpected keys, a head without
+                classes, or invalid values. Nothing is changed then.
         """
         caller = "MultiTaskVAPT.add_task"
         if not isinstance(name, str) or not name or "." in name:
@@ -107,7 +108,11 @@ class MultiTaskVAPT(nn.Module):
         prompts.requires_grad_(True)
         template = self.model.head
         weight = state.get("head.weight")
-        classes = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else template.out_features
+        no_classes = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 0
+        if no_classes:
+            problems.append("head.weight: the head has no classes (num_classes=0); a task needs at least one")
+        sized = isinstance(weight, torch.Tensor) and weight.dim() == 2 and not no_classes
+        classes = weight.shape[0] if sized else template.out_features
         dd = {"device": template.weight.device, "dtype": template.weight.dtype}
         head = nn.Linear(template.in_features, classes, bias=template.bias is not None, **dd)
         targets = {f"vapt.{k}": p for k, p in prompts.named_parameters()}
