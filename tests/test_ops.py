@@ -393,12 +393,16 @@ def attention_shapes_strategy(dtype: torch.dtype):
 # A LayerNorm gradient over very few channels is ill-conditioned (dx is what is left of dy after
 # its mean and its xhat component are taken out; d = 2 leaves nothing): below 8 channels float32
 # rounding alone can exceed 1e-5 of it on every backend. float64 takes them from 3.
-def project_shapes_strategy(dtype: torch.dtype):
+@st.composite
+def project_shapes_strategy(draw, dtype: torch.dtype):
+    """Single-task cases and, as often, cases of 1 to 3 tasks with a task drawn per image."""
     min_d = 3 if dtype == torch.float64 else 8
-    return st.builds(
-        Project,
-        B=st.integers(1, 3), P=st.integers(0, 3), N=st.integers(1, 30), d=st.integers(min_d, 48), Np=st.integers(1, 12),
-        mix=st.sampled_from(["shared", "per-channel"]), affine=st.sampled_from(["affine", "frozen", "none"]),
+    B, K = draw(st.integers(1, 3)), draw(st.integers(0, 3))  # K = 0: the single-task op
+    tasks = tuple(draw(st.lists(st.integers(0, K - 1), min_size=B, max_size=B))) if K else None
+    return Project(
+        B, draw(st.integers(0, 3)), draw(st.integers(1, 30)), draw(st.integers(min_d, 48)), draw(st.integers(1, 12)),
+        draw(st.sampled_from(["shared", "per-channel"])), draw(st.sampled_from(["affine", "frozen", "none"])),
+        tasks=tasks, K=K,
     )  # fmt: skip
 
 
