@@ -312,24 +312,15 @@ def _config_differences(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
     """The VAPT configuration fields a trainable state dict was visibly saved with that differ from
     ``model``'s, each as ``"field: state dict X, model Y"`` (what the shapes and keys reveal;
     dropout rates and activations leave no trace)."""
-    config, vapt = model.vapt.config, model.vapt
+    config = model.vapt.config
     seen = _config_of_state(state, len(model.blocks), tuple(model.patch_embed.grid_size), config)
-    ours = {
-        "num_prompts": config.num_prompts,
-        "vpt_depth": config.vpt_depth,
-        "conv": config.conv,
-        "shared_kernel": config.shared_kernel,
-        "kernel_size": config.kernel_size,
-        "padding": config.padding,
-        "feature_projector": config.feature_projector,
-        "share_projector": config.share_projector,
-        "hidden_dim": config.hidden_dim,
-        "learnable_scale": config.learnable_scale,
-    }
-    if not len(vapt.generators):
-        for field in ("conv", "shared_kernel", "kernel_size", "padding", "feature_projector"):
-            ours.pop(field)
-    return [f"{f}: state dict {seen[f]}, model {ours[f]}" for f in ours if f in seen and seen[f] != ours[f]]
+    # A model without adaptive blocks (VPT-deep) has no generator, so their fields mean nothing there.
+    moot = () if len(model.vapt.generators) else ("conv", "shared_kernel", "kernel_size", "padding", "feature_projector")
+    return [
+        f"{f}: state dict {v}, model {getattr(config, f)}"
+        for f, v in seen.items()
+        if f not in moot and v != getattr(config, f)
+    ]
 
 
 def _config_of_state(state: Mapping[str, torch.Tensor], depth: int, grid: Grid, config: VAPTConfig) -> dict:

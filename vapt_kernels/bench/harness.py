@@ -233,36 +233,38 @@ def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Mod
     cannot run on the device."""
     device_type = torch.device(cfg.device).type
     models: dict[str, Union[nn.Module, Unavailable]] = {}
-    vapt = None
+    vapt: Optional[nn.Module] = None
+    many: dict[str, vk.MultiTaskVAPT] = {}  # backend -> the model its -mixed and -loop providers share
+
+    def shared_vapt() -> nn.Module:
+        """One set of prompt parameters, copied to every VAPT provider."""
+        nonlocal vapt
+        if vapt is None:
+            vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
+        return vapt
+
     for name in provider_names(cfg):
-        if name.endswith(("-mixed", "-loop")):
-            single, kind = name.rsplit("-", 1)
-            backend = single.removeprefix("vapt-")
-            reason = ops.unavailable_reason(backend, device_type)
-            if reason:
-                models[name] = Unavailable(reason)
-                continue
-            if vapt is None:
-                vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
-            mt = vk.MultiTaskVAPT(vk.set_backend(copy.deepcopy(vapt), backend))
-            for t in range(cfg.tasks):
-                mt.add_task(f"task{t}", vk.trainable_state_dict(vapt))
-            models[name] = MixedBatch(mt, cfg.batch, loop=kind == "loop")
-        elif name == "floor":
+        if name == "floor":
             models[name] = _floor(base)
-        elif name == "vpt-deep":
+            continue
+        if name == "vpt-deep":
             models[name] = OfficialFormulation(vk.apply_vpt(copy.deepcopy(base), num_prompts=cfg.prompts))
+            continue
+        single, _, kind = name.rpartition("-") if name.endswith(("-mixed", "-loop")) else (name, "", "")
+        backend = single.removeprefix("vapt-")
+        reason = None if name == "vapt-official" else ops.unavailable_reason(backend, device_type)
+        if reason:
+            models[name] = Unavailable(reason)
+        elif name == "vapt-official":
+            models[name] = OfficialFormulation(copy.deepcopy(shared_vapt()))
+        elif not kind:
+            models[name] = vk.set_backend(copy.deepcopy(shared_vapt()), backend)
         else:
-            if vapt is None:  # one set of prompt parameters, copied to every VAPT provider
-                vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
-            backend = name.removeprefix("vapt-")
-            reason = None if name == "vapt-official" else ops.unavailable_reason(backend, device_type)
-            if reason:
-                models[name] = Unavailable(reason)
-            elif name == "vapt-official":
-                models[name] = OfficialFormulation(copy.deepcopy(vapt))
-            else:
-                models[name] = vk.set_backend(copy.deepcopy(vapt), backend)
+            if backend not in many:
+                many[backend] = vk.MultiTaskVAPT(vk.set_backend(copy.deepcopy(shared_vapt()), backend))
+                for t in range(cfg.tasks):
+                    many[backend].add_task(f"task{t}", vk.trainable_state_dict(shared_vapt()))
+            models[name] = MixedBatch(many[backend], cfg.batch, loop=kind == "loop")
     if cfg.compile:
         fast = [n for n in cfg.providers if n.removeprefix("vapt-") in FAST_BACKENDS and isinstance(models[n], nn.Module)]
         for name in ["floor", "vapt-official"] + fast[-1:]:
