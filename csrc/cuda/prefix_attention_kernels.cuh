@@ -193,6 +193,25 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = mma::pack2<T>(hi[2], hi[3]);
 }
 
+// The second product of an attention step (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q):
+// acc (16 x NA * 8) += A B for the warp's 16 rows, A (16 x NS * 8) the accumulators `a` of the
+// first product rounded to T, B the first NS * 8 rows of the shared tile `tile` (row pitch P),
+// transposed by ldmatrix.
+template <typename T, int P, int NS, int NA>
+__device__ __forceinline__ void product_from_registers(float (&acc)[NA][4], const float (&a)[NS][4], const T* tile) {
+#pragma unroll
+  for (int kk = 0; kk < NS / 2; ++kk) {
+    uint32_t fa[4];
+    acc_to_a<T>(fa, a[2 * kk], a[2 * kk + 1]);
+#pragma unroll
+    for (int n = 0; n < NA / 2; ++n) {
+      uint32_t fb[4];
+      b_frag_cols<P>(fb, tile, kk * 16, n * 16);
+      mma_pair<T>(acc[2 * n], acc[2 * n + 1], fa, fb);
+    }
+  }
+}
+
 // Sum (max) over the 4 lanes of a quad, which hold the columns of the same two rows.
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -293,18 +312,8 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const Pa
       for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i / 2];
     }
 
-    // O += P V: P (16 x kBN) from the S registers, V (kBN x DP) transposed by ldmatrix.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pa[4];
-      acc_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int n = 0; n < ND / 2; ++n) {
-        uint32_t vb[4];
-        b_frag_cols<P>(vb, v_tile, kk * 16, n * 16);
-        mma_pair<T>(o[2 * n], o[2 * n + 1], pa, vb);
-      }
-    }
+    // O += P V: P (16 x kBN) from the S registers, V (kBN x DP).
+    product_from_registers<T, P>(o, s, v_tile);
   }
 
   T* out = slab<T>(p.out, b, h);
@@ -402,18 +411,8 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dq_kernel(const Par
         s[n][i] = pr * (dp[n][i] - delta[i / 2]);
       }
     }
-    // dQ += dS K: K (kBN x DP) transposed by ldmatrix.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t dsa[4];
-      acc_to_a<T>(dsa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int n = 0; n < ND / 2; ++n) {
-        uint32_t kb[4];
-        b_frag_cols<P>(kb, k_tile, kk * 16, n * 16);
-        mma_pair<T>(dq[2 * n], dq[2 * n + 1], dsa, kb);
-      }
-    }
+    // dQ += dS K: dS (16 x kBN) in the S registers, K (kBN x DP).
+    product_from_registers<T, P>(dq, s, k_tile);
   }
 
   T* dq_out = slab<T>(p.dq, b, h);
@@ -497,21 +496,10 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dkdv_kernel(const P
         dp[n][e] = pr * (dp[n][e] - delta[col]);
       }
     }
-    // dV += P^T dO and dK += dS^T Q: dO and Q (kKvBM x DP) transposed by ldmatrix.
-#pragma unroll
-    for (int kk = 0; kk < kKvBM / 16; ++kk) {
-      uint32_t pa[4], dsa[4];
-      acc_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-      acc_to_a<T>(dsa, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-      for (int n = 0; n < ND / 2; ++n) {
-        uint32_t ob[4], qb[4];
-        b_frag_cols<P>(ob, do_tile, kk * 16, n * 16);
-        b_frag_cols<P>(qb, q_tile, kk * 16, n * 16);
-        mma_pair<T>(dv[2 * n], dv[2 * n + 1], pa, ob);
-        mma_pair<T>(dk[2 * n], dk[2 * n + 1], dsa, qb);
-      }
-    }
+    // dV += P^T dO and dK += dS^T Q: P^T and dS^T (16 x kKvBM) in the s and dp registers, dO and
+    // Q (kKvBM x DP).
+    product_from_registers<T, P>(dv, s, do_tile);
+    product_from_registers<T, P>(dk, dp, q_tile);
   }
 
   const int prefix_tiles = static_cast<int>(cdiv(p.prompts, kKvBN));
