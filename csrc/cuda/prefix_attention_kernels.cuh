@@ -193,6 +193,20 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = mma::pack2<T>(hi[2], hi[3]);
 }
 
+// Double buffering over the key tiles (forward, dq): start the copy of key and value tile j + 1,
+// if there is one, into buffer (j + 1) % 2 of sK and sV (kBN x P each), and commit the copy group
+// (empty after the last tile, so that the wait count stays the same).
+template <typename T, int DP>
+__device__ __forceinline__ void prefetch_key_tile(T* sK, T* sV, const Params& p, int b, int h, int j, int n_tiles) {
+  constexpr int P = row_pitch(DP);
+  if (j + 1 < n_tiles) {
+    const int next = (j + 1) % 2;
+    load_tile<T, kBN, DP>(sK + next * kBN * P, key_tile<T>(p.kp, p.k, p, b, h, j + 1, kBN), p.D, p.vec);
+    load_tile<T, kBN, DP>(sV + next * kBN * P, key_tile<T>(p.vp, p.v, p, b, h, j + 1, kBN), p.D, p.vec);
+  }
+  mma::cp_async_commit();
+}
+
 // The second product of an attention step (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q):
 // acc (16 x NA * 8) += A B for the warp's 16 rows, A (16 x NS * 8) the accumulators `a` of the
 // first product rounded to T, B the first NS * 8 rows of the shared tile `tile` (row pitch P),
@@ -257,12 +271,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_fwd_kernel(const Pa
 #pragma unroll
       for (int kd = 0; kd < KD; ++kd) a_frag<P>(qf[kd], sQ, warp * 16, kd * 16);
     }
-    if (j + 1 < n_tiles) {
-      const int next = (j + 1) % 2;
-      load_tile<T, kBN, DP>(sK + next * kBN * P, key_tile<T>(p.kp, p.k, p, b, h, j + 1, kBN), p.D, p.vec);
-      load_tile<T, kBN, DP>(sV + next * kBN * P, key_tile<T>(p.vp, p.v, p, b, h, j + 1, kBN), p.D, p.vec);
-    }
-    mma::cp_async_commit();
+    prefetch_key_tile<T, DP>(sK, sV, p, b, h, j, n_tiles);
     const T* k_tile = sK + j % 2 * kBN * P;
     const T* v_tile = sV + j % 2 * kBN * P;
     const int nv = key_tile<T>(p.kp, p.k, p, b, h, j, kBN).count;  // valid keys, >= 1
@@ -388,12 +397,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dq_kernel(const Par
   for (int j = 0; j < n_tiles; ++j) {
     mma::cp_async_wait<0>();
     __syncthreads();  // as in the forward
-    if (j + 1 < n_tiles) {
-      const int next = (j + 1) % 2;
-      load_tile<T, kBN, DP>(sK + next * kBN * P, key_tile<T>(p.kp, p.k, p, b, h, j + 1, kBN), p.D, p.vec);
-      load_tile<T, kBN, DP>(sV + next * kBN * P, key_tile<T>(p.vp, p.v, p, b, h, j + 1, kBN), p.D, p.vec);
-    }
-    mma::cp_async_commit();
+    prefetch_key_tile<T, DP>(sK, sV, p, b, h, j, n_tiles);
     const T* k_tile = sK + j % 2 * kBN * P;
     const T* v_tile = sV + j % 2 * kBN * P;
     const int nv = key_tile<T>(p.kp, p.k, p, b, h, j, kBN).count;
