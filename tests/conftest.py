@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vapt_kernels as vk  # noqa: E402
 from vapt_kernels import ops, reference  # noqa: E402
-from vapt_kernels.check import poisoned_allocations  # noqa: E402
+from vapt_kernels.testing import max_rel_err, poisoned_allocations  # noqa: E402
 from vapt_kernels.checkpoint import official_parameters  # noqa: E402
 from vapt_kernels.ops import library  # noqa: E402
 
@@ -53,7 +53,7 @@ FLOAT64_BACKENDS = [pytest.param("torch", id="torch")] + [
 @pytest.fixture
 def poison_uninitialized():
     """Every tensor allocated uninitialised is NaN for the test's duration (the self-test's
-    :func:`vapt_kernels.check.poisoned_allocations`)."""
+    :func:`vapt_kernels.testing.poisoned_allocations`)."""
     with poisoned_allocations():
         yield
 
@@ -78,16 +78,6 @@ def images(model, batch: int = 2, size=None, seed: int = 1) -> torch.Tensor:
     size = size or model.patch_embed.img_size
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *size, generator=gen, dtype=torch.float64)
-
-
-def max_rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-6) -> float:
-    """max |a - b| / max(max |b|, floor).
-
-    The floor only matters for quantities that are exactly zero in exact arithmetic (for example
-    the gradient of a bias that a LayerNorm removes): there both sides are rounding noise
-    (~1e-19), and the error is judged against ``floor`` instead of against zero.
-    """
-    return (a - b).abs().max().item() / max(b.abs().max().item(), floor)
 
 
 def assert_close_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str = "") -> None:

@@ -12,13 +12,11 @@ self-test; a backend that cannot run here is reported with its reason and is no 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +26,7 @@ import torch
 import vapt_kernels as vk
 from vapt_kernels import ops
 from vapt_kernels.ops import composite, library, native
+from vapt_kernels.testing import max_rel_err, poisoned_allocations
 
 SELF_TESTED = ("torch", "native", "triton")  # `reference` is the composite path itself
 # Input dtype -> the largest relative error (max |a - b| / max |b|) of any output or gradient.
@@ -203,23 +202,6 @@ def _attention_cases(gen: torch.Generator) -> list[tuple[list[torch.Tensor], Cal
     return [([qkv, torch.randn(pb, Np, 2, H, D, generator=gen, dtype=torch.float64)], args) for pb in (1, B)]
 
 
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Fresh allocations (``torch.empty``, ``at::empty``) filled with NaN, so an output a kernel
-    leaves partly unwritten fails the comparison."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deterministic mode warns about nondeterministic ops; harmless here
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        try:
-            yield
-        finally:
-            torch.utils.deterministic.fill_uninitialized_memory = fill
-            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
 def _outputs_and_grads(fn: Callable, leaves: list[torch.Tensor], make_args: Callable, douts) -> list[torch.Tensor]:
     """``fn``'s outputs, then the gradient (for ``douts``) of every tensor argument."""
     args = make_args(*leaves)
@@ -261,7 +243,7 @@ def compare(op: str, backend: str, device: torch.device, dtype: torch.dtype, see
             key = name if len(cases) == 1 else f"{name}[{i}]"
             if a.shape != b.shape or a.dtype != dtype:
                 raise AssertionError(f"{key} is {_name(a.dtype)} {tuple(a.shape)}, expected {_name(dtype)} {tuple(b.shape)}")
-            errors[key] = (a.detach().cpu().double() - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+            errors[key] = max_rel_err(a.detach().cpu().double(), b)
     return errors
 
 
