@@ -117,7 +117,7 @@ def test_norm_and_project_fwd_bwd(benchmark, backend):
 
 
 def test_copy(benchmark):
-    """Memory bandwidth reference: a device-to-device copy of a block input."""
+    """Memory bandwidth baseline: a device-to-device copy of a block input."""
     x = torch.randn(B, P + N, d, device=DEVICE)
     y = torch.empty_like(x)
     benchmark.extra_info["bytes"] = 2 * x.numel() * x.element_size()

@@ -41,7 +41,7 @@ inline at::ScalarType stats_dtype(const at::Tensor& t) {
 
 // A (B, H, T, D) tensor laid out in memory as (B, T, H, D), like `like`: the attention output and
 // gradients, so that merging the heads back (transpose(1, 2).reshape(B, T, H * D)) is free.
-inline at::Tensor empty_bthd(const at::Tensor& like) {
+inline at::Tensor empty_token_major(const at::Tensor& like) {
   return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
@@ -93,35 +93,75 @@ inline at::Device kernel_device(const char* op, const char* name, const at::Tens
 // Per op (both devices)
 // ------------------------------------------------------------------------------------------------
 
-// norm_and_project_fwd/_bwd: x (B, T, d) contiguous; the affine parameters (None, or (d,) in x's
-// dtype, contiguous); mix (Np, N) or (Np, N, d) in the stats dtype, contiguous, N = T - num_prefix.
-// Returns x's device.
-inline at::Device check_norm_and_project_inputs(
-    const char* op, at::DeviceType type, const at::Tensor& x, const at::Tensor& mix, int64_t num_prefix,
-    std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> affine) {
-  const at::Device device = kernel_device(op, "x", x, type);
-  check_rank(op, "x", x, device, 3);
-  check_layout(op, "x", x, Layout::kContiguous);
-  const int64_t T = x.size(1), d = x.size(2);
+// The affine parameters a kernel is given, by name (a None parameter counts as ones / zeros).
+using NamedAffine = std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>>;
+
+// Each given parameter of `affine` is in x's dtype, has `shape` and is contiguous.
+inline void check_affine(const char* op, NamedAffine affine, const at::Tensor& x, const at::Device& device,
+                         at::IntArrayRef shape) {
   for (const auto& [name, w] : affine) {
     if (w->has_value() && (*w)->defined()) {
-      check_tensor(op, name, **w, device, x.scalar_type(), {d}, Layout::kContiguous);
+      check_tensor(op, name, **w, device, x.scalar_type(), shape, Layout::kContiguous);
     }
+  }
+}
+
+// Whether norm_and_project's optional task index is given (a defined tensor).
+inline bool has_task_index(const std::optional<at::Tensor>& task) {
+  return task.has_value() && task->defined();
+}
+
+// norm_and_project_fwd/_bwd: x (B, T, d) contiguous; norm1_affine and gen_affine (None, or (d,) in
+// x's dtype, contiguous); mix (Np, N) or (Np, N, d) in the stats dtype, contiguous,
+// N = T - num_prefix. With a task index (has_task_index), task is (B,) int64 contiguous, mix is
+// stacked per task, (K, Np, N) or (K, Np, N, d) with K >= 1, and gen_affine is (K, d); the values of
+// task are not read here (the CPU kernel checks them, the CUDA one cannot without a host sync).
+// Returns the mix of one task, (Np, N) or (Np, N, d) (mix itself without a task index), whose
+// sizes the kernels read.
+inline at::Tensor check_norm_and_project_inputs(const char* op, at::DeviceType type, const at::Tensor& x,
+                                                const at::Tensor& mix, int64_t num_prefix,
+                                                const std::optional<at::Tensor>& task, NamedAffine norm1_affine,
+                                                NamedAffine gen_affine) {
+  const at::Device device = kernel_device(op, "x", x, type);
+  check_rank(op, "x", x, device, 3);
+  const int64_t T = x.size(1), d = x.size(2);
+  const bool tasks = has_task_index(task);
+  at::Tensor mix_task = mix;
+  if (tasks) {
+    check_tensor(op, "task", *task, device, at::kLong, {x.size(0)}, Layout::kContiguous);
+    check_device(op, "mix", mix, device);
+    TORCH_CHECK((mix.dim() == 3 || mix.dim() == 4) && mix.size(0) >= 1, op,
+                ": with task, mix must be (K, Np, N) or (K, Np, N, d) with K >= 1, got shape ", mix.sizes());
+    check_layout(op, "mix", mix, Layout::kContiguous);
+    check_affine(op, gen_affine, x, device, {mix.size(0), d});
+    mix_task = mix.select(0, 0);
+  }
+  check_layout(op, "x", x, Layout::kContiguous);
+  check_affine(op, norm1_affine, x, device, {d});
+  if (!tasks) {
+    check_affine(op, gen_affine, x, device, {d});
   }
   TORCH_CHECK(num_prefix >= 0 && num_prefix <= T, op, ": num_prefix must be in [0, T = ", T, "], got ",
               num_prefix);
-  check_device(op, "mix", mix, device);
-  TORCH_CHECK(mix.dim() == 2 || mix.dim() == 3, op, ": mix must be (Np, N) or (Np, N, d), got shape ",
-              mix.sizes());
-  const int64_t Np = mix.size(0), N = T - num_prefix;
+  check_device(op, "mix", mix_task, device);
+  TORCH_CHECK(mix_task.dim() == 2 || mix_task.dim() == 3, op, ": mix must be (Np, N) or (Np, N, d), got shape ",
+              mix_task.sizes());
+  const int64_t Np = mix_task.size(0), N = T - num_prefix;
   const std::vector<int64_t> shape =
-      mix.dim() == 2 ? std::vector<int64_t>{Np, N} : std::vector<int64_t>{Np, N, d};
-  check_tensor(op, "mix", mix, device, stats_dtype(x), shape, Layout::kContiguous);
-  return device;
+      mix_task.dim() == 2 ? std::vector<int64_t>{Np, N} : std::vector<int64_t>{Np, N, d};
+  check_tensor(op, "mix", mix_task, device, stats_dtype(x), shape, Layout::kContiguous);
+  return mix_task;
+}
+
+// The shape of the gen affine parameters and their gradients: (d,), or (K, d) with a task index
+// (mix (K, ...)).
+inline std::vector<int64_t> gen_affine_shape(const at::Tensor& x, const at::Tensor& mix, bool tasks) {
+  return tasks ? std::vector<int64_t>{mix.size(0), x.size(2)} : std::vector<int64_t>{x.size(2)};
 }
 
 // norm_and_project_bwd's other inputs: dh like x, dg (B, Np, d) in x's dtype, contiguous; mean,
-// rstd1, rstd_g (B, T) in the stats dtype, contiguous.
+// rstd1, rstd_g (B, T) in the stats dtype, contiguous. mix: one task's, as
+// check_norm_and_project_inputs returns it.
 inline void check_norm_and_project_grads(const char* op, const at::Tensor& x, const at::Tensor& mix,
                                          const at::Tensor& dh, const at::Tensor& dg, const at::Tensor& mean,
                                          const at::Tensor& rstd1, const at::Tensor& rstd_g) {
@@ -131,6 +171,34 @@ inline void check_norm_and_project_grads(const char* op, const at::Tensor& x, co
   for (const auto& [name, t] : {std::pair{"mean", &mean}, {"rstd1", &rstd1}, {"rstd_g", &rstd_g}}) {
     check_tensor(op, name, *t, x.device(), stats_dtype(x), {B, T}, Layout::kContiguous);
   }
+}
+
+// Every check of norm_and_project_fwd's inputs (the op's arguments). Returns the mix of one task
+// (check_norm_and_project_inputs).
+inline at::Tensor check_norm_and_project_fwd(const char* op, at::DeviceType type, const at::Tensor& x,
+                                             const std::optional<at::Tensor>& norm1_weight,
+                                             const std::optional<at::Tensor>& norm1_bias,
+                                             const std::optional<at::Tensor>& gen_weight,
+                                             const std::optional<at::Tensor>& gen_bias, const at::Tensor& mix,
+                                             int64_t num_prefix, const std::optional<at::Tensor>& task) {
+  return check_norm_and_project_inputs(op, type, x, mix, num_prefix, task,
+                                       {{"norm1_weight", &norm1_weight}, {"norm1_bias", &norm1_bias}},
+                                       {{"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
+}
+
+// Every check of norm_and_project_bwd's inputs (the op's arguments). Returns the mix of one task.
+inline at::Tensor check_norm_and_project_bwd(const char* op, at::DeviceType type, const at::Tensor& dh,
+                                             const at::Tensor& dg, const at::Tensor& x,
+                                             const std::optional<at::Tensor>& norm1_weight,
+                                             const std::optional<at::Tensor>& gen_weight,
+                                             const std::optional<at::Tensor>& gen_bias, const at::Tensor& mix,
+                                             const at::Tensor& mean, const at::Tensor& rstd1, const at::Tensor& rstd_g,
+                                             int64_t num_prefix, const std::optional<at::Tensor>& task) {
+  const at::Tensor mix_task =
+      check_norm_and_project_inputs(op, type, x, mix, num_prefix, task, {{"norm1_weight", &norm1_weight}},
+                                    {{"gen_weight", &gen_weight}, {"gen_bias", &gen_bias}});
+  check_norm_and_project_grads(op, x, mix_task, dh, dg, mean, rstd1, rstd_g);
+  return mix_task;
 }
 
 // prefix_attention_fwd/_bwd: q, k, v (B, H, T, D) and k_prefix, v_prefix (1 or B, H, Np, D), all in

@@ -1,4 +1,4 @@
-// Schema of the VAPT ops (DESIGN §3). Kernels live in cpu/ and cuda/, one file per op, each
+// Schema of the VAPT ops (docs/design.md §2.1). Kernels live in cpu/ and cuda/, one file per op, each
 // registered for its dispatch key with TORCH_LIBRARY_IMPL; fakes and autograd are registered from
 // Python (vapt_kernels/ops/native.py).
 //

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vapt_kernels as vk  # noqa: E402
-from vapt_kernels import ops, reference  # noqa: E402
+from vapt_kernels import official, ops  # noqa: E402
 from vapt_kernels.testing import max_rel_err, poisoned_allocations  # noqa: E402
 from vapt_kernels.checkpoint import official_parameters  # noqa: E402
 from vapt_kernels.ops import library  # noqa: E402
@@ -108,12 +108,12 @@ def forward_and_grads(model, x: torch.Tensor, backend: str):
 
 def oracle_and_grads(model, x: torch.Tensor, params=None):
     """Logits and gradients (as :func:`forward_and_grads`) of the literal official formulation
-    (:func:`vapt_kernels.reference.forward`) with the model's backbone and prompt parameters, or
+    (:func:`vapt_kernels.official.forward`) with the model's backbone and prompt parameters, or
     with ``params`` (official names) in their place."""
     x = x.clone().requires_grad_()
     module = getattr(model, "_orig_mod", model)
-    official = official_parameters(module) if params is None else params
-    out = reference.forward(module, official, module.vapt.config, x, training=module.vapt.training)
+    official_params = official_parameters(module) if params is None else params
+    out = official.forward(module, official_params, module.vapt.config, x, training=module.vapt.training)
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     tensors = [p for p in module.parameters() if p.requires_grad]
@@ -128,14 +128,14 @@ def assert_backends_agree(model, x: torch.Tensor, backend: str, tol: float = 1e-
     ``seed``, both draw the same dropout masks."""
     if seed is not None:
         torch.manual_seed(seed)
-    ref_out, ref_grads = oracle_and_grads(model, x, params)
+    oracle_out, oracle_grads = oracle_and_grads(model, x, params)
     if seed is not None:
         torch.manual_seed(seed)
     out, grads = forward_and_grads(model, x, backend)
-    assert_close_rel(out, ref_out, tol, "logits")
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        assert_close_rel(grads[name], ref_grads[name], tol, f"grad of {name}")
+    assert_close_rel(out, oracle_out, tol, "logits")
+    assert grads.keys() == oracle_grads.keys()
+    for name in oracle_grads:
+        assert_close_rel(grads[name], oracle_grads[name], tol, f"grad of {name}")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from vapt_kernels import check, ops
+from vapt_kernels import check, environment, ops
 from vapt_kernels.ops import library, native
 
 CONCRETE = [b for b in ops.BACKENDS if b != "auto"]
@@ -116,7 +116,7 @@ def test_command_passes_for_every_available_backend():
     for backend in check.SELF_TESTED:
         expected = sum(
             2 * len(library.input_dtypes(backend, device.type))
-            for device in check.devices()
+            for device in environment.devices()
             if ops.unavailable_reason(backend, device.type) is None
         )
         lines = self_test_lines(out, backend)

@@ -11,14 +11,14 @@ import torch
 
 import vapt_kernels as vk
 from conftest import images, randomize_prompts, tiny_vit
-from vapt_kernels import ops, reference
+from vapt_kernels import official, ops
 
 PREFIX = "enc.transformer."
 FLOAT64_BACKENDS = ["reference", "torch"] + (["native"] if ops.unavailable_reason("native", "cpu") is None else [])
 
 
 def official_state_dict(model, prefix=PREFIX, head=True, seed=0):
-    """Random tensors under the official names and shapes (DESIGN §1) for the model's config."""
+    """Random tensors under the official names and shapes (docs/design.md §1.1) for the model's config."""
     cfg, d = model.vapt.config, model.embed_dim
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -110,9 +110,9 @@ def test_loaded_checkpoint_gives_the_official_forward(options):
     model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, **options))
     sd = official_state_dict(model)
     vk.load_official_checkpoint(model, sd)
-    official = {k.removeprefix(PREFIX): v for k, v in sd.items() if k.startswith(PREFIX) and "encoder." not in k}
+    official_params = {k.removeprefix(PREFIX): v for k, v in sd.items() if k.startswith(PREFIX) and "encoder." not in k}
     x = images(model)
-    expected = reference.forward(model, official, model.vapt.config, x)
+    expected = official.forward(model, official_params, model.vapt.config, x)
     for backend in FLOAT64_BACKENDS:
         vk.set_backend(model, backend)
         torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12, msg=backend)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import vapt_kernels as vk
 from conftest import kernel_cases, official_parameters, randomize_prompts, tiny_vit
-from vapt_kernels import reference
+from vapt_kernels import official
 
 STEPS = 20
 BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu")] + kernel_cases()
@@ -46,19 +46,22 @@ def _batches(device: str):
 @functools.lru_cache(maxsize=None)
 def train(backend: Optional[str], device: str, dtype: torch.dtype = torch.float32):
     """Losses per step and the trainable parameters after ``STEPS`` SGD steps; ``backend`` None
-    trains the official formulation (:func:`vapt_kernels.reference.forward`)."""
+    trains the official formulation (:func:`vapt_kernels.official.forward`)."""
     model = _model().to(device).train()
     if backend is not None:
         vk.set_backend(model, backend)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    official = official_parameters(model)
+    official_params = official_parameters(model)
     autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     torch.manual_seed(2)  # the dropout masks
     losses = []
     for x, y in _batches(device):
         with autocast:
-            logits = model(x) if backend is not None else reference.forward(model, official, model.vapt.config, x, True)
+            if backend is not None:
+                logits = model(x)
+            else:
+                logits = official.forward(model, official_params, model.vapt.config, x, True)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,5 +1,5 @@
-"""The CUDA kernels of both ops (``csrc/cuda/prefix_attention_kernels.cuh``,
-``csrc/cuda/norm_and_project_kernels.cuh``), run on the CPU through the host emulation of the CUDA
+"""The CUDA kernels of both ops (``csrc/cuda/prefix_attention_device.cuh``,
+``csrc/cuda/norm_and_project_device.cuh``), run on the CPU through the host emulation of the CUDA
 execution model (``csrc/emulation/cuda_host.h``): the same kernel text that nvcc compiles, built by
 g++ with AddressSanitizer and UBSan into one small driver per op
 (``csrc/emulation/<op>_driver.cpp``) that runs the launcher's launch sequence and exchanges
@@ -32,14 +32,15 @@ import torch
 from torch.utils import cpp_extension
 
 from vapt_kernels.ops import composite
+from vapt_kernels.testing import max_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "csrc" / "emulation"
 CUDA = ROOT / "csrc" / "cuda"
 # Driver name -> every file its build reads besides the driver source (for the cache key).
 DRIVER_SOURCES = {
-    "prefix_attention": [CUDA / "mma.cuh", CUDA / "prefix_attention_kernels.cuh", CUDA / "prefix_attention_launch.h"],
-    "norm_and_project": [CUDA / "norm_and_project_kernels.cuh", CUDA / "norm_and_project_launch.h"],
+    "prefix_attention": [CUDA / "mma.cuh", CUDA / "prefix_attention_device.cuh", CUDA / "prefix_attention_launch.h"],
+    "norm_and_project": [CUDA / "norm_and_project_device.cuh", CUDA / "norm_and_project_launch.h"],
 }
 COMMON_SOURCES = [EMULATION / "cuda_host.h", EMULATION / "driver_io.h", CUDA / "common.cuh"]
 FLAGS = [
@@ -85,13 +86,13 @@ def _build_driver(name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def driver() -> Path:
+def attention_driver() -> Path:
     """The prefix attention driver (it also runs the emulator's self-test)."""
     return _build_driver("prefix_attention")
 
 
 @pytest.fixture(scope="module")
-def nap_driver() -> Path:
+def project_driver() -> Path:
     return _build_driver("norm_and_project")
 
 
@@ -117,22 +118,18 @@ def _unpack(raw: bytes, layout: list[tuple[tuple[int, ...], torch.dtype]]) -> li
     return outs
 
 
-def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-
-
 # --------------------------------------------------------------------------------------------
 # the emulator itself
 # --------------------------------------------------------------------------------------------
 
 
-def test_emulator_against_plain_math(driver, tmp_path):
+def test_emulator_against_plain_math(attention_driver, tmp_path):
     """One mma.m16n8k16 from fragments built with the PTX ISA's layout formulas, the kernels'
     ldmatrix paths (plain and transposed) feeding mma, four shuffles and a block barrier, each
     against what it must compute. The inputs are small multiples of 1/4, so every product is exact
     in fp32 and the comparison is exact."""
     out = tmp_path / "selftest.bin"
-    _run(driver, ["selftest", str(out)], tmp_path)
+    _run(attention_driver, ["selftest", str(out)], tmp_path)
     raw = out.read_bytes()
     floats = torch.frombuffer(bytearray(raw[: (128 + 512) * 4]), dtype=torch.float32).double()
     ints = torch.frombuffer(bytearray(raw[(128 + 512) * 4 :]), dtype=torch.int32).reshape(64, 5)
@@ -160,7 +157,7 @@ def test_emulator_against_plain_math(driver, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-class Case(NamedTuple):
+class AttentionCase(NamedTuple):
     dtype: torch.dtype
     B: int
     H: int
@@ -175,21 +172,21 @@ class Case(NamedTuple):
         return f"{name}-B{self.B}-H{self.H}-T{self.T}-Np{self.Np}-D{self.D}-{prefix}"
 
 
-CASES = [
+ATTENTION_CASES = [
     # tails everywhere: T and Np not multiples of 16; several head dims, both prefix kinds
-    Case(torch.float16, 2, 2, 37, 5, 64, False),
-    Case(torch.bfloat16, 2, 1, 21, 3, 80, True),
-    Case(torch.float16, 1, 1, 70, 40, 80, True),  # 2 query tiles, 2 prefix key tiles of 32
-    Case(torch.bfloat16, 1, 2, 19, 2, 64, False),
-    Case(torch.bfloat16, 2, 1, 13, 1, 36, False),  # D % 8 != 0: plain loads instead of cp.async
-    Case(torch.float16, 1, 1, 17, 70, 128, True),  # 2 prefix tiles in the dk/dv kernel too
-    Case(torch.float16, 1, 1, 9, 4, 24, True),  # padded head dim 32
-    Case(torch.float32, 2, 2, 23, 4, 64, True),
-    Case(torch.float32, 2, 1, 11, 3, 80, False),
+    AttentionCase(torch.float16, 2, 2, 37, 5, 64, False),
+    AttentionCase(torch.bfloat16, 2, 1, 21, 3, 80, True),
+    AttentionCase(torch.float16, 1, 1, 70, 40, 80, True),  # 2 query tiles, 2 prefix key tiles of 32
+    AttentionCase(torch.bfloat16, 1, 2, 19, 2, 64, False),
+    AttentionCase(torch.bfloat16, 2, 1, 13, 1, 36, False),  # D % 8 != 0: plain loads instead of cp.async
+    AttentionCase(torch.float16, 1, 1, 17, 70, 128, True),  # 2 prefix tiles in the dk/dv kernel too
+    AttentionCase(torch.float16, 1, 1, 9, 4, 24, True),  # padded head dim 32
+    AttentionCase(torch.float32, 2, 2, 23, 4, 64, True),
+    AttentionCase(torch.float32, 2, 1, 11, 3, 80, False),
 ]
 
 
-def _inputs(case: Case, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _attention_inputs(case: AttentionCase, generator: torch.Generator) -> dict[str, torch.Tensor]:
     B, H, T, Np, D = case.B, case.H, case.T, case.Np, case.D
     Bp = 1 if case.broadcast else B
 
@@ -205,7 +202,9 @@ def _inputs(case: Case, generator: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def _emulate(driver: Path, tmp_path: Path, case: Case, args: dict, dout: torch.Tensor | None, seed: int = 0):
+def _emulate_attention(
+    driver: Path, tmp_path: Path, case: AttentionCase, args: dict, dout: torch.Tensor | None, seed: int = 0
+):
     """(out, lse) and, with dout, (dq, dk, dv, dk_prefix, dv_prefix) from the emulated kernels."""
     B, H, T, Np, D = case.B, case.H, case.T, case.Np, case.D
     Bp = args["k_prefix"].shape[0]
@@ -220,7 +219,7 @@ def _emulate(driver: Path, tmp_path: Path, case: Case, args: dict, dout: torch.T
     return _unpack(dst.read_bytes(), [(shape, torch.float32) for shape in shapes])
 
 
-def _reference(args: dict, dout: torch.Tensor, dtype: torch.dtype):
+def _expected_attention(args: dict, dout: torch.Tensor, dtype: torch.dtype):
     """Outputs and gradients of the plain formulation with the inputs in ``dtype``, and its lse."""
     leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in args.items()}
     scale = args["q"].shape[-1] ** -0.5
@@ -232,57 +231,58 @@ def _reference(args: dict, dout: torch.Tensor, dtype: torch.dtype):
     return [out.detach(), lse.detach(), *grads]
 
 
-NAMES = ["out", "lse", "dq", "dk", "dv", "dk_prefix", "dv_prefix"]
+ATTENTION_NAMES = ["out", "lse", "dq", "dk", "dv", "dk_prefix", "dv_prefix"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_prefix_attention(driver, tmp_path, case):
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_prefix_attention(attention_driver, tmp_path, case):
     """Forward and backward of the emulated kernels against float64 of the same input values."""
     generator = torch.Generator().manual_seed(sum(map(ord, str(case))))
-    args = _inputs(case, generator)
+    args = _attention_inputs(case, generator)
     dout = torch.randn(case.B, case.H, case.T, case.D, generator=generator, dtype=torch.float64).to(case.dtype)
-    got = _emulate(driver, tmp_path, case, args, dout)
-    exact = _reference(args, dout, torch.float64)
-    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAMES, got, exact)}
+    got = _emulate_attention(attention_driver, tmp_path, case, args, dout)
+    exact = _expected_attention(args, dout, torch.float64)
+    errors = {name: max_rel_err(g, e) for name, g, e in zip(ATTENTION_NAMES, got, exact)}
     if case.dtype == torch.float32:
         worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
     else:
-        plain = _reference(args, dout, case.dtype)
-        plain_errors = {name: _max_rel_err(p.double(), e) for name, p, e in zip(NAMES, plain, exact)}
-        # lse is fp32 in both the kernel and the reference's own arithmetic: judge it at fp32.
+        plain = _expected_attention(args, dout, case.dtype)
+        plain_errors = {name: max_rel_err(p.double(), e) for name, p, e in zip(ATTENTION_NAMES, plain, exact)}
+        # lse is fp32 in both the kernel and the plain formulation's own arithmetic: judge it at fp32.
         plain_errors["lse"] = FP32_TOL / 2
-        worse = {n: (errors[n], plain_errors[n]) for n in NAMES if not errors[n] <= 2 * plain_errors[n]}
+        worse = {n: (errors[n], plain_errors[n]) for n in ATTENTION_NAMES if not errors[n] <= 2 * plain_errors[n]}
     print(f"{case}: max relative errors {errors}")
     assert not worse, f"{case}: (error, bound/2) {worse}"
 
 
-def test_schedule_independence(driver, tmp_path):
+def test_schedule_independence(attention_driver, tmp_path):
     """Another order of the threads between barriers gives bit-identical results: no result
     depends on a race the barriers leave open."""
-    case = Case(torch.float16, 1, 1, 45, 7, 64, True)
+    case = AttentionCase(torch.float16, 1, 1, 45, 7, 64, True)
     generator = torch.Generator().manual_seed(7)
-    args = _inputs(case, generator)
+    args = _attention_inputs(case, generator)
     dout = torch.randn(1, 1, 45, 64, generator=generator, dtype=torch.float64).to(case.dtype)
-    first = _emulate(driver, tmp_path, case, args, dout, seed=1)
-    second = _emulate(driver, tmp_path, case, args, dout, seed=2)
-    for name, a, b in zip(NAMES, first, second):
+    first = _emulate_attention(attention_driver, tmp_path, case, args, dout, seed=1)
+    second = _emulate_attention(attention_driver, tmp_path, case, args, dout, seed=2)
+    for name, a, b in zip(ATTENTION_NAMES, first, second):
         assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
-def test_nan_query_row(driver, tmp_path, dtype):
+def test_nan_query_row(attention_driver, tmp_path, dtype):
     """A query row holding a NaN gives a NaN output row; the other rows stay finite and right."""
-    case = Case(dtype, 1, 1, 20, 3, 64, True)
-    args = _inputs(case, torch.Generator().manual_seed(3))
+    case = AttentionCase(dtype, 1, 1, 20, 3, 64, True)
+    args = _attention_inputs(case, torch.Generator().manual_seed(3))
     args["q"][0, 0, 4, 2] = math.nan
-    out = _emulate(driver, tmp_path, case, args, None)[0]
+    out = _emulate_attention(attention_driver, tmp_path, case, args, None)[0]
     assert out[0, 0, 4].isnan().all()
     others = torch.ones(20, dtype=torch.bool)
     others[4] = False
-    ref = _reference({n: t.double() for n, t in args.items()}, torch.zeros(1, 1, 20, 64, dtype=torch.float64),
-                     torch.float64)[0]
+    exact = _expected_attention(
+        {n: t.double() for n, t in args.items()}, torch.zeros(1, 1, 20, 64, dtype=torch.float64), torch.float64
+    )[0]
     tol = FP32_TOL if dtype == torch.float32 else 2 ** -8  # one fp16 rounding of P and of out, with margin
-    assert _max_rel_err(out[0, 0, others], ref[0, 0, others]) < tol
+    assert max_rel_err(out[0, 0, others], exact[0, 0, others]) < tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ AFFINE = ("norm1_weight", "norm1_bias", "gen_weight", "gen_bias")
 EPS1, EPS_G = 1e-6, 0.05  # far apart, so that a mix-up of rstd1 and rstd_g shows
 
 
-class NapCase(NamedTuple):
+class ProjectCase(NamedTuple):
     dtype: torch.dtype
     B: int
     T: int
@@ -317,26 +317,26 @@ class NapCase(NamedTuple):
 # SharedMixTile (1, 32, 128, 16) and ChannelMixTile (8, 16, 32, 8). Forward g: Z = B, M = Np,
 # K = N, C = d; dxg: Z = B, M = N, K = Np, C = d; shared dmix: Z = B, M = Np, K = d, C = N;
 # per-channel dmix: Z = N, M = Np, K = B, C = d.
-NAP_CASES = [
+PROJECT_CASES = [
     # 16-byte packs; 2 backward row tiles; N = 36 > BM for dxg; 3 K steps of the forward g
-    NapCase(torch.float32, 3, 37, 1, 40, 5, False, AFFINE),
+    ProjectCase(torch.float32, 3, 37, 1, 40, 5, False, AFFINE),
     # d = 300 over 10 channel tiles of 32; Np = 10 > BK = 8 (dxg); N = 8 < BZ (per-channel dmix)
-    NapCase(torch.float32, 2, 13, 5, 300, 10, True, AFFINE),
-    NapCase(torch.float32, 2, 21, 0, 7, 3, True, ()),  # one-element packs, 256 / 7 row groups
+    ProjectCase(torch.float32, 2, 13, 5, 300, 10, True, AFFINE),
+    ProjectCase(torch.float32, 2, 21, 0, 7, 3, True, ()),  # one-element packs, 256 / 7 row groups
     # d = 130: 2 channel tiles of 128, 9 K steps of the shared dmix; Np = 34 > BM = 32
-    NapCase(torch.float16, 3, 38, 5, 130, 34, False, AFFINE),
-    NapCase(torch.float16, 2, 19, 1, 40, 5, True, ("norm1_weight", "gen_weight")),  # 16-byte packs
+    ProjectCase(torch.float16, 3, 38, 5, 130, 34, False, AFFINE),
+    ProjectCase(torch.float16, 2, 19, 1, 40, 5, True, ("norm1_weight", "gen_weight")),  # 16-byte packs
     # d = 300 > 256 threads of one-element packs: one row group, two packs a thread
-    NapCase(torch.bfloat16, 2, 23, 1, 300, 4, False, ()),
+    ProjectCase(torch.bfloat16, 2, 23, 1, 300, 4, False, ()),
     # 16-byte packs of 3 per row, 85 row groups; Np = 20 > BM = 16; B = 3 < BZ (forward g)
-    NapCase(torch.bfloat16, 3, 17, 0, 24, 20, True, AFFINE),
-    NapCase(torch.bfloat16, 1, 9, 1, 7, 1, False, ("norm1_bias", "gen_bias")),
+    ProjectCase(torch.bfloat16, 3, 17, 0, 24, 20, True, AFFINE),
+    ProjectCase(torch.bfloat16, 1, 9, 1, 7, 1, False, ("norm1_bias", "gen_bias")),
     # B = 9: two z tiles of 8 (forward g, dxg), the second with one image; one-element packs
-    NapCase(torch.float32, 9, 12, 1, 130, 3, True, AFFINE),
+    ProjectCase(torch.float32, 9, 12, 1, 130, 3, True, AFFINE),
     # 3 backward row tiles; Np = 40: 2 M tiles (forward g, shared dmix), 3 K steps (dxg)
-    NapCase(torch.float16, 2, 70, 1, 72, 40, False, ("gen_weight", "gen_bias")),
-    NapCase(torch.bfloat16, 1, 40, 5, 264, 7, False, AFFINE),  # 33 packs of 16 bytes a row
-    NapCase(torch.float32, 2, 6, 1, 1, 2, False, AFFINE),  # d = 1: x == mean, the normalised x is 0
+    ProjectCase(torch.float16, 2, 70, 1, 72, 40, False, ("gen_weight", "gen_bias")),
+    ProjectCase(torch.bfloat16, 1, 40, 5, 264, 7, False, AFFINE),  # 33 packs of 16 bytes a row
+    ProjectCase(torch.float32, 2, 6, 1, 1, 2, False, AFFINE),  # d = 1: x == mean, the normalised x is 0
 ]
 
 
@@ -348,7 +348,7 @@ def _task_index(B: int, K: int) -> torch.Tensor:
     return torch.where(b % 4 == 3, K - 1, 0) if K > 1 else torch.zeros(B, dtype=torch.int64)
 
 
-def _nap_inputs(case: NapCase, generator: torch.Generator) -> dict[str, torch.Tensor | None]:
+def _project_inputs(case: ProjectCase, generator: torch.Generator) -> dict[str, torch.Tensor | None]:
     """What the op hands the launcher: x in its dtype; affine parameters, float32 as a model keeps
     them under autocast, cast to x's dtype (``library.norm_and_project`` does); mix in float32 (the
     stats dtype), whatever x's dtype. With tasks: the gen affines (K, d), mix (K, ...) and task."""
@@ -369,7 +369,7 @@ def _nap_inputs(case: NapCase, generator: torch.Generator) -> dict[str, torch.Te
     return args
 
 
-def _nap_emulate(driver: Path, tmp_path: Path, case: NapCase, args: dict, dh, dg, seed: int = 0):
+def _emulate_project(driver: Path, tmp_path: Path, case: ProjectCase, args: dict, dh, dg, seed: int = 0):
     """(h, g, mean, rstd1, rstd_g, dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix)
     from the emulated kernels, and whether the forward and backward row kernels took 16-byte packs."""
     B, T, d, Np = case.B, case.T, case.d, case.Np
@@ -390,7 +390,7 @@ def _nap_emulate(driver: Path, tmp_path: Path, case: NapCase, args: dict, dh, dg
     return [*fwd, dx, dw1, db1, dwg, dbg, dmix], bool(vec_fwd), bool(vec_bwd)
 
 
-def _nap_reference(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_prefix: int, dtype: torch.dtype):
+def _expected_project(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_prefix: int, dtype: torch.dtype):
     """(h, g, dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix) of the plain
     formulation with every input in ``dtype``. An absent affine parameter is its identity (ones,
     zeros): the same function, and the gradient the kernels return for it."""
@@ -413,67 +413,69 @@ def _row_stats(x: torch.Tensor) -> list[torch.Tensor]:
     return [x.mean(-1), (var + EPS1).rsqrt(), (var + EPS_G).rsqrt()]
 
 
-NAP_NAMES = ["h", "g", "mean", "rstd1", "rstd_g", "dx", "dnorm1_weight", "dnorm1_bias", "dgen_weight", "dgen_bias",
-             "dmix"]
+PROJECT_NAMES = [
+    "h", "g", "mean", "rstd1", "rstd_g", "dx", "dnorm1_weight", "dnorm1_bias", "dgen_weight", "dgen_bias", "dmix"
+]
 STATS = ("mean", "rstd1", "rstd_g")
 
 
-def _nap_grads(case: NapCase, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _project_grads(case: ProjectCase, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     dh = torch.randn(case.B, case.T, case.d, generator=generator, dtype=torch.float64).to(case.dtype)
     dg = torch.randn(case.B, case.Np, case.d, generator=generator, dtype=torch.float64).to(case.dtype)
     return dh, dg
 
 
-def _assert_matches_float64(case, args, dh, dg, got, reference) -> None:
-    """The emulated outputs ``got`` (:data:`NAP_NAMES`) against ``reference`` in float64: float32
-    within :data:`FP32_TOL`, 16-bit no worse than twice the plain formulation in that dtype."""
-    exact_h, exact_g, *exact_grads = reference(args, dh, dg, case.P, torch.float64)
+def _assert_matches_float64(case, args, dh, dg, got, expected) -> None:
+    """The emulated outputs ``got`` (:data:`PROJECT_NAMES`) against ``expected(..., torch.float64)``:
+    float32 within :data:`FP32_TOL`, 16-bit no worse than twice ``expected`` run in that dtype (the
+    plain formulation's own error)."""
+    exact_h, exact_g, *exact_grads = expected(args, dh, dg, case.P, torch.float64)
     exact = [exact_h, exact_g, *_row_stats(args["x"]), *exact_grads]
-    errors = {name: _max_rel_err(g, e) for name, g, e in zip(NAP_NAMES, got, exact)}
+    errors = {name: max_rel_err(g, e) for name, g, e in zip(PROJECT_NAMES, got, exact)}
     if case.dtype == torch.float32:
         worse = {name: err for name, err in errors.items() if not err < FP32_TOL}
     else:
-        plain_h, plain_g, *plain_grads = reference(args, dh, dg, case.P, case.dtype)
-        plain = dict(zip(["h", "g", "dx", *NAP_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
-        plain_errors = {name: _max_rel_err(p.double(), exact[NAP_NAMES.index(name)]) for name, p in plain.items()}
+        plain_h, plain_g, *plain_grads = expected(args, dh, dg, case.P, case.dtype)
+        plain = dict(zip(["h", "g", "dx", *PROJECT_NAMES[6:]], [plain_h, plain_g, *plain_grads]))
+        plain_errors = {name: max_rel_err(p.double(), exact[PROJECT_NAMES.index(name)]) for name, p in plain.items()}
         # The row statistics are fp32 in the kernels and in the plain formulation's own arithmetic.
         plain_errors.update({name: FP32_TOL / 2 for name in STATS})
-        worse = {n: (errors[n], plain_errors[n]) for n in NAP_NAMES if not errors[n] <= 2 * plain_errors[n]}
+        worse = {n: (errors[n], plain_errors[n]) for n in PROJECT_NAMES if not errors[n] <= 2 * plain_errors[n]}
     print(f"{case}: max relative errors {errors}")
     assert not worse, f"{case}: (error, bound/2) {worse}"
 
 
-@pytest.mark.parametrize("case", NAP_CASES, ids=str)
-def test_norm_and_project(nap_driver, tmp_path, case):
+@pytest.mark.parametrize("case", PROJECT_CASES, ids=str)
+def test_norm_and_project(project_driver, tmp_path, case):
     """Forward (h, g, the saved row statistics) and backward (dx, the affine gradients, dmix) of the
     emulated kernels against float64 of the same input values."""
     generator = torch.Generator().manual_seed(sum(map(ord, str(case))))
-    args = _nap_inputs(case, generator)
-    dh, dg = _nap_grads(case, generator)
-    got, vec_fwd, vec_bwd = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg)
+    args = _project_inputs(case, generator)
+    dh, dg = _project_grads(case, generator)
+    got, vec_fwd, vec_bwd = _emulate_project(project_driver, tmp_path, case, args, dh, dg)
     packs = case.d % (16 // case.dtype.itemsize) == 0
     assert (vec_fwd, vec_bwd) == (packs, packs), "the launcher's choice of 16-byte packs"
 
-    _assert_matches_float64(case, args, dh, dg, got, _nap_reference)
+    _assert_matches_float64(case, args, dh, dg, got, _expected_project)
 
 
 @pytest.mark.parametrize(
     "case",
     [
-        NapCase(torch.float16, 2, 35, 1, 40, 6, False, AFFINE),
-        NapCase(torch.float16, 6, 20, 1, 40, 6, False, AFFINE, 3),
-        NapCase(torch.float16, 6, 20, 1, 40, 6, True, AFFINE, 3),
+        ProjectCase(torch.float16, 2, 35, 1, 40, 6, False, AFFINE),
+        ProjectCase(torch.float16, 6, 20, 1, 40, 6, False, AFFINE, 3),
+        ProjectCase(torch.float16, 6, 20, 1, 40, 6, True, AFFINE, 3),
     ],
     ids=["one-task", "tasks-shared", "tasks-per-channel"],
 )
-def test_norm_and_project_schedule_independence(nap_driver, tmp_path, case):
+def test_norm_and_project_schedule_independence(project_driver, tmp_path, case):
     """Another order of the threads between barriers gives bit-identical results (per task too)."""
     generator = torch.Generator().manual_seed(11)
-    args = _nap_inputs(case, generator)
-    dh, dg = _nap_grads(case, generator)
-    first = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg, seed=1)[0]
-    second = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg, seed=2)[0]
-    for name, a, b in zip(NAP_NAMES, first, second):
+    args = _project_inputs(case, generator)
+    dh, dg = _project_grads(case, generator)
+    first = _emulate_project(project_driver, tmp_path, case, args, dh, dg, seed=1)[0]
+    second = _emulate_project(project_driver, tmp_path, case, args, dh, dg, seed=2)[0]
+    for name, a, b in zip(PROJECT_NAMES, first, second):
         assert torch.equal(a, b), name
 
 
@@ -481,33 +483,33 @@ def test_norm_and_project_schedule_independence(nap_driver, tmp_path, case):
 # norm_and_project with many tasks (a per-image task index)
 # --------------------------------------------------------------------------------------------
 
-# The brief's cases: K = 1, and K = 3 with task 1 unused (_task_index); B = 0, 1, 5 (and 12: a task of
+# The cases: K = 1, and K = 3 with task 1 unused (_task_index); B = 0, 1, 5 (and 12: a task of
 # 9 images over two k steps of the per-channel dmix); shared and per channel; P = 0 and > 0; Np,
 # N, d off the tiles; with and without the affine parameters. The per-channel forward g and dxg run
 # on ChannelMixTaskTile (one image a block); the per-channel dmix sums each task's images inside
 # project_kernel; the shared dmix and the gen affine gradients go through task_sum_kernel.
-NAP_TASK_CASES = [
-    NapCase(torch.float32, 5, 8, 1, 33, 3, False, AFFINE, 3),  # N = 7, d = 33: one-element packs
-    NapCase(torch.float32, 5, 54, 5, 24, 17, True, AFFINE, 3),  # N = 49; Np = 17 > BM = 16 and 32
-    NapCase(torch.float32, 1, 1, 0, 1, 1, True, AFFINE, 1),  # N = d = Np = 1, P = 0
-    NapCase(torch.float32, 1, 197, 1, 24, 3, False, ("gen_weight", "gen_bias"), 3),  # N = 196, tasks 1, 2 empty
-    NapCase(torch.float32, 12, 9, 2, 40, 10, True, AFFINE, 3),  # 16-byte packs; Np = 10 > BK = 8
-    NapCase(torch.float32, 5, 21, 0, 7, 3, False, (), 1),  # no affine, P = 0
-    NapCase(torch.float32, 0, 8, 1, 24, 3, False, AFFINE, 3),  # B = 0: empty outputs, zero gradients
-    NapCase(torch.float32, 0, 8, 1, 24, 3, True, AFFINE, 1),
-    NapCase(torch.float16, 5, 18, 1, 40, 17, True, ("norm1_weight", "gen_weight"), 3),
-    NapCase(torch.float16, 5, 50, 1, 130, 34, False, AFFINE, 3),  # 2 channel tiles; Np = 34 > BM = 32
-    NapCase(torch.bfloat16, 5, 12, 5, 24, 3, True, AFFINE, 3),
-    NapCase(torch.bfloat16, 5, 50, 1, 72, 7, False, ("norm1_bias", "gen_bias"), 1),
-    NapCase(torch.float32, 5, 10, 1, 384, 1, True, AFFINE, 3),  # d = 384: 12 channel tiles; Np = 1
-    NapCase(torch.bfloat16, 5, 197, 1, 24, 3, True, AFFINE, 3),  # N = 196: 7 M tiles of dxg
+PROJECT_TASK_CASES = [
+    ProjectCase(torch.float32, 5, 8, 1, 33, 3, False, AFFINE, 3),  # N = 7, d = 33: one-element packs
+    ProjectCase(torch.float32, 5, 54, 5, 24, 17, True, AFFINE, 3),  # N = 49; Np = 17 > BM = 16 and 32
+    ProjectCase(torch.float32, 1, 1, 0, 1, 1, True, AFFINE, 1),  # N = d = Np = 1, P = 0
+    ProjectCase(torch.float32, 1, 197, 1, 24, 3, False, ("gen_weight", "gen_bias"), 3),  # N = 196, tasks 1, 2 empty
+    ProjectCase(torch.float32, 12, 9, 2, 40, 10, True, AFFINE, 3),  # 16-byte packs; Np = 10 > BK = 8
+    ProjectCase(torch.float32, 5, 21, 0, 7, 3, False, (), 1),  # no affine, P = 0
+    ProjectCase(torch.float32, 0, 8, 1, 24, 3, False, AFFINE, 3),  # B = 0: empty outputs, zero gradients
+    ProjectCase(torch.float32, 0, 8, 1, 24, 3, True, AFFINE, 1),
+    ProjectCase(torch.float16, 5, 18, 1, 40, 17, True, ("norm1_weight", "gen_weight"), 3),
+    ProjectCase(torch.float16, 5, 50, 1, 130, 34, False, AFFINE, 3),  # 2 channel tiles; Np = 34 > BM = 32
+    ProjectCase(torch.bfloat16, 5, 12, 5, 24, 3, True, AFFINE, 3),
+    ProjectCase(torch.bfloat16, 5, 50, 1, 72, 7, False, ("norm1_bias", "gen_bias"), 1),
+    ProjectCase(torch.float32, 5, 10, 1, 384, 1, True, AFFINE, 3),  # d = 384: 12 channel tiles; Np = 1
+    ProjectCase(torch.bfloat16, 5, 197, 1, 24, 3, True, AFFINE, 3),  # N = 196: 7 M tiles of dxg
 ]
 
 
-def _nap_task_reference(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_prefix: int, dtype: torch.dtype):
-    """(h, g, dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix) of the brief's oracle, a
+def _expected_project_tasks(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_prefix: int, dtype: torch.dtype):
+    """(h, g, dx, dnorm1_weight, dnorm1_bias, dgen_weight, dgen_bias, dmix) of the many-task op as a
     loop over tasks through the single-task formulation, with every input in ``dtype`` (absent affine
-    parameters as their identity, as in :func:`_nap_reference`)."""
+    parameters as their identity, as in :func:`_expected_project`)."""
     x, mix, task = args["x"], args["mix"], args["task"]
     (B, T, d), K = x.shape, mix.shape[0]
     shapes = {"norm1_weight": (d,), "norm1_bias": (d,), "gen_weight": (K, d), "gen_bias": (K, d)}
@@ -525,15 +527,15 @@ def _nap_task_reference(args: dict, dh: torch.Tensor, dg: torch.Tensor, num_pref
     return [h.detach(), g.detach(), *grads]
 
 
-@pytest.mark.parametrize("case", NAP_TASK_CASES, ids=str)
-def test_norm_and_project_tasks(nap_driver, tmp_path, case):
-    """The many-task path of the emulated kernels against the brief's float64 oracle; a task without
+@pytest.mark.parametrize("case", PROJECT_TASK_CASES, ids=str)
+def test_norm_and_project_tasks(project_driver, tmp_path, case):
+    """The many-task path of the emulated kernels against the many-task formulation in float64; a task without
     images gets exact zeros."""
     generator = torch.Generator().manual_seed(sum(map(ord, str(case))))
-    args = _nap_inputs(case, generator)
-    dh, dg = _nap_grads(case, generator)
-    got, _, _ = _nap_emulate(nap_driver, tmp_path, case, args, dh, dg)
-    named = dict(zip(NAP_NAMES, got))
+    args = _project_inputs(case, generator)
+    dh, dg = _project_grads(case, generator)
+    got, _, _ = _emulate_project(project_driver, tmp_path, case, args, dh, dg)
+    named = dict(zip(PROJECT_NAMES, got))
     if case.B == 0:
         for name, t in named.items():
             assert t.numel() == 0 or not t.any(), f"{name}: not zero for an empty batch"
@@ -542,6 +544,6 @@ def test_norm_and_project_tasks(nap_driver, tmp_path, case):
     for name in ("dgen_weight", "dgen_bias", "dmix"):
         assert not named[name][unused].any(), f"{name}: not exactly zero for the tasks {unused} without images"
 
-    _assert_matches_float64(case, args, dh, dg, got, _nap_task_reference)
+    _assert_matches_float64(case, args, dh, dg, got, _expected_project_tasks)
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,25 @@ def _short_names(mangled: list[str]) -> dict[str, str]:
     return names
 
 
+def _sections(dump: str, header: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(arch, function, lines) for each function of a cuobjdump listing: ``header`` matches the line
+    that names a function (group 1), ``arch = sm_XX`` lines set the architecture of the functions
+    after them, and a function's lines run to the next header."""
+    arch = function = None
+    lines: list[str] = []
+    for line in dump.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(header, line):
+            if function is not None:
+                yield section_arch, function, lines
+            section_arch, function, lines = arch, m.group(1), []
+        elif function is not None:
+            lines.append(line)
+    if function is not None:
+        yield section_arch, function, lines
+
+
 @pytest.fixture(scope="session")
 def resources() -> dict[str, dict[str, dict[str, int]]]:
     """arch -> kernel -> REG, STACK, SHARED, LOCAL (bytes) and STL/LDL (local-memory instructions)."""
@@ -89,27 +109,17 @@ def resources() -> dict[str, dict[str, dict[str, int]]]:
     tool, so = _cuobjdump(), str(_extension())
     usage = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True, check=True).stdout
     table: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
-    arch = function = None
-    for line in usage.splitlines():
-        if m := re.match(r"\s*arch = (sm_\d+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+):", line):
-            function = m.group(1)
-        elif function is not None and "REG:" in line:
-            fields = dict(re.findall(r"(\w+):(\d+)", line))
+    for arch, function, lines in _sections(usage, r"\s*Function (\S+):"):
+        if counts := next((line for line in lines if "REG:" in line), None):
+            fields = dict(re.findall(r"(\w+):(\d+)", counts))
             table[arch][function] = {k: int(fields.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
             table[arch][function].update(STL=0, LDL=0)
-            function = None
     sass = subprocess.run([tool, "-sass", so], capture_output=True, text=True, check=True).stdout
-    arch = function = None
-    for line in sass.splitlines():
-        if m := re.match(r"\s*arch = (sm_\d+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function : (\S+)", line):
-            function = m.group(1)
-        elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(STL|LDL)\b", line):
-            entry = table[arch].setdefault(function, dict(REG=0, STACK=0, SHARED=0, LOCAL=0, STL=0, LDL=0))
-            entry[m.group(1)] += 1
+    for arch, function, lines in _sections(sass, r"\s*Function : (\S+)"):
+        for line in lines:
+            if m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(STL|LDL)\b", line):
+                entry = table[arch].setdefault(function, dict(REG=0, STACK=0, SHARED=0, LOCAL=0, STL=0, LDL=0))
+                entry[m.group(1)] += 1
     names = _short_names(sorted({f for kernels in table.values() for f in kernels}))
     missing = [a for a in archs if not table.get(a)]
     assert not missing, f"{so} carries no kernels for {missing} (built for {archs}, found {sorted(table)})"
@@ -155,7 +165,7 @@ LAUNCH_PROGRAM = r"""
 #include <initializer_list>
 
 #include "norm_and_project_launch.h"
-using namespace vapt::nap;
+using namespace vapt::norm_and_project;
 
 static void show(const char* kernel, const Geometry& g) {
   std::printf("%s %d %lld %lld %lld %lld\n", kernel, g.threads, (long long)g.grid_x, (long long)g.grid_y,

@@ -6,8 +6,8 @@ on a GPU otherwise: shared memory over the per-block limit (the launch fails), r
 How the launches are obtained: a child process (``TRITON_INTERPRET`` unset, so ``@triton.jit``
 gives compilable kernels; ``conftest.py`` sets it on CPU-only machines) replaces every kernel of the
 two kernel files by a recorder and calls the real launchers on ``meta`` tensors over the shapes
-below. Each recorded launch (arguments, constexprs, ``num_warps``, ``num_stages``, exactly as the
-launcher's config functions chose them) is specialised with Triton's own argument binder for each
+below. Each recorded launch (arguments, constexprs, ``num_warps``, ``num_stages``, exactly as each
+kernel file's ``launch_config`` chose them) is specialised with Triton's own argument binder for each
 target and compiled once per distinct specialisation (many shapes share one). Shared memory comes
 from the compiled metadata; registers, stack and local memory from the cubin's resource usage
 (Triton's bundled ``cuobjdump``); TF32 from the PTX.

@@ -30,7 +30,7 @@ from conftest import (
     randomize_prompts,
     tiny_vit,
 )
-from vapt_kernels import ops, reference
+from vapt_kernels import official, ops
 
 
 def trainable(model) -> list[torch.Tensor]:
@@ -121,10 +121,10 @@ def test_second_order_gradients_match_the_official_formulation(backend):
     x, params = images(model), trainable(model)
     weights = torch.linspace(-1, 1, 10, dtype=torch.float64).reshape(2, 5)
     got = _gradient_penalty_grads(lambda t: (model(t) * weights).sum(), x, params)
-    official = official_parameters(model)
+    official_params = official_parameters(model)
     with sdpa_kernel(SDPBackend.MATH):  # timm's attention, twice differentiable
         want = _gradient_penalty_grads(
-            lambda t: (reference.forward(model, official, model.vapt.config, t) * weights).sum(), x, params
+            lambda t: (official.forward(model, official_params, model.vapt.config, t) * weights).sum(), x, params
         )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, a, b in zip(names, got, want):

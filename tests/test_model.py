@@ -1,4 +1,4 @@
-"""The fast backends against the literal official formulation (reference backend): float64 for
+"""The fast backends against the literal official formulation (:mod:`vapt_kernels.official`): float64 for
 ``torch`` and ``native``, float32 for ``triton`` (its kernels take no float64)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vapt_kernels as vk
-from vapt_kernels import reference
+from vapt_kernels import official
 from conftest import (
     FLOAT64_BACKENDS,
     assert_backends_agree,
@@ -49,7 +49,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_fast_backend_matches_reference_for_every_option(options, backend):
+def test_fast_backend_matches_official_for_every_option(options, backend):
     model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3).replace(**options), backend=backend)
     randomize_prompts(model)
     assert_backends_agree(model, images(model), backend)
@@ -75,7 +75,7 @@ MODELS = {
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("kwargs", MODELS.values(), ids=MODELS.keys())
-def test_fast_backend_matches_reference_on_timm_variants(kwargs, backend):
+def test_fast_backend_matches_official_on_timm_variants(kwargs, backend):
     model = vk.apply_vapt(tiny_vit(**kwargs), num_prompts=3, kernel_size=3, padding=1)
     randomize_prompts(model)
     assert_backends_agree(model, images(model), backend)
@@ -92,7 +92,7 @@ KERNEL_MODELS = {"cls-token": {}, "registers-avg": dict(class_token=False, reg_t
 @pytest.mark.parametrize("backend, device", kernel_cases())
 @pytest.mark.parametrize("kwargs", KERNEL_MODELS.values(), ids=KERNEL_MODELS.keys())
 @pytest.mark.parametrize("options", KERNEL_CONFIGS.values(), ids=KERNEL_CONFIGS.keys())
-def test_kernel_backend_float32_matches_reference(backend, device, kwargs, options):
+def test_kernel_backend_float32_matches_official(backend, device, kwargs, options):
     """float32 logits and gradients of a kernel backend against the official formulation in float64."""
     model = vk.apply_vapt(tiny_vit(**kwargs), vk.VAPTConfig(num_prompts=3).replace(**options))
     randomize_prompts(model)
@@ -217,12 +217,12 @@ def test_bfloat16_autocast_training_step(backend):
     model = vk.apply_vapt(tiny_vit().float(), num_prompts=3, backend=backend)
     randomize_prompts(model)
     x = images(model).float()
-    official = official_parameters(model)
-    exact = reference.forward(model, official, model.vapt.config, x).double()
+    official_params = official_parameters(model)
+    exact = official.forward(model, official_params, model.vapt.config, x).double()
     errors = {}
     for name in ("official", backend):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x) if name == backend else reference.forward(model, official, model.vapt.config, x)
+            out = model(x) if name == backend else official.forward(model, official_params, model.vapt.config, x)
         out.float().square().sum().backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -220,7 +220,7 @@ def exact_vjp(shape: Shape, args: Args, cotangents):
     return outs, grads
 
 
-class Reference(NamedTuple):
+class Expected(NamedTuple):
     cotangents: list  # in the inputs' dtype: what the backend's vjp takes
     outs: tuple  # float64 reference on the same values
     grads: dict
@@ -228,14 +228,14 @@ class Reference(NamedTuple):
     plain_grads: Optional[dict]
 
 
-def reference(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> Reference:
-    """The references of ``shape.inputs(dtype, device, seed)``, computed once for all backends
+def expected_values(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> Expected:
+    """The expected values of ``shape.inputs(dtype, device, seed)``, computed once for all backends
     (:func:`grid` puts a shape's cases next to each other)."""
-    return _reference(type(shape), shape, dtype, device, seed)
+    return _expected_values(type(shape), shape, dtype, device, seed)
 
 
 @functools.lru_cache(maxsize=8)
-def _reference(_, shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Reference:
+def _expected_values(_, shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Expected:
     args = shape.inputs(dtype, device, seed)
     outs, grads, cotangents = vjp(lambda a: oracle(shape, a), fresh(args, torch.float64), dtype=dtype)
     cotangents = [c.to(dtype) for c in cotangents]
@@ -243,7 +243,7 @@ def _reference(_, shape: Shape, dtype: torch.dtype, device: str, seed: int) -> R
     if dtype in LOW:
         plain_outs, plain_grads, _ = vjp(lambda a: oracle(shape, a), args, cotangents)
         plain_outs = tuple(o.detach() for o in plain_outs)
-    return Reference(cotangents, tuple(o.detach() for o in outs), grads, plain_outs, plain_grads)
+    return Expected(cotangents, tuple(o.detach() for o in outs), grads, plain_outs, plain_grads)
 
 
 def skip_outside_contract(shape: Shape, args: Args, backend: str) -> None:
@@ -289,36 +289,36 @@ ATTENTION_TINY = {  # gradcheck-sized
     "attn-tiny-strided": Attention(3, 3, 2, 2, 2, "broadcast", "strided"),
 }
 PROJECT_VIT = {
-    "nap-vit-s-d384": Project(2, 1, 196, 384, 10),
-    "nap-vit-s-d384-tasks": Project(4, 1, 196, 384, 10, tasks=(2, 0, 2, 1), K=4),
-    "nap-vit-b-d768": Project(2, 1, 196, 768, 10),
-    "nap-vit-l-d1024-np50": Project(1, 1, 196, 1024, 50),
-    "nap-vit-s-d384-per-channel": Project(2, 1, 48, 384, 10, "per-channel"),
-    "nap-vit-b-d768-per-channel": Project(2, 1, 24, 768, 10, "per-channel"),
-    "nap-vit-l-d1024-per-channel-frozen": Project(1, 4, 16, 1024, 12, "per-channel", "frozen"),
+    "project-vit-s-d384": Project(2, 1, 196, 384, 10),
+    "project-vit-s-d384-tasks": Project(4, 1, 196, 384, 10, tasks=(2, 0, 2, 1), K=4),
+    "project-vit-b-d768": Project(2, 1, 196, 768, 10),
+    "project-vit-l-d1024-np50": Project(1, 1, 196, 1024, 50),
+    "project-vit-s-d384-per-channel": Project(2, 1, 48, 384, 10, "per-channel"),
+    "project-vit-b-d768-per-channel": Project(2, 1, 24, 768, 10, "per-channel"),
+    "project-vit-l-d1024-per-channel-frozen": Project(1, 4, 16, 1024, 12, "per-channel", "frozen"),
 }
 PROJECT_SMALL = {
-    "nap-no-prefix-np1": Project(1, 0, 35, 16, 1),
-    "nap-registers-np50-per-channel": Project(3, 4, 12, 8, 50, "per-channel"),
-    "nap-odd-dim-no-affine": Project(2, 2, 9, 33, 7, affine="none"),
-    "nap-odd-dim-no-affine-per-channel": Project(2, 2, 9, 33, 7, "per-channel", "none"),
-    "nap-d65-frozen": Project(2, 1, 49, 65, 10, affine="frozen"),
-    "nap-d65-frozen-per-channel": Project(2, 1, 49, 65, 10, "per-channel", "frozen"),
-    "nap-np256": Project(1, 1, 24, 40, 256),
-    "nap-np256-per-channel": Project(1, 1, 12, 20, 256, "per-channel"),
+    "project-no-prefix-np1": Project(1, 0, 35, 16, 1),
+    "project-registers-np50-per-channel": Project(3, 4, 12, 8, 50, "per-channel"),
+    "project-odd-dim-no-affine": Project(2, 2, 9, 33, 7, affine="none"),
+    "project-odd-dim-no-affine-per-channel": Project(2, 2, 9, 33, 7, "per-channel", "none"),
+    "project-d65-frozen": Project(2, 1, 49, 65, 10, affine="frozen"),
+    "project-d65-frozen-per-channel": Project(2, 1, 49, 65, 10, "per-channel", "frozen"),
+    "project-np256": Project(1, 1, 24, 40, 256),
+    "project-np256-per-channel": Project(1, 1, 12, 20, 256, "per-channel"),
     # Many tasks: task 1 has no image (zero gradients), images of one task are not adjacent.
-    "nap-tasks": Project(5, 1, 49, 24, 10, tasks=(2, 0, 2, 2, 0), K=3),
-    "nap-tasks-per-channel": Project(5, 2, 12, 33, 3, "per-channel", tasks=(0, 2, 2, 0, 2), K=3),
-    "nap-tasks-one-image-each-no-affine": Project(3, 0, 7, 17, 17, affine="none", tasks=(1, 0, 2), K=3),
-    "nap-tasks-frozen-per-channel": Project(2, 1, 9, 8, 3, "per-channel", "frozen", tasks=(0, 0), K=1),
-    "nap-tasks-np1-d3": Project(4, 1, 5, 3, 1, tasks=(1, 1, 0, 1), K=2),
+    "project-tasks": Project(5, 1, 49, 24, 10, tasks=(2, 0, 2, 2, 0), K=3),
+    "project-tasks-per-channel": Project(5, 2, 12, 33, 3, "per-channel", tasks=(0, 2, 2, 0, 2), K=3),
+    "project-tasks-one-image-each-no-affine": Project(3, 0, 7, 17, 17, affine="none", tasks=(1, 0, 2), K=3),
+    "project-tasks-frozen-per-channel": Project(2, 1, 9, 8, 3, "per-channel", "frozen", tasks=(0, 0), K=1),
+    "project-tasks-np1-d3": Project(4, 1, 5, 3, 1, tasks=(1, 1, 0, 1), K=2),
 }
 PROJECT_TINY = {
-    "nap-tiny": Project(2, 1, 4, 5, 3),
-    "nap-tiny-per-channel-no-affine": Project(2, 1, 4, 5, 3, "per-channel", "none"),
-    "nap-tiny-frozen": Project(1, 2, 3, 4, 2, affine="frozen"),
-    "nap-tiny-tasks": Project(3, 1, 4, 5, 2, tasks=(1, 0, 1), K=3),
-    "nap-tiny-tasks-per-channel": Project(3, 1, 3, 4, 2, "per-channel", tasks=(0, 2, 0), K=3),
+    "project-tiny": Project(2, 1, 4, 5, 3),
+    "project-tiny-per-channel-no-affine": Project(2, 1, 4, 5, 3, "per-channel", "none"),
+    "project-tiny-frozen": Project(1, 2, 3, 4, 2, affine="frozen"),
+    "project-tiny-tasks": Project(3, 1, 4, 5, 2, tasks=(1, 0, 1), K=3),
+    "project-tiny-tasks-per-channel": Project(3, 1, 3, 4, 2, "per-channel", tasks=(0, 2, 0), K=3),
 }
 VIT = {**ATTENTION_VIT, **PROJECT_VIT}
 TINY = {**ATTENTION_TINY, **PROJECT_TINY}
@@ -353,17 +353,17 @@ def assert_matches_reference(shape: Shape, backend: str, device: str, dtype: tor
     """Every output (with and without grad mode) and every gradient against the float64 reference."""
     args = shape.inputs(dtype, device, seed)
     skip_outside_contract(shape, args, backend)
-    ref = reference(shape, dtype, device, seed)
-    outs, grads, _ = vjp(lambda a: call(shape, backend, a), args, ref.cotangents)
+    expected = expected_values(shape, dtype, device, seed)
+    outs, grads, _ = vjp(lambda a: call(shape, backend, a), args, expected.cotangents)
     tol = TOL[dtype]
-    for name, out, exact in zip(shape.outputs, outs, ref.outs):
+    for name, out, exact in zip(shape.outputs, outs, expected.outs):
         assert_close_rel(out.double(), exact, tol, f"{shape.op} {name}")
     if backend in OTHER_PATH_WITHOUT_GRAD:
         with torch.no_grad():
-            for name, out, exact in zip(shape.outputs, call(shape, backend, args), ref.outs):
+            for name, out, exact in zip(shape.outputs, call(shape, backend, args), expected.outs):
                 assert_close_rel(out.double(), exact, tol, f"{shape.op} {name} (no grad mode)")
-    assert grads.keys() == ref.grads.keys()
-    for name, exact in ref.grads.items():
+    assert grads.keys() == expected.grads.keys()
+    for name, exact in expected.grads.items():
         assert_close_rel(grads[name].double(), exact, tol, f"{shape.op} d{name}")
     if backend in ops.KERNEL_BACKENDS and shape.op == "prefix_attention":
         out = outs[0]
@@ -429,21 +429,21 @@ def test_low_precision(backend, device, dtype, shape):
     """Every output and gradient in float16/bfloat16, against the float64 reference of the same
     input values, no worse than twice the plain reference computed in that precision."""
     args = shape.inputs(dtype, device)
-    ref = reference(shape, dtype, device)
-    outs, grads, _ = vjp(lambda a: call(shape, backend, a), args, ref.cotangents)
+    expected = expected_values(shape, dtype, device)
+    outs, grads, _ = vjp(lambda a: call(shape, backend, a), args, expected.cotangents)
 
     def errors(value: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
         return max_rel_err(value.double(), exact), max_rel_err(plain.double(), exact)
 
     measured = {}
-    for name, out, plain, exact in zip(shape.outputs, outs, ref.plain_outs, ref.outs):
+    for name, out, plain, exact in zip(shape.outputs, outs, expected.plain_outs, expected.outs):
         measured[name] = errors(out, plain, exact)
     if backend in OTHER_PATH_WITHOUT_GRAD:
         with torch.no_grad():
-            for name, out, plain, exact in zip(shape.outputs, call(shape, backend, args), ref.plain_outs, ref.outs):
+            for name, out, plain, exact in zip(shape.outputs, call(shape, backend, args), expected.plain_outs, expected.outs):
                 measured[f"{name} (no grad mode)"] = errors(out, plain, exact)
-    for name, exact in ref.grads.items():
-        measured[f"d{name}"] = errors(grads[name], ref.plain_grads[name], exact)
+    for name, exact in expected.grads.items():
+        measured[f"d{name}"] = errors(grads[name], expected.plain_grads[name], exact)
     worse = {name: errors for name, errors in measured.items() if not errors[0] <= 2 * errors[1]}
     assert not worse, f"{shape.op} {dtype}: (error, plain reference's error) {worse}"
 
@@ -506,18 +506,18 @@ def test_second_order(backend, device, dtype, shape):
     args = shape.inputs(dtype, device)
     grads, second, cotangents, directions = hvp(lambda a: call(shape, backend, a), args)
     cotangents, directions = [c.double() for c in cotangents], [u.double() for u in directions]
-    ref_grads, ref_second, _, _ = hvp(lambda a: oracle(shape, a), fresh(args, torch.float64), cotangents, directions)
+    exact_grads, exact_second, _, _ = hvp(lambda a: oracle(shape, a), fresh(args, torch.float64), cotangents, directions)
     tol = TOL[dtype]
-    for name in ref_grads:
-        assert_close_rel(grads[name].double(), ref_grads[name], tol, f"{shape.op} d{name}")
-        assert_close_rel(second[name].double(), ref_second[name], tol, f"{shape.op} Hessian-vector product {name}")
+    for name in exact_grads:
+        assert_close_rel(grads[name].double(), exact_grads[name], tol, f"{shape.op} d{name}")
+        assert_close_rel(second[name].double(), exact_second[name], tol, f"{shape.op} Hessian-vector product {name}")
 
 
 ONE_OUTPUT_SHAPES = {
     **PROJECT_TINY,
-    "nap-tasks-per-channel": PROJECT_SMALL["nap-tasks-per-channel"],
-    "nap-registers-np50-per-channel": PROJECT_SMALL["nap-registers-np50-per-channel"],
-    "nap-d65-frozen": PROJECT_SMALL["nap-d65-frozen"],
+    "project-tasks-per-channel": PROJECT_SMALL["project-tasks-per-channel"],
+    "project-registers-np50-per-channel": PROJECT_SMALL["project-registers-np50-per-channel"],
+    "project-d65-frozen": PROJECT_SMALL["project-d65-frozen"],
 }
 
 
@@ -528,20 +528,20 @@ def test_gradients_of_one_output(backend, device, dtype, shape, output):
     args = shape.inputs(dtype, device)
     skip_outside_contract(shape, args, backend)
     _, grads, cotangents = vjp(lambda a: call(shape, backend, a)[output : output + 1], args)
-    _, ref_grads, _ = vjp(
+    _, exact_grads, _ = vjp(
         lambda a: oracle(shape, a)[output : output + 1], fresh(args, torch.float64), [c.double() for c in cotangents]
     )
-    for name, ref in ref_grads.items():
-        assert_close_rel(grads[name].double(), ref, TOL[dtype], f"d{name} from {shape.outputs[output]} alone")
+    for name, exact in exact_grads.items():
+        assert_close_rel(grads[name].double(), exact, TOL[dtype], f"d{name} from {shape.outputs[output]} alone")
 
 
 FUNCTORCH_SHAPES = {
     "attn-odd-dim-expanded": ATTENTION_SMALL["attn-odd-dim-expanded"],
     "attn-strided": ATTENTION_SMALL["attn-strided"],
-    "nap-odd-dim-no-affine": PROJECT_SMALL["nap-odd-dim-no-affine"],
-    "nap-registers-np50-per-channel": PROJECT_SMALL["nap-registers-np50-per-channel"],
-    "nap-tiny-frozen": PROJECT_TINY["nap-tiny-frozen"],
-    "nap-tasks": PROJECT_SMALL["nap-tasks"],
+    "project-odd-dim-no-affine": PROJECT_SMALL["project-odd-dim-no-affine"],
+    "project-registers-np50-per-channel": PROJECT_SMALL["project-registers-np50-per-channel"],
+    "project-tiny-frozen": PROJECT_TINY["project-tiny-frozen"],
+    "project-tasks": PROJECT_SMALL["project-tasks"],
 }
 
 
@@ -596,13 +596,13 @@ def test_nan_in_prefix_rows_does_not_reach_the_prompts(backend, device, dtype, m
         args["x"][0, 1] = math.nan
         args["x"][1, 2, 5] = math.nan
     (h, g), grads, cotangents = vjp(lambda a: call(shape, backend, a), args)
-    (ref_h, ref_g), ref_grads = exact_vjp(shape, args, cotangents)
+    (exact_h, exact_g), exact_grads = exact_vjp(shape, args, cotangents)
     P, tol = shape.P, TOL[dtype]
-    assert_close_rel(g.double(), ref_g, tol, "g")
-    assert_close_rel(h[:, P:].double(), ref_h[:, P:], tol, "patch rows of h")
-    assert_close_rel(grads["x"][:, P:].double(), ref_grads["x"][:, P:], tol, "patch rows of dx")
+    assert_close_rel(g.double(), exact_g, tol, "g")
+    assert_close_rel(h[:, P:].double(), exact_h[:, P:], tol, "patch rows of h")
+    assert_close_rel(grads["x"][:, P:].double(), exact_grads["x"][:, P:], tol, "patch rows of dx")
     for name in ("mix", "gen_weight", "gen_bias"):
-        assert_close_rel(grads[name].double(), ref_grads[name], tol, f"d{name}")
+        assert_close_rel(grads[name].double(), exact_grads[name], tol, f"d{name}")
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
@@ -615,19 +615,19 @@ def test_nan_query_row(backend, device, dtype, grad):
     args["q"][1, 0, 4, 2] = math.nan
     args = fresh(args, requires_grad=grad)
     (out,) = call(shape, backend, args)
-    (ref,) = oracle(shape, fresh(args, torch.float64))
+    (exact,) = oracle(shape, fresh(args, torch.float64))
     assert out[1, 0, 4].isnan().all(), "the NaN query's output row"
     others = torch.ones(out.shape[:3], dtype=torch.bool, device=out.device)
     others[1, 0, 4] = False
-    assert_close_rel(out[others].double(), ref[others], TOL[dtype], "the other rows")
+    assert_close_rel(out[others].double(), exact[others], TOL[dtype], "the other rows")
 
 
 EMPTY_BATCH = {
     "attn": Attention(0, 7, 2, 16, 3, "broadcast"),
-    "nap-shared": Project(0, 1, 6, 8, 3),
-    "nap-per-channel": Project(0, 1, 6, 8, 3, "per-channel"),
-    "nap-tasks": Project(0, 1, 6, 8, 3, K=2, tasks=()),
-    "nap-tasks-per-channel": Project(0, 1, 6, 8, 3, "per-channel", K=2, tasks=()),
+    "project-shared": Project(0, 1, 6, 8, 3),
+    "project-per-channel": Project(0, 1, 6, 8, 3, "per-channel"),
+    "project-tasks": Project(0, 1, 6, 8, 3, K=2, tasks=()),
+    "project-tasks-per-channel": Project(0, 1, 6, 8, 3, "per-channel", K=2, tasks=()),
 }
 
 
@@ -636,12 +636,12 @@ def test_empty_batch(backend, device, dtype, shape):
     """Batch 0 runs forward and backward: empty outputs, zero weight and prefix gradients."""
     args = shape.inputs(dtype, device)
     outs, grads, cotangents = vjp(lambda a: call(shape, backend, a), args)
-    ref_outs, ref_grads = exact_vjp(shape, args, cotangents)
-    for name, out, ref in zip(shape.outputs, outs, ref_outs):
-        assert out.shape == ref.shape and out.dtype == dtype, f"{name}: {out.dtype} {tuple(out.shape)}"
-    for name, ref in ref_grads.items():
+    exact_outs, exact_grads = exact_vjp(shape, args, cotangents)
+    for name, out, exact in zip(shape.outputs, outs, exact_outs):
+        assert out.shape == exact.shape and out.dtype == dtype, f"{name}: {out.dtype} {tuple(out.shape)}"
+    for name, exact in exact_grads.items():
         g = grads[name]
-        assert g.shape == ref.shape and torch.equal(g.double(), ref), f"d{name}: {g}"
+        assert g.shape == exact.shape and torch.equal(g.double(), exact), f"d{name}: {g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,73 +726,73 @@ CONTRACT = {
         ATTENTION_OK, lambda a, c: dict(k_prefix=a["k_prefix"].to(c.other_device)), ValueError,
         "k_prefix must be on {input_device} like the input",
     ),
-    "nap-rank": (PROJECT_OK, lambda a, c: dict(x=a["x"][0]), ValueError, "x must be (B, T, d), got shape (6, 8)"),
-    "nap-dtype": (PROJECT_OK, lambda a, c: dict(x=a["x"].to(c.refused)), TypeError, DTYPE_WORDS),
-    "nap-no-channels": (
+    "project-rank": (PROJECT_OK, lambda a, c: dict(x=a["x"][0]), ValueError, "x must be (B, T, d), got shape (6, 8)"),
+    "project-dtype": (PROJECT_OK, lambda a, c: dict(x=a["x"].to(c.refused)), TypeError, DTYPE_WORDS),
+    "project-no-channels": (
         PROJECT_OK,
         lambda a, c: dict(x=a["x"][..., :0], norm1_weight=None, norm1_bias=None, gen_weight=None, gen_bias=None),
         ValueError, "x must have at least one channel, got shape (2, 6, 0)",
     ),
-    "nap-num-prefix-T": (
+    "project-num-prefix-T": (
         PROJECT_OK, lambda a, c: dict(num_prefix=6), ValueError,
         "num_prefix must be in [0, T) = [0, 6) so that patch tokens remain, got 6",
     ),
-    "nap-num-prefix-negative": (
+    "project-num-prefix-negative": (
         PROJECT_OK, lambda a, c: dict(num_prefix=-1), ValueError,
         "num_prefix must be in [0, T) = [0, 6) so that patch tokens remain, got -1",
     ),
-    "nap-affine-shape": (
+    "project-affine-shape": (
         PROJECT_OK, lambda a, c: dict(norm1_weight=torch.ones(9, device=c.device)), ValueError,
         "norm1_weight must be a floating (d,) = (8,) tensor, got torch.float32 (9,)",
     ),
-    "nap-affine-dtype": (
+    "project-affine-dtype": (
         PROJECT_OK, lambda a, c: dict(gen_bias=torch.zeros(8, dtype=torch.int32, device=c.device)), ValueError,
         "gen_bias must be a floating (d,) = (8,) tensor, got torch.int32 (8,)",
     ),
-    "nap-mix-columns": (
+    "project-mix-columns": (
         PROJECT_OK, lambda a, c: _mix(torch.randn(3, 6), c), ValueError, MIX_WORDS + "torch.float32 (3, 6)",
     ),
-    "nap-mix-channels": (
+    "project-mix-channels": (
         PROJECT_OK, lambda a, c: _mix(torch.randn(3, 5, 7), c), ValueError, MIX_WORDS + "torch.float32 (3, 5, 7)",
     ),
-    "nap-mix-no-prompts": (
+    "project-mix-no-prompts": (
         PROJECT_OK, lambda a, c: _mix(torch.randn(0, 5), c), ValueError, MIX_WORDS + "torch.float32 (0, 5)",
     ),
-    "nap-mix-rank": (PROJECT_OK, lambda a, c: _mix(torch.randn(5), c), ValueError, MIX_WORDS + "torch.float32 (5,)"),
-    "nap-mix-dtype": (
+    "project-mix-rank": (PROJECT_OK, lambda a, c: _mix(torch.randn(5), c), ValueError, MIX_WORDS + "torch.float32 (5,)"),
+    "project-mix-dtype": (
         PROJECT_OK, lambda a, c: _mix(torch.ones(3, 5, dtype=torch.int64), c), ValueError,
         MIX_WORDS + "torch.int64 (3, 5)",
     ),
-    "nap-device": (
+    "project-device": (
         PROJECT_OK, lambda a, c: dict(gen_weight=a["gen_weight"].to(c.other_device)), ValueError,
         "gen_weight must be on {input_device} like the input",
     ),
-    "nap-task-length": (
+    "project-task-length": (
         TASKS_OK, lambda a, c: dict(task=torch.zeros(3, dtype=torch.int64, device=c.device)), ValueError,
         "task must be an int64 (B,) = (2,) tensor of task indices, got torch.int64 (3,)",
     ),
-    "nap-task-dtype": (
+    "project-task-dtype": (
         TASKS_OK, lambda a, c: dict(task=a["task"].int()), ValueError,
         "task must be an int64 (B,) = (2,) tensor of task indices, got torch.int32 (2,)",
     ),
-    "nap-task-mix-not-stacked": (
+    "project-task-mix-not-stacked": (
         TASKS_OK, lambda a, c: _mix(torch.randn(3, 5), c), ValueError,
         "with task, mix must be stacked per task, (K, Np, N) or (K, Np, N, d), got (3, 5)",
     ),
-    "nap-task-mix-columns": (
+    "project-task-mix-columns": (
         TASKS_OK, lambda a, c: _mix(torch.randn(2, 3, 6), c), ValueError,
         "mix must be a floating (K, Np, N) or per-channel (K, Np, N, d) tensor with Np >= 1, N = T - num_prefix = 5 "
         "and d = 8, got torch.float32 (2, 3, 6)",
     ),
-    "nap-task-affine-not-stacked": (
+    "project-task-affine-not-stacked": (
         TASKS_OK, lambda a, c: dict(gen_weight=torch.ones(8, device=c.device)), ValueError,
         "gen_weight must be a floating (K, d) = (2, 8) tensor, got torch.float32 (8,)",
     ),
-    "nap-task-affine-tasks": (
+    "project-task-affine-tasks": (
         TASKS_OK, lambda a, c: dict(gen_bias=torch.zeros(3, 8, device=c.device)), ValueError,
         "gen_bias must be a floating (K, d) = (2, 8) tensor, got torch.float32 (3, 8)",
     ),
-    "nap-task-device": (
+    "project-task-device": (
         TASKS_OK, lambda a, c: dict(task=a["task"].to(c.other_device)), ValueError,
         "task must be on {input_device} like the input",
     ),
@@ -907,7 +907,7 @@ def test_auto_on_cuda_sends_attention_to_sdpa_until_measured():
 @pytest.mark.parametrize("dtype", library.FLOATING, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "shape", [ATTENTION_OK, Attention(1, 5, 1, 300, 2), PROJECT_OK], ids=["attn", "attn-d300", "nap"]
+    "shape", [ATTENTION_OK, Attention(1, 5, 1, 300, 2), PROJECT_OK], ids=["attn", "attn-d300", "project"]
 )
 def test_auto_runs_every_floating_input(shape, device, dtype):
     """``auto`` never fails on a floating input the torch backend takes, and runs it as the backend
@@ -917,8 +917,8 @@ def test_auto_runs_every_floating_input(shape, device, dtype):
     expected = _auto_expectation(shape.op, device, dtype, head_dim)
     outs = call(shape, "auto", args)
     picked = call(shape, expected, args)
-    for name, out, ref in zip(shape.outputs, outs, picked):
-        assert torch.equal(out, ref), f"{name}: auto did not run as {expected}"
+    for name, out, want in zip(shape.outputs, outs, picked):
+        assert torch.equal(out, want), f"{name}: auto did not run as {expected}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,10 +942,10 @@ def _kernel_inputs(shape: Shape, device: str) -> tuple:
 
 
 OPCHECK_SHAPES = {
-    "nap-shared": Project(2, 1, 9, 8, 3),
-    "nap-per-channel-no-affine": Project(2, 1, 9, 8, 3, "per-channel", "none"),
-    "nap-tasks": Project(3, 1, 9, 8, 3, tasks=(1, 0, 1), K=2),
-    "nap-tasks-per-channel": Project(3, 1, 9, 8, 3, "per-channel", tasks=(1, 0, 1), K=2),
+    "project-shared": Project(2, 1, 9, 8, 3),
+    "project-per-channel-no-affine": Project(2, 1, 9, 8, 3, "per-channel", "none"),
+    "project-tasks": Project(3, 1, 9, 8, 3, tasks=(1, 0, 1), K=2),
+    "project-tasks-per-channel": Project(3, 1, 9, 8, 3, "per-channel", tasks=(1, 0, 1), K=2),
     "attn-broadcast": Attention(2, 11, 2, 16, 3, "broadcast"),
     "attn-expand": Attention(2, 11, 2, 16, 3, "expand"),
 }

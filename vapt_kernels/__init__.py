@@ -7,13 +7,12 @@ Quick start::
     model = vk.apply_vapt(model, vk.VAPTConfig(num_prompts=10))   # in place; backbone frozen
 """
 
+from ._version import __version__
 from .checkpoint import count_parameters, load_official_checkpoint, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
 from .multitask import MultiTaskVAPT
 from .ops import available_backends
 from .timm import apply_vapt, apply_vpt, set_backend
-
-__version__ = "0.1.0"
 
 __all__ = [
     "VAPTConfig",

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
-import cpuinfo
 import torch
 
-import vapt_kernels as vk
 from vapt_kernels import ops
+from vapt_kernels.environment import describe, devices, versions
 from vapt_kernels.ops import composite, library, native
 from vapt_kernels.testing import max_rel_err, poisoned_allocations
 
@@ -45,57 +41,6 @@ def _name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of torch, Triton (or ``absent``), timm and this package."""
-    import timm
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    return {"torch": torch.__version__, "triton": triton_version, "timm": timm.__version__, "vapt_kernels": vk.__version__}
-
-
-def versions() -> list[tuple[str, str]]:
-    v = library_versions()
-    toolkit = (
-        f"CUDA {torch.version.cuda}" if torch.version.cuda
-        else f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None)
-        else "CPU only"
-    )
-    package = Path(__file__).resolve().parent
-    return [
-        ("python", f"{platform.python_version()} ({sys.executable})"),
-        ("torch", f"{v['torch']} ({toolkit})"),
-        ("triton", v["triton"]),
-        ("timm", v["timm"]),
-        ("vapt_kernels", f"{v['vapt_kernels']} ({package})"),
-    ]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (py-cpuinfo)."""
-    info = cpuinfo.get_cpu_info()
-    return info.get("brand_raw") or info.get("arch") or platform.machine()
-
-
-def devices() -> list[torch.device]:
-    """The CPU and every CUDA (or ROCm) device PyTorch sees."""
-    return [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cpu":
-        return (
-            f"{cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads, "
-            f"capability {torch.backends.cpu.get_cpu_capability()} (the native kernels' SIMD variant)"
-        )
-    p = torch.cuda.get_device_properties(device)
-    return f"{p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs"
 
 
 def availability(backend: str, device: torch.device) -> str:

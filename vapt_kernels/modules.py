@@ -1,8 +1,8 @@
 """The VAPT prompt modules: prompt generators, the feature projector and the prompt container.
 
-Parameters keep the official parameterisation (DESIGN §1) so that official checkpoints load
-element for element; only their names say what they do. ``VAPTPrompts`` lives at ``model.vapt``,
-owns every prompt parameter, and computes each block's prompts when the block asks
+Parameters keep the official parameterisation (docs/design.md §1.1) so that official checkpoints
+load element for element; only their names say what they do. ``VAPTPrompts`` lives at
+``model.vapt``, owns every prompt parameter, and computes each block's prompts when the block asks
 (:meth:`VAPTPrompts.forward`); the blocks themselves are the timm integration's
 (:mod:`vapt_kernels.timm`).
 """
@@ -41,6 +41,36 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def project_features(
+    g: torch.Tensor,
+    fc1: Callable[[torch.Tensor], torch.Tensor],
+    fc2: Callable[[torch.Tensor], torch.Tensor],
+    scale: Optional[torch.Tensor],
+    activation: str,
+    dropout: float,
+    training: bool,
+) -> torch.Tensor:
+    """The feature projector ``P = G + s * fc2(dropout(act(fc1(G))))`` on prompt rows ``G``.
+
+    Args:
+        g: the prompt rows ``(B, Np, d)``.
+        fc1: the map ``d -> r`` (no bias): a :class:`FeatureProjector`'s ``fc1`` module, or a
+            batched product with each image's own weights (:class:`vapt_kernels.MultiTaskVAPT`).
+        fc2: the map ``r -> d``, likewise.
+        scale: ``s``, broadcast against ``(B, Np, d)``; None for ``s = 1``.
+        activation: one of :data:`ACTIVATIONS`.
+        dropout: dropout on the activation output.
+        training: apply the dropout.
+    """
+    a = ACTIVATIONS[activation](fc1(g))
+    if dropout > 0.0:
+        a = F.dropout(a, dropout, training)
+    out = fc2(a)
+    if scale is not None:
+        out = out * scale
+    return g + out
+
+
 class FeatureProjector(nn.Module):
     """``P = G + s * fc2(dropout(act(fc1(G))))`` on prompt rows ``G (B, Np, d)``; no biases.
 
@@ -71,13 +101,7 @@ class FeatureProjector(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, **dd)) if learnable_scale else None
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        a = ACTIVATIONS[self.activation](self.fc1(g))
-        if self.dropout > 0.0:
-            a = F.dropout(a, self.dropout, self.training)
-        out = self.fc2(a)
-        if self.scale is not None:
-            out = out * self.scale
-        return g + out
+        return project_features(g, self.fc1, self.fc2, self.scale, self.activation, self.dropout, self.training)
 
 
 def conv_out_grid(config: VAPTConfig, grid: Grid) -> Grid:
@@ -185,8 +209,9 @@ class PromptGenerator(nn.Module):
         return resample_token_weight(self.token_proj.weight, self.config, self.grid, grid)
 
     def mix_matrix(self, grid: Grid) -> torch.Tensor:
-        """The folded projection ``M = W_tok @ C(kernel)`` (DESIGN §2.2): ``(Np, N)`` for a shared
-        kernel or no convolution, ``(Np, N, d)`` per channel, ``N = H * W`` (see :func:`fold_mix`)."""
+        """The folded projection ``M = W_tok @ C(kernel)`` (docs/design.md §1.3): ``(Np, N)`` for a
+        shared kernel or no convolution, ``(Np, N, d)`` per channel, ``N = H * W`` (see
+        :func:`fold_mix`)."""
         return fold_mix(self.token_proj.weight, self.kernel, self.config, self.grid, grid)
 
     def channel_mask(self, batch: int, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -263,9 +288,9 @@ class VAPTPrompts(nn.Module):
     def static_prompt(self, index: int, batch: int) -> torch.Tensor:
         """Static prompt of block ``index``: ``(1, Np, d)``, or ``(B, Np, d)`` under prompt dropout.
 
-        Without dropout the prompt is the same for every image (DESIGN §2.4): it stays batch-free
-        and its keys/values are computed once. The official code drops out the prompt after
-        expanding it over the batch, so dropout makes it per-sample.
+        Without dropout the prompt is the same for every image (docs/design.md §1.5): it stays
+        batch-free and its keys/values are computed once. The official code drops out the prompt
+        after expanding it over the batch, so dropout makes it per-sample.
         """
         p = self.prompt if index == 0 else self.deep_prompts[index - 1].unsqueeze(0)
         if self.training and self.config.prompt_dropout > 0.0:

@@ -29,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .checkpoint import _prompts_of, _string_keys, _validate_then_copy
 from .config import VAPTConfig
-from .modules import ACTIVATIONS, Grid, VAPTPrompts, fold_mix
+from .modules import Grid, VAPTPrompts, fold_mix, project_features
 from .ops.library import check_task_range
+from .state_dicts import string_keys, validate_then_copy
+from .timm import embed_tokens, prompts_of
 
 Tasks = Union[Sequence[str], torch.Tensor]
 
@@ -56,7 +57,7 @@ class MultiTaskVAPT(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         caller = "MultiTaskVAPT"
-        _prompts_of(model, caller)
+        prompts_of(model, caller)
         head = getattr(model, "head", None)
         if not isinstance(head, nn.Linear) or model.get_classifier() is not head:
             raise TypeError(
@@ -103,7 +104,7 @@ class MultiTaskVAPT(nn.Module):
         if name in self.prompts:
             raise ValueError(f"{caller}: there is already a task {name!r}; remove_task({name!r}) first to replace it")
         problems: list[str] = []
-        keys = _string_keys(caller, state, problems)
+        keys = string_keys(caller, state, problems)
         prompts = copy.deepcopy(self.model.vapt)
         prompts.requires_grad_(True)
         template = self.model.head
@@ -131,7 +132,7 @@ class MultiTaskVAPT(nn.Module):
             "vapt_kernels.trainable_state_dict of a model built like it."
         )
         present = {k: p for k, p in targets.items() if k in state}
-        _validate_then_copy(caller, state, present, problems, hint, "state dict")
+        validate_then_copy(caller, state, present, problems, hint, "state dict")
         prompts.train(self.training)
         head.train(self.training)
         self.prompts[name] = prompts
@@ -220,11 +221,11 @@ class MultiTaskVAPT(nn.Module):
             raise ValueError(f"MultiTaskVAPT: images must be (B, C, H, W), got shape {tuple(images.shape)}")
         task = self.task_index(tasks, images.shape[0], images.device)
         model = self.model
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        x = embed_tokens(model, images)
         prompts = _TaskPrompts(list(self.prompts.values()), task)
         for block in model.blocks:
-            h, p, p_index = prompts.block(block.vapt_index, x, block.norm1, block.num_prefix_tokens, block._grid(x),
-                                          block.backend)  # fmt: skip
+            grid, num_prefix = block.patch_grid(x), block.num_prefix_tokens
+            h, p, p_index = prompts.block(block.vapt_index, x, block.norm1, num_prefix, grid, block.backend)
             x = block.forward_prompted(x, h, p, p_index)
         features = model.forward_head(model.norm(x), pre_logits=True)
         return self._logits(features, task)
@@ -299,13 +300,10 @@ class _TaskPrompts:
                 None if first.scale is None else self.stack(projectors, lambda m: m.scale)[self.task].unsqueeze(-1),
             )
         fc1_t, fc2_t, scale = self.projector_weights[j]
-        a = ACTIVATIONS[first.activation](torch.bmm(g, fc1_t))
-        if first.dropout > 0.0:
-            a = F.dropout(a, first.dropout, first.training)
-        out = torch.bmm(a, fc2_t)
-        if scale is not None:
-            out = out * scale
-        return g + out
+        return project_features(
+            g, lambda t: torch.bmm(t, fc1_t), lambda t: torch.bmm(t, fc2_t), scale, first.activation, first.dropout,
+            first.training,
+        )
 
 
 def _config_differences(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
-"""The timm integration: ``apply_vapt``, ``apply_vpt``, ``set_backend``, and the VAPT block.
+"""The timm integration: ``apply_vapt``, ``apply_vpt``, ``set_backend``, the VAPT block, and what
+the tools need to know about a timm ViT (:func:`prompts_of`, :func:`embed_tokens`).
 
 ``apply_vapt`` turns a timm ``VisionTransformer`` into a VAPT model in place: every block becomes a
 :class:`VAPTBlock` (the same submodules under the same names), the prompt parameters live at
@@ -81,6 +82,27 @@ def _check_supported(model: nn.Module) -> None:
         )
 
 
+def prompts_of(model: nn.Module, caller: str) -> VAPTPrompts:
+    """The prompts of a VAPT model (``model.vapt``).
+
+    Raises:
+        ValueError: the model has none (naming ``caller``, the public function that asked).
+    """
+    vapt = getattr(model, "vapt", None)
+    if not isinstance(vapt, VAPTPrompts):
+        raise ValueError(f"{caller}: the model has no VAPT prompts; call vapt_kernels.apply_vapt first")
+    return vapt
+
+
+def embed_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The token sequence ``(B, T, d)`` that the first block of a timm ``VisionTransformer`` takes:
+    the patch embedding, the position embedding with the prefix (class, register, distillation)
+    tokens, patch dropout and the pre-norm, as timm's ``forward_features`` computes it before its
+    blocks. A VAPT model's ``patch_embed`` also records the images' patch grid here (dynamic image
+    size)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
 def _classifier_modules(model: nn.Module) -> list[nn.Module]:
     heads = model.get_classifier()
     heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
@@ -123,7 +145,7 @@ class VAPTBlock(Block):
     The block adopts the submodules of the block it replaces under the same names, so backbone
     weights and their state-dict keys are untouched, and ``isinstance(block, Block)`` still holds.
     For every real token the output equals the official formulation (prompts inserted as tokens
-    after the prefix tokens, the whole block run, prompt outputs dropped; DESIGN §2.1).
+    after the prefix tokens, the whole block run, prompt outputs dropped; docs/design.md §1.2).
 
     Args:
         block: the timm block to take over.
@@ -164,7 +186,8 @@ class VAPTBlock(Block):
                 "VAPT blocks do not take attn_mask or is_causal: the official method attends over all "
                 "tokens and prompts; call the model without a mask"
             )
-        h, p = self.vapt_prompts(self.vapt_index, x, self.norm1, self.num_prefix_tokens, self._grid(x), self.backend)
+        grid = self.patch_grid(x)
+        h, p = self.vapt_prompts(self.vapt_index, x, self.norm1, self.num_prefix_tokens, grid, self.backend)
         return self.forward_prompted(x, h, p)
 
     def forward_prompted(
@@ -177,8 +200,11 @@ class VAPTBlock(Block):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def _grid(self, x: torch.Tensor) -> Grid:
-        """The patch grid of the images ``x`` comes from, checked against its token count."""
+    def patch_grid(self, x: torch.Tensor) -> Grid:
+        """The patch grid ``(H, W)`` of the images the block input ``x`` was computed from, checked
+        against its token count: the model's one grid when it takes one image size, else the grid
+        that ``patch_embed`` recorded for this thread (or for ``x`` itself, when a checkpointed
+        block recomputes)."""
         if self.fixed_grid is not None:
             grid = self.fixed_grid
         elif torch.compiler.is_compiling():

@@ -575,10 +575,66 @@ def wrap(model: nn.Module, args, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: bool = False) -> dict:
-    """Train (or evaluate) once as ``args`` says; returns what result.json holds."""
-    config = vapt_config(args)
-    want_test = args.test_split is not None
+@dataclasses.dataclass
+class CheckedRun:
+    """A run whose inputs are all checked (:func:`check_args`, :func:`build_run`); nothing is
+    written yet.
+
+    Args:
+        args: the run's arguments.
+        resume: the checkpoint ``--resume`` continues from, or None.
+        data: the datasets (:func:`load_data`).
+        model: the model, prepared for the method, on the run's device.
+        counts: its parameter counts (:func:`_count`).
+        per_rank: images per step in each process.
+        amp: the autocast dtype, or None.
+    """
+
+    args: argparse.Namespace
+    resume: Optional[dict]
+    data: dict[str, Any]
+    model: nn.Module
+    counts: dict
+    per_rank: int
+    amp: Optional[torch.dtype]
+
+    @property
+    def want_test(self) -> bool:
+        return self.args.test_split is not None
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What trains a :class:`CheckedRun` (:func:`make_trainer`): the model as the processes run it
+    (DDP, FSDP2 or itself), the loaders, the optimizer, the schedule and the loss scaler."""
+
+    wrapped: nn.Module
+    loader: torch.utils.data.DataLoader
+    sampler: Any
+    val_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: one summary row per finished epoch, the best epoch on val so far (its
+    top-1, number and trainable state) and the last finished epoch (0 before the first)."""
+
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "epoch": 0, "state": None})
+    epoch: int = 0
+
+
+def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
+    """Check the flags, the split folders and a ``--resume`` checkpoint's settings against the
+    flags; returns that checkpoint (or None). Builds no model, writes nothing.
+
+    Raises:
+        UsageError: the first problem found.
+    """
+    vapt_config(args)
     check_folder_splits(args, [s for s in (args.train_split, args.val_split, args.test_split) if s])
     if args.batch_size % d.world:
         raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {d.world} processes")
@@ -603,117 +659,192 @@ def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: b
         raise UsageError(
             "--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there"
         )
+    return resume
 
+
+def build_run(
+    args: argparse.Namespace, d: Dist, resume: Optional[dict], data: Optional[dict] = None
+) -> CheckedRun:
+    """The model and the data of a run whose flags :func:`check_args` accepted, checked against
+    each other (class count, a resumed checkpoint's head, enough training images); writes nothing.
+
+    Args:
+        args: the run's arguments.
+        d: the processes.
+        resume: what :func:`check_args` returned.
+        data: the datasets, if already loaded (:func:`load_data`); else they are loaded here.
+
+    Raises:
+        UsageError: the first problem found.
+    """
     torch.manual_seed(args.seed)  # the same initial prompts and head in every process
     probe = create_model(args, num_classes=args.num_classes or 1, weights=False)
     if data is None:
-        data = load_data(args, probe, want_test)
+        data = load_data(args, probe, args.test_split is not None)
     num_classes = args.num_classes or (len(data["classes"]) if data["classes"] else None)
     if num_classes is None:
         raise UsageError(f"--dataset {args.dataset}: cannot tell its class count; pass --num-classes")
     if data["classes"] and num_classes < len(data["classes"]):
         raise UsageError(f"--num-classes {num_classes} is less than the dataset's {len(data['classes'])} classes")
     torch.manual_seed(args.seed)
-    model = prepare(create_model(args, num_classes), args, config).to(d.device)
+    model = prepare(create_model(args, num_classes), args, vapt_config(args)).to(d.device)
     if resume is not None:
         check_classes(resume["model"], model, args.resume)
     counts = _count(model)
-
-    per_rank = args.batch_size // d.world
     if len(data["train"]) < args.batch_size:
         raise UsageError(
             f"the train split has {len(data['train'])} images, fewer than one --batch-size {args.batch_size}"
         )
-    amp = _amp_dtype(args)
+    return CheckedRun(args, resume, data, model, counts, args.batch_size // d.world, _amp_dtype(args))
 
-    # Inputs checked: from here on files are written.
-    out = Path(args.output)
+
+def create_output(run: CheckedRun, d: Dist) -> Path:
+    """The output folder with the run's ``args.json`` (the main process writes them): the run's
+    first write, once every input is checked."""
+    out = Path(run.args.output)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (out / "args.json").write_text(json.dumps(vars(run.args), indent=2, default=str) + "\n")
+    return out
 
-    torch.manual_seed(args.seed + d.rank)  # dropout masks and augmentation differ per process
+
+def make_trainer(run: CheckedRun, d: Dist) -> Trainer:
+    """Seed this process's random streams (dropout masks and augmentation differ per process), wrap
+    the model for the processes and build the loaders, the optimizer, the schedule and the scaler."""
+    args = run.args
+    torch.manual_seed(args.seed + d.rank)
     np.random.seed((args.seed + d.rank) % 2**32)
     random.seed(args.seed + d.rank)
-    wrapped = wrap(model, args, d)
-    loader, sampler = train_loader(data["train"], args, d, per_rank)
-    val_loader = eval_loader(data["val"], args, d, per_rank)
-    optimizer = make_optimizer(model, args)
+    wrapped = wrap(run.model, args, d)
+    loader, sampler = train_loader(run.data["train"], args, d, run.per_rank)
+    val_loader = eval_loader(run.data["val"], args, d, run.per_rank)
+    optimizer = make_optimizer(run.model, args)
     scheduler = make_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
-    rows: list[dict] = []
-    best = {"top1": -1.0, "epoch": 0, "state": None}
-    start = 0
-    if resume is not None:
-        load_model_state(model, resume["model"], args)
-        load_optimizer_state(optimizer, model, resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        rows, start = list(resume["summary"]), resume["epoch"]
-        best = dict(resume["best"])
-        rng = resume["rng"]
-        set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+    return Trainer(wrapped, loader, sampler, val_loader, optimizer, scheduler, scaler)
 
-    wrapped.train()
-    for epoch in range(start + 1, args.epochs + 1):
-        sampler.set_epoch(epoch)
+
+def restore(run: CheckedRun, trainer: Trainer, d: Dist) -> Progress:
+    """A fresh :class:`Progress`, or the resumed checkpoint's: its parameters, optimizer, schedule,
+    scaler and this process's random state are loaded back."""
+    if run.resume is None:
+        return Progress()
+    resume, args = run.resume, run.args
+    load_model_state(run.model, resume["model"], args)
+    load_optimizer_state(trainer.optimizer, run.model, resume["optimizer"])
+    trainer.scheduler.load_state_dict(resume["scheduler"])
+    if resume.get("scaler"):
+        trainer.scaler.load_state_dict(resume["scaler"])
+    rng = resume["rng"]
+    set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+    return Progress(list(resume["summary"]), dict(resume["best"]), resume["epoch"])
+
+
+def train_epochs(run: CheckedRun, trainer: Trainer, progress: Progress, out: Path, d: Dist, quiet: bool) -> None:
+    """Train the epochs after ``progress.epoch``; after each, evaluate on val, update ``progress``
+    and save the checkpoints and the summary (:func:`save_epoch`)."""
+    args, model = run.args, run.model
+    trainer.wrapped.train()
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
+        trainer.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        train_loss, lr = _train_epoch(wrapped, loader, optimizer, scheduler, scaler, amp, d, epoch, args, quiet)
+        train_loss, lr = _train_epoch(
+            trainer.wrapped, trainer.loader, trainer.optimizer, trainer.scheduler, trainer.scaler, run.amp, d, epoch,
+            args, quiet,
+        )
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         seconds = time.perf_counter() - t0
-        metrics = evaluate(wrapped, val_loader, d, amp)
+        metrics = evaluate(trainer.wrapped, trainer.val_loader, d, run.amp)
         row = {
             "epoch": epoch, "train_loss": train_loss, "eval_loss": metrics["loss"], "eval_top1": metrics["top1"],
             "eval_top5": metrics["top5"], "lr": lr,
-            "img_per_s": len(loader) * args.batch_size / seconds, "peak_mem_mib": peak_memory_mib(d.device),
+            "img_per_s": len(trainer.loader) * args.batch_size / seconds, "peak_mem_mib": peak_memory_mib(d.device),
         }
-        rows.append(row)
-        improved = metrics["top1"] > best["top1"]
+        progress.rows.append(row)
+        progress.epoch = epoch
+        improved = metrics["top1"] > progress.best["top1"]
         if improved:
-            best = {"top1": metrics["top1"], "epoch": epoch, "state": model_state(model, args)}
-        ckpt = {
-            "model": model_state(model, args), "optimizer": optimizer_state(optimizer, model),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": epoch, "rng": _gather_rng(d),
-            "config": dataclasses.asdict(model.vapt.config) if hasattr(model, "vapt") else None,
-            "args": vars(args), "summary": rows, "best": best,
-        }
-        if d.main:
-            save_atomic(ckpt, out / "last.pt")
-            if improved:
-                save_atomic(ckpt, out / "best.pt")
-            if args.checkpoint_every and epoch % args.checkpoint_every == 0:
-                save_atomic(ckpt, out / f"checkpoint-{epoch}.pt")
-            _write_summary(out / "summary.csv", rows)
-            if not quiet:
-                print(
-                    f"epoch {epoch}/{args.epochs}  train_loss {train_loss:.4f}  eval_loss {metrics['loss']:.4f}  "
-                    f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  lr {row['lr']:.4g}  "
-                    f"{row['img_per_s']:.1f} img/s  peak {row['peak_mem_mib']:.0f} MiB", flush=True,
-                )
+            progress.best = {"top1": metrics["top1"], "epoch": epoch, "state": model_state(model, args)}
+        save_epoch(run, trainer, progress, improved, out, d)
+        if d.main and not quiet:
+            print(
+                f"epoch {epoch}/{args.epochs}  train_loss {train_loss:.4f}  eval_loss {metrics['loss']:.4f}  "
+                f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  lr {row['lr']:.4g}  "
+                f"{row['img_per_s']:.1f} img/s  peak {row['peak_mem_mib']:.0f} MiB", flush=True,
+            )
 
+
+def save_epoch(run: CheckedRun, trainer: Trainer, progress: Progress, improved: bool, out: Path, d: Dist) -> None:
+    """The checkpoint of the epoch just finished as ``last.pt`` (also ``best.pt`` when it
+    ``improved`` on val, ``checkpoint-<epoch>.pt`` every ``--checkpoint-every`` epochs) and the
+    summary so far. Every process takes part in gathering the state; the main one writes."""
+    args, model, epoch = run.args, run.model, progress.epoch
+    ckpt = {
+        "model": model_state(model, args), "optimizer": optimizer_state(trainer.optimizer, model),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+        "epoch": epoch, "rng": _gather_rng(d),
+        "config": dataclasses.asdict(model.vapt.config) if hasattr(model, "vapt") else None,
+        "args": vars(args), "summary": progress.rows, "best": progress.best,
+    }
+    if d.main:
+        save_atomic(ckpt, out / "last.pt")
+        if improved:
+            save_atomic(ckpt, out / "best.pt")
+        if args.checkpoint_every and epoch % args.checkpoint_every == 0:
+            save_atomic(ckpt, out / f"checkpoint-{epoch}.pt")
+        _write_summary(out / "summary.csv", progress.rows)
+
+
+def final_result(run: CheckedRun, trainer: Trainer, progress: Progress, d: Dist) -> dict:
+    """What ``result.json`` holds: the parameter counts, the best epoch on val, the last epoch's
+    row and, with a test split, the test scores of the last and of the best-on-val parameters
+    (which are loaded back for it)."""
+    args, rows, best = run.args, progress.rows, progress.best
     result = {
-        "method": args.method, "model": args.model, "parameters": counts, "epochs": args.epochs,
+        "method": args.method, "model": args.model, "parameters": run.counts, "epochs": args.epochs,
         "best_epoch": best["epoch"], "best_val_top1": best["top1"], "final": rows[-1] if rows else None,
     }
-    if want_test:
-        test_loader = eval_loader(data["test"], args, d, per_rank)
-        result["test_last"] = evaluate(wrapped, test_loader, d, amp)
+    if run.want_test:
+        test_loader = eval_loader(run.data["test"], args, d, run.per_rank)
+        result["test_last"] = evaluate(trainer.wrapped, test_loader, d, run.amp)
         if args.train_on_val or best["epoch"] == rows[-1]["epoch"]:
             result["test"] = result["test_last"]  # (train+val: val cannot choose an epoch)
         else:
-            load_model_state(model, best["state"], args)
-            result["test"] = evaluate(wrapped, test_loader, d, amp)
-    if d.main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if args.method == "full":
-            torch.save(best["state"], out / "model.pth")  # best-on-val timm weights, for --pretrained-path
-        if args.plot:
-            plot_summary(rows, out / "curves.png")
+            load_model_state(run.model, best["state"], args)
+            result["test"] = evaluate(trainer.wrapped, test_loader, d, run.amp)
+    return result
+
+
+def write_result(run: CheckedRun, progress: Progress, result: dict, out: Path, d: Dist) -> None:
+    """``result.json``, the best-on-val weights of a full fine-tune (``model.pth``, for
+    ``--pretrained-path``) and, with ``--plot``, the curves; the main process writes them."""
+    if not d.main:
+        return
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if run.args.method == "full":
+        torch.save(progress.best["state"], out / "model.pth")
+    if run.args.plot:
+        plot_summary(progress.rows, out / "curves.png")
+
+
+def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: bool = False) -> dict:
+    """Train (or evaluate) once as ``args`` says; returns what result.json holds.
+
+    Every input is checked (:func:`check_args`, :func:`build_run`) before the first file is
+    written (:func:`create_output`).
+    """
+    resume = check_args(args, d)
+    checked = build_run(args, d, resume, data)
+    out = create_output(checked, d)
+    trainer = make_trainer(checked, d)
+    progress = restore(checked, trainer, d)
+    train_epochs(checked, trainer, progress, out, d, quiet)
+    result = final_result(checked, trainer, progress, d)
+    write_result(checked, progress, result, out, d)
     return result
 
 

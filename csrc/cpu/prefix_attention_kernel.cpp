@@ -14,12 +14,13 @@
 //   tokens in memory: the first key block is [prefix ; first token block], its scores are written
 //   by two GEMMs into adjacent columns of one scores buffer, and its values are applied by two
 //   GEMMs into the same accumulator. Later token blocks (T > kBlockK) update a running max and
-//   sum (online softmax) and rescale the accumulator.
-// * Backward (FA2 without atomics) runs one (b, h) per work item: it owns every query and key of
-//   that head, so dq, dk and dv are accumulated by GEMMs straight into their outputs (float and
-//   double) or into float scratch (bfloat16). The prefix gradients of batch b go to a per-batch
-//   partial (B, H, Np, D) that is summed over the batch afterwards when the prefix is broadcast,
-//   so the result does not depend on the thread count.
+//   sum (online softmax) and rescale the accumulator (fwd_query_block, fwd_key_block).
+// * Backward (FA2 without atomics) runs one (b, h) per work item (bwd_head, then bwd_query_block
+//   and bwd_key_block): it owns every query and key of that head, so dq, dk and dv are accumulated
+//   by GEMMs straight into their outputs (float and double) or into float scratch (bfloat16). The
+//   prefix gradients of batch b go to a per-batch partial (B, H, Np, D) that is summed over the
+//   batch afterwards when the prefix is broadcast, so the result does not depend on the thread
+//   count.
 // * GEMMs go to the BLAS that PyTorch itself calls (Fortran sgemm_/dgemm_, MKL in the x86 wheels,
 //   exported by libtorch_cpu): at::native::cpublas::gemm is not exported from libtorch_cpu, so an
 //   extension cannot call it. Where no BLAS symbol is found, the products go through at::addmm_
@@ -30,9 +31,9 @@
 //   once per ISA variant (baseline, AVX2, AVX-512) and simd::with_isa runs the one this CPU takes.
 //   A libm exp per element would cost more than the GEMMs at ViT shapes.
 // * Everything is accumulated in at::opmath_type (float for bfloat16).
-// * Work is split with at::parallel_for. With PyTorch's OpenMP backend (the Linux wheels) that is
-//   inline code in ATen/ParallelOpenMP.h, so this file must be compiled with -fopenmp to run on
-//   more than one thread; a build without it gets a compiler warning.
+// * Work is split with at::parallel_for (parallel_items, parallel.h). With PyTorch's OpenMP backend
+//   (the Linux wheels) that is inline code in ATen/ParallelOpenMP.h, so this file must be compiled
+//   with -fopenmp to run on more than one thread; a build without it gets a compiler warning.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -51,6 +52,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "parallel.h"
 #include "simd.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -218,17 +220,65 @@ int64_t forward_query_blocks(int64_t T, int64_t heads) {
   return n;
 }
 
-// A (rows x D) matrix of an operand in the accumulation type: the operand itself when its dtype is
-// the accumulation type (ld = its row stride), else a converted copy in scratch (ld = D).
+// Keys [n0, n0 + nk) of the tokens, after the np prefix keys (np = Np in the first key block, else
+// 0): the columns [0, width) of a scores row, the prefix first.
+struct KeyBlock {
+  int64_t n0, nk, np, width;
+};
+
+// The query and key blocks of a head: n_qblocks blocks of BQ query rows (the last one shorter) and
+// n_kblocks blocks of BK token keys; W = Np + BK is the row stride of the scores buffers.
+struct Blocking {
+  int64_t T, Np, n_qblocks, BQ, BK, n_kblocks, W;
+  Blocking(int64_t T_, int64_t Np_, int64_t query_blocks)
+      : T(T_), Np(Np_), n_qblocks(query_blocks), BQ(div_up(T_, query_blocks)), BK(std::min(T_, kBlockK)),
+        n_kblocks(div_up(T_, BK)), W(Np_ + BK) {}
+  int64_t rows(int64_t m0) const { return std::min(BQ, T - m0); }  // of the query block at row m0
+  KeyBlock key_block(int64_t kb) const {
+    const int64_t n0 = kb * BK, nk = std::min(BK, T - n0), np = kb == 0 ? Np : 0;
+    return {n0, nk, np, np + nk};
+  }
+};
+
+// Strides of a (batch, H, rows, D) operand in elements: batch (0 when broadcast), head, row.
+struct Strides {
+  int64_t sb, sh, sr;
+};
+
+// A BLAS leading dimension must be >= D. Rows closer than D apart only occur in views with
+// overlapping rows (a stride-0 expand over the rows); those are copied.
+Tensor rows_for_blas(const Tensor& t) {
+  const int64_t rows = t.size(2), D = t.size(3);
+  return rows > 1 && t.stride(2) < D ? t.contiguous() : t;
+}
+
+Strides strides_of(const Tensor& t) {
+  const int64_t rows = t.size(2), D = t.size(3);
+  return {t.size(0) == 1 ? 0 : t.stride(0), t.stride(1), rows > 1 ? t.stride(2) : D};
+}
+
+// A (batch, H, rows, D) input: its data and strides.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  Strides s;
+  explicit Operand(const Tensor& t) : data(t.const_data_ptr<scalar_t>()), s(strides_of(t)) {}
+  const scalar_t* row(int64_t b, int64_t h, int64_t r) const { return data + b * s.sb + h * s.sh + r * s.sr; }
+};
+
+// Rows [r0, r0 + rows) of x at image b, head h as a (rows x D) matrix in the accumulation type: the
+// operand itself when its dtype is the accumulation type (ld = its row stride), else a converted
+// copy in scratch (ld = D).
 template <int kBytes, typename scalar_t, typename acc_t>
-VAPT_ALWAYS_INLINE const acc_t* as_acc(const scalar_t* src, int64_t ld, int64_t rows, int64_t D, acc_t* scratch,
-                                       int64_t& ld_out) {
+VAPT_ALWAYS_INLINE const acc_t* as_acc(const Operand<scalar_t>& x, int64_t b, int64_t h, int64_t r0, int64_t rows,
+                                       int64_t D, acc_t* scratch, int64_t& ld_out) {
+  const scalar_t* src = x.row(b, h, r0);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    ld_out = ld;
+    ld_out = x.s.sr;
     return src;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
-      simd::convert<kBytes>(src + r * ld, scratch + r * D, D);
+      simd::convert<kBytes>(src + r * x.s.sr, scratch + r * D, D);
     }
     ld_out = D;
     return scratch;
@@ -259,135 +309,324 @@ VAPT_ALWAYS_INLINE void store_rows(const acc_t* src, int64_t ld_src, int64_t row
   }
 }
 
-// Strides of a (batch, H, rows, D) operand in elements: batch (0 when broadcast), head, row.
-struct Strides {
-  int64_t sb, sh, sr;
-};
-
-// A BLAS leading dimension must be >= D. Rows closer than D apart only occur in views with
-// overlapping rows (a stride-0 expand over the rows); those are copied.
-Tensor rows_for_blas(const Tensor& t) {
-  const int64_t rows = t.size(2), D = t.size(3);
-  return rows > 1 && t.stride(2) < D ? t.contiguous() : t;
-}
-
-Strides strides_of(const Tensor& t) {
-  const int64_t rows = t.size(2), D = t.size(3);
-  return {t.size(0) == 1 ? 0 : t.stride(0), t.stride(1), rows > 1 ? t.stride(2) : D};
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+
+// The forward scratch of a thread's range of work items (query blocks), in the accumulation type
+// (parallel.h). Buffers of the bfloat16 conversions (`convert`) are empty for float and double.
+template <typename acc_t>
+struct FwdScratch {
+  using Element = acc_t;
+  acc_t* S;             // scores of the query block against a key block (BQ x W)
+  acc_t* St;            // transposed prefix scores (Np x BQ)
+  acc_t* acc;           // the output accumulator (BQ x D)
+  acc_t *row_m, *row_l;  // running max and sum of each row (BQ)
+  acc_t* q_conv;        // the query block (BQ x D)
+  acc_t *k_conv, *v_conv;  // one key block's keys and values, prefix first (W x D each)
+  int64_t size;
+  FwdScratch(Carver<acc_t> c, const Blocking& bl, int64_t D, bool convert)
+      : S(c.take(bl.BQ * bl.W)), St(c.take(bl.Np * bl.BQ)), acc(c.take(bl.BQ * D)), row_m(c.take(bl.BQ)),
+        row_l(c.take(bl.BQ)), q_conv(c.take(convert ? bl.BQ * D : 0)), k_conv(c.take(convert ? bl.W * D : 0)),
+        v_conv(c.take(convert ? bl.W * D : 0)), size(c.used()) {}
+};
+
+// What the forward work items read and write.
+template <typename scalar_t>
+struct FwdArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Operand<scalar_t> q, k, v, kp, vp;
+  scalar_t* out;  // (B, T, H, D) in memory
+  acc_t* lse;     // (B, H, T), contiguous
+  int64_t H, D;
+  acc_t alpha;  // the scale
+};
+
+// Key block kb of the query block Q (rows x D, ld ldq) of image b, head h: its scaled scores, the
+// online softmax (a running max and sum per row, the accumulator rescaled to a new max), and
+// acc (+)= P V.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void fwd_key_block(const FwdArgs<scalar_t>& a, const Blocking& bl, int64_t b, int64_t h,
+                                      int64_t kb, const at::opmath_type<scalar_t>* Q, int64_t ldq, int64_t rows,
+                                      const FwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, W = bl.W;
+  const KeyBlock key = bl.key_block(kb);  // the prefix keys lead the first key block
+  int64_t ldkp = D, ldvp = D, ldk, ldv;
+  const acc_t* Kp = nullptr;
+  const acc_t* Vp = nullptr;
+  if (key.np > 0) {
+    Kp = as_acc<kBytes>(a.kp, b, h, 0, key.np, D, s.k_conv, ldkp);
+    Vp = as_acc<kBytes>(a.vp, b, h, 0, key.np, D, s.v_conv, ldvp);
+  }
+  const acc_t* K = as_acc<kBytes>(a.k, b, h, key.n0, key.nk, D, s.k_conv + key.np * D, ldk);
+  const acc_t* V = as_acc<kBytes>(a.v, b, h, key.n0, key.nk, D, s.v_conv + key.np * D, ldv);
+
+  // Scaled scores of the block: columns [0, np) prefix, [np, width) tokens.
+  if (key.np > 0) {
+    prefix_scores(rows, key.np, D, a.alpha, Q, ldq, Kp, ldkp, s.St, s.S, W);
+  }
+  gemm_rm<acc_t>(false, true, rows, key.nk, D, a.alpha, Q, ldq, K, ldk, 0, s.S + key.np, W);
+
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = s.S + r * W;
+    const acc_t block_max = row_max<kBytes>(row, key.width);
+    if (kb == 0) {
+      s.row_m[r] = block_max;
+      s.row_l[r] = exp_sum<kBytes>(row, key.width, block_max);
+    } else {
+      // Online softmax: rescale the sum and the accumulator to the new running max.
+      const acc_t m_new = std::max(s.row_m[r], block_max);
+      const acc_t correction = std::exp(s.row_m[r] - m_new);
+      s.row_l[r] = s.row_l[r] * correction + exp_sum<kBytes>(row, key.width, m_new);
+      s.row_m[r] = m_new;
+      scale_row(s.acc + r * D, D, correction);
+    }
+  }
+
+  // acc (+)= P V; the first product of the first block initialises acc.
+  if (key.np > 0) {
+    gemm_rm<acc_t>(false, false, rows, D, key.np, 1, s.S, W, Vp, ldvp, 0, s.acc, D);
+  }
+  gemm_rm<acc_t>(false, false, rows, D, key.nk, 1, s.S + key.np, W, V, ldv, (kb == 0 && key.np == 0) ? 0 : 1,
+                 s.acc, D);
+}
+
+// Work item `item` of the forward pass: query block qb of (b, h), over all key blocks, then its
+// out rows and lse.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void fwd_query_block(const FwdArgs<scalar_t>& a, const Blocking& bl, int64_t item,
+                                        const FwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, T = bl.T, ld_out = a.H * D;
+  const int64_t qb = item % bl.n_qblocks, bh = item / bl.n_qblocks, b = bh / a.H, h = bh % a.H;
+  const int64_t m0 = qb * bl.BQ, rows = bl.rows(m0);
+  int64_t ldq;
+  const acc_t* Q = as_acc<kBytes>(a.q, b, h, m0, rows, D, s.q_conv, ldq);
+  for (int64_t kb = 0; kb < bl.n_kblocks; ++kb) {
+    fwd_key_block<kBytes>(a, bl, b, h, kb, Q, ldq, rows, s);
+  }
+  scalar_t* o = a.out + (b * T + m0) * ld_out + h * D;
+  acc_t* l = a.lse + bh * T + m0;
+  for (int64_t r = 0; r < rows; ++r) {
+    store_scaled_row<kBytes>(s.acc + r * D, acc_t(1) / s.row_l[r], o + r * ld_out, D);
+    l[r] = s.row_m[r] + std::log(s.row_l[r]);
+  }
+}
 
 template <typename scalar_t>
 void prefix_attention_fwd_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_prefix,
                                  const Tensor& v_prefix, double scale, const Tensor& out, const Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
-  const Strides lq = strides_of(q), lk = strides_of(k), lv = strides_of(v);
-  const Strides lkp = strides_of(k_prefix), lvp = strides_of(v_prefix);
-  const int64_t ld_out = H * D;  // out is (B, T, H, D) in memory
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const Blocking bl(T, k_prefix.size(2), forward_query_blocks(T, B * H));
+  const FwdArgs<scalar_t> a{.q = Operand<scalar_t>(q), .k = Operand<scalar_t>(k), .v = Operand<scalar_t>(v),
+                            .kp = Operand<scalar_t>(k_prefix), .vp = Operand<scalar_t>(v_prefix),
+                            .out = out.data_ptr<scalar_t>(), .lse = lse.data_ptr<acc_t>(),
+                            .H = H, .D = D, .alpha = static_cast<acc_t>(scale)};
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
 
-  const int64_t n_qblocks = forward_query_blocks(T, B * H);
-  const int64_t BQ = div_up(T, n_qblocks);
-  const int64_t BK = std::min(T, kBlockK);
-  const int64_t n_kblocks = div_up(T, BK);
-  const int64_t W = Np + BK;  // row stride of the scores buffer
-  const acc_t alpha = static_cast<acc_t>(scale);
-
-  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
-  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
-  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
-  const scalar_t* kp_data = k_prefix.const_data_ptr<scalar_t>();
-  const scalar_t* vp_data = v_prefix.const_data_ptr<scalar_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  acc_t* lse_data = lse.data_ptr<acc_t>();
-
-  at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    // Scratch of this thread's range: scores (and transposed prefix scores), output accumulator,
-    // running max and sum, and for bfloat16 float copies of the query block and of one key
-    // block's keys and values.
-    const int64_t conv = kSameType ? 0 : (BQ + 2 * W) * D;
-    Tensor buf = at::empty({BQ * W + Np * BQ + BQ * D + 2 * BQ + conv},
-                           q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* S = buf.data_ptr<acc_t>();
-    acc_t* St = S + BQ * W;
-    acc_t* acc = St + Np * BQ;
-    acc_t* row_m = acc + BQ * D;
-    acc_t* row_l = row_m + BQ;
-    acc_t* q_conv = row_l + BQ;
-    acc_t* k_conv = q_conv + BQ * D;
-    acc_t* v_conv = k_conv + W * D;
-
-    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
-      constexpr int kBytes = decltype(isa)::kBytes;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t qb = item % n_qblocks, bh = item / n_qblocks, b = bh / H, h = bh % H;
-        const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
-        int64_t ldq;
-        const acc_t* Q = as_acc<kBytes>(q_data + b * lq.sb + h * lq.sh + m0 * lq.sr, lq.sr, rows, D, q_conv, ldq);
-
-        for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-          const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
-          const int64_t np = kb == 0 ? Np : 0;  // the prefix keys lead the first key block
-          const int64_t width = np + nk;
-          int64_t ldkp = D, ldvp = D, ldk, ldv;
-          const acc_t* Kp = nullptr;
-          const acc_t* Vp = nullptr;
-          if (np > 0) {
-            Kp = as_acc<kBytes>(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, np, D, k_conv, ldkp);
-            Vp = as_acc<kBytes>(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, np, D, v_conv, ldvp);
-          }
-          const acc_t* K =
-              as_acc<kBytes>(k_data + b * lk.sb + h * lk.sh + n0 * lk.sr, lk.sr, nk, D, k_conv + np * D, ldk);
-          const acc_t* V =
-              as_acc<kBytes>(v_data + b * lv.sb + h * lv.sh + n0 * lv.sr, lv.sr, nk, D, v_conv + np * D, ldv);
-
-          // Scaled scores of the block: columns [0, np) prefix, [np, width) tokens.
-          if (np > 0) {
-            prefix_scores(rows, np, D, alpha, Q, ldq, Kp, ldkp, St, S, W);
-          }
-          gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Q, ldq, K, ldk, 0, S + np, W);
-
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s = S + r * W;
-            const acc_t block_max = row_max<kBytes>(s, width);
-            if (kb == 0) {
-              row_m[r] = block_max;
-              row_l[r] = exp_sum<kBytes>(s, width, block_max);
-            } else {
-              // Online softmax: rescale the sum and the accumulator to the new running max.
-              const acc_t m_new = std::max(row_m[r], block_max);
-              const acc_t correction = std::exp(row_m[r] - m_new);
-              row_l[r] = row_l[r] * correction + exp_sum<kBytes>(s, width, m_new);
-              row_m[r] = m_new;
-              scale_row(acc + r * D, D, correction);
-            }
-          }
-
-          // acc (+)= P V; the first product of the first block initialises acc.
-          if (np > 0) {
-            gemm_rm<acc_t>(false, false, rows, D, np, 1, S, W, Vp, ldvp, 0, acc, D);
-          }
-          gemm_rm<acc_t>(false, false, rows, D, nk, 1, S + np, W, V, ldv, (kb == 0 && np == 0) ? 0 : 1, acc, D);
-        }
-
-        scalar_t* o = out_data + (b * T + m0) * ld_out + h * D;
-        acc_t* l = lse_data + bh * T + m0;
-        for (int64_t r = 0; r < rows; ++r) {
-          store_scaled_row<kBytes>(acc + r * D, acc_t(1) / row_l[r], o + r * ld_out, D);
-          l[r] = row_m[r] + std::log(row_l[r]);
-        }
-      }
-    });
-  });
+  parallel_items(
+      B * H * bl.n_qblocks, [&] { return TensorScratch<FwdScratch<acc_t>>(q, bl, D, kConvert); },
+      [&](auto isa, int64_t item, const FwdScratch<acc_t>& s) VAPT_INLINE_LAMBDA {
+        fwd_query_block<decltype(isa)::kBytes>(a, bl, item, s);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
+
+// The backward scratch of a thread's range of work items (heads), in the accumulation type
+// (parallel.h). Buffers of the bfloat16 conversions (`convert`) are empty for float and double.
+template <typename acc_t>
+struct BwdScratch {
+  using Element = acc_t;
+  acc_t *P, *dS;  // probabilities and dscores of one (query block, key block) (BQ x W each)
+  acc_t* St;      // transposed prefix scores (Np x BQ)
+  acc_t* delta;   // dout . out of the query block's rows (BQ)
+  acc_t *q_conv, *k_conv, *v_conv, *do_conv;  // the head's q, k, v, dout (T x D each)
+  acc_t *kp_conv, *vp_conv;                   // the head's prefix (Np x D each)
+  acc_t* o_conv;                              // one query block of out (BQ x D)
+  acc_t* dq_acc;                              // the query block's dq accumulator (BQ x D)
+  acc_t *dk_acc, *dv_acc;                     // the head's dk, dv accumulators (T x D each)
+  int64_t size;
+  BwdScratch(Carver<acc_t> c, const Blocking& bl, int64_t D, bool convert)
+      : P(c.take(bl.BQ * bl.W)), dS(c.take(bl.BQ * bl.W)), St(c.take(bl.Np * bl.BQ)), delta(c.take(bl.BQ)),
+        q_conv(c.take(convert ? bl.T * D : 0)), k_conv(c.take(convert ? bl.T * D : 0)),
+        v_conv(c.take(convert ? bl.T * D : 0)), do_conv(c.take(convert ? bl.T * D : 0)),
+        kp_conv(c.take(convert ? bl.Np * D : 0)), vp_conv(c.take(convert ? bl.Np * D : 0)),
+        o_conv(c.take(convert ? bl.BQ * D : 0)), dq_acc(c.take(convert ? bl.BQ * D : 0)),
+        dk_acc(c.take(convert ? bl.T * D : 0)), dv_acc(c.take(convert ? bl.T * D : 0)), size(c.used()) {}
+};
+
+// What the backward work items read and write.
+template <typename scalar_t>
+struct BwdArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Operand<scalar_t> q, k, v, kp, vp, dout, out;
+  const acc_t* lse;  // (B, H, T), strides lse_sb, lse_sh, lse_st
+  int64_t lse_sb, lse_sh, lse_st;
+  scalar_t *dq, *dk, *dv;  // (B, T, H, D) in memory
+  acc_t *dkp, *dvp;        // (B, H, Np, D) per-image prefix partials, contiguous (null when Np == 0)
+  int64_t H, D;
+  acc_t alpha;  // the scale
+};
+
+// One head's operands in the accumulation type (matrix, leading dimension) and where its dk, dv
+// and prefix gradients accumulate.
+template <typename acc_t>
+struct BwdHead {
+  const acc_t *Q, *K, *V, *dO;  // (T x D)
+  int64_t ldq, ldk, ldv, lddo;
+  const acc_t *Kp = nullptr, *Vp = nullptr;  // (Np x D)
+  int64_t ldkp, ldvp;
+  acc_t *dK, *dV;  // (T x D), ld lddk: the outputs themselves when the dtype allows it, else scratch
+  int64_t lddk;
+  acc_t *dKp = nullptr, *dVp = nullptr;  // (Np x D), ld D: this (b, h)'s prefix partials
+};
+
+// The operands and gradient targets of image b, head h.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE BwdHead<at::opmath_type<scalar_t>> bwd_head_operands(
+    const BwdArgs<scalar_t>& a, const Blocking& bl, int64_t b, int64_t h,
+    const BwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = bl.T, Np = bl.Np, D = a.D, bh = b * a.H + h, ld_grad = a.H * D;
+  BwdHead<acc_t> hd;
+  hd.Q = as_acc<kBytes>(a.q, b, h, 0, T, D, s.q_conv, hd.ldq);
+  hd.K = as_acc<kBytes>(a.k, b, h, 0, T, D, s.k_conv, hd.ldk);
+  hd.V = as_acc<kBytes>(a.v, b, h, 0, T, D, s.v_conv, hd.ldv);
+  hd.dO = as_acc<kBytes>(a.dout, b, h, 0, T, D, s.do_conv, hd.lddo);
+  hd.ldkp = hd.ldvp = D;
+  if (Np > 0) {
+    hd.Kp = as_acc<kBytes>(a.kp, b, h, 0, Np, D, s.kp_conv, hd.ldkp);
+    hd.Vp = as_acc<kBytes>(a.vp, b, h, 0, Np, D, s.vp_conv, hd.ldvp);
+    hd.dKp = a.dkp + bh * Np * D;
+    hd.dVp = a.dvp + bh * Np * D;
+  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    hd.dK = a.dk + b * T * ld_grad + h * D;
+    hd.dV = a.dv + b * T * ld_grad + h * D;
+    hd.lddk = ld_grad;
+  } else {
+    hd.dK = s.dk_acc;
+    hd.dV = s.dv_acc;
+    hd.lddk = D;
+  }
+  return hd;
+}
+
+// One query block of a head: rows [m0, m0 + rows) of Q (Qb, ld ldq), of dout (dOb), their lse
+// (stride lse_st) and delta, and their dq (dQ, ld lddq). beta_kv: 0 for the first query block,
+// which initialises dk and dv.
+template <typename acc_t>
+struct BwdQueryBlock {
+  int64_t m0, rows;
+  const acc_t *Qb, *dOb, *lse;
+  acc_t* dQ;
+  int64_t lddq;
+  acc_t beta_kv;
+};
+
+// Key block kb of one query block: P and dS of the block (the softmax gradient from the recomputed
+// scores and dP = dout V^T), then dv, dk (+)= P^T dout, scale dS^T Q and dq (+)= scale dS K.
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void bwd_key_block(const BwdArgs<scalar_t>& a, const Blocking& bl, int64_t kb,
+                                      const BwdHead<at::opmath_type<scalar_t>>& hd,
+                                      const BwdQueryBlock<at::opmath_type<scalar_t>>& qb,
+                                      const BwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, W = bl.W, rows = qb.rows;
+  const acc_t alpha = a.alpha;
+  const KeyBlock key = bl.key_block(kb);
+  const int64_t np = key.np, nk = key.nk;
+  const acc_t* Kb = hd.K + key.n0 * hd.ldk;
+  const acc_t* Vb = hd.V + key.n0 * hd.ldv;
+
+  // Scaled scores and dP = dout V^T of the block: columns [0, np) prefix, [np, width) tokens.
+  if (np > 0) {
+    prefix_scores<acc_t>(rows, np, D, alpha, qb.Qb, hd.ldq, hd.Kp, hd.ldkp, s.St, s.P, W);
+    prefix_scores<acc_t>(rows, np, D, 1, qb.dOb, hd.lddo, hd.Vp, hd.ldvp, s.St, s.dS, W);
+  }
+  gemm_rm<acc_t>(false, true, rows, nk, D, alpha, qb.Qb, hd.ldq, Kb, hd.ldk, 0, s.P + np, W);
+  gemm_rm<acc_t>(false, true, rows, nk, D, 1, qb.dOb, hd.lddo, Vb, hd.ldv, 0, s.dS + np, W);
+  for (int64_t r = 0; r < rows; ++r) {
+    softmax_grad<kBytes>(s.P + r * W, s.dS + r * W, key.width, qb.lse[r * a.lse_st], s.delta[r]);
+  }
+
+  // dv_j (+)= sum_i p_ij dout_i ; dk_j (+)= scale sum_i ds_ij q_i
+  if (np > 0) {
+    gemm_rm<acc_t>(true, false, np, D, rows, 1, s.P, W, qb.dOb, hd.lddo, qb.beta_kv, hd.dVp, D);
+    gemm_rm<acc_t>(true, false, np, D, rows, alpha, s.dS, W, qb.Qb, hd.ldq, qb.beta_kv, hd.dKp, D);
+  }
+  gemm_rm<acc_t>(true, false, nk, D, rows, 1, s.P + np, W, qb.dOb, hd.lddo, qb.beta_kv, hd.dV + key.n0 * hd.lddk,
+                 hd.lddk);
+  gemm_rm<acc_t>(true, false, nk, D, rows, alpha, s.dS + np, W, qb.Qb, hd.ldq, qb.beta_kv, hd.dK + key.n0 * hd.lddk,
+                 hd.lddk);
+  // dq_i (+)= scale sum_j ds_ij k_j; the first product initialises dq.
+  if (np > 0) {
+    gemm_rm<acc_t>(false, false, rows, D, np, alpha, s.dS, W, hd.Kp, hd.ldkp, 0, qb.dQ, qb.lddq);
+  }
+  gemm_rm<acc_t>(false, false, rows, D, nk, alpha, s.dS + np, W, Kb, hd.ldk, (kb == 0 && np == 0) ? 0 : 1, qb.dQ,
+                 qb.lddq);
+}
+
+// Query block qb of image b, head h: delta = rowsum(dout * out) of its rows, every key block, then
+// its dq rows (from float scratch for bfloat16).
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void bwd_query_block(const BwdArgs<scalar_t>& a, const Blocking& bl, int64_t b, int64_t h,
+                                        int64_t qb, const BwdHead<at::opmath_type<scalar_t>>& hd,
+                                        const BwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = a.D, T = bl.T, ld_grad = a.H * D;
+  BwdQueryBlock<acc_t> block;
+  block.m0 = qb * bl.BQ;
+  block.rows = bl.rows(block.m0);
+  block.Qb = hd.Q + block.m0 * hd.ldq;
+  block.dOb = hd.dO + block.m0 * hd.lddo;
+  block.lse = a.lse + b * a.lse_sb + h * a.lse_sh + block.m0 * a.lse_st;
+  block.beta_kv = qb == 0 ? 0 : 1;  // the first query block initialises dk, dv
+
+  // delta_i = dout_i . out_i
+  int64_t ldob;
+  const acc_t* Ob = as_acc<kBytes>(a.out, b, h, block.m0, block.rows, D, s.o_conv, ldob);
+  for (int64_t r = 0; r < block.rows; ++r) {
+    s.delta[r] = dot<kBytes>(block.dOb + r * hd.lddo, Ob + r * ldob, D);
+  }
+
+  scalar_t* dq_rows = a.dq + (b * T + block.m0) * ld_grad + h * D;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    block.dQ = dq_rows;
+    block.lddq = ld_grad;
+  } else {
+    block.dQ = s.dq_acc;
+    block.lddq = D;
+  }
+  for (int64_t kb = 0; kb < bl.n_kblocks; ++kb) {
+    bwd_key_block<kBytes>(a, bl, kb, hd, block, s);
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    store_rows<kBytes>(s.dq_acc, D, block.rows, D, dq_rows, ld_grad);
+  }
+}
+
+// Work item bh = (b, h) of the backward pass: the head's operands, every query block, then its dk
+// and dv rows (from float scratch for bfloat16).
+template <int kBytes, typename scalar_t>
+VAPT_ALWAYS_INLINE void bwd_head(const BwdArgs<scalar_t>& a, const Blocking& bl, int64_t bh,
+                                 const BwdScratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = bh / a.H, h = bh % a.H, D = a.D, T = bl.T, ld_grad = a.H * D;
+  const BwdHead<acc_t> hd = bwd_head_operands<kBytes>(a, bl, b, h, s);
+  for (int64_t qb = 0; qb < bl.n_qblocks; ++qb) {
+    bwd_query_block<kBytes>(a, bl, b, h, qb, hd, s);
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    store_rows<kBytes>(s.dk_acc, D, T, D, a.dk + b * T * ld_grad + h * D, ld_grad);
+    store_rows<kBytes>(s.dv_acc, D, T, D, a.dv + b * T * ld_grad + h * D, ld_grad);
+  }
+}
 
 template <typename scalar_t>
 void prefix_attention_bwd_kernel(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -395,158 +634,24 @@ void prefix_attention_bwd_kernel(const Tensor& dout, const Tensor& q, const Tens
                                  const Tensor& lse, double scale, const Tensor& dq, const Tensor& dk,
                                  const Tensor& dv, const Tensor& dkp_partial, const Tensor& dvp_partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
-  const Strides lq = strides_of(q), lk = strides_of(k), lv = strides_of(v);
-  const Strides ldo = strides_of(dout), lo = strides_of(out);
-  const Strides lkp = strides_of(k_prefix), lvp = strides_of(v_prefix);
-  const int64_t ld_grad = H * D;  // dq, dk, dv are (B, T, H, D) in memory
-  const int64_t lse_sb = lse.stride(0), lse_sh = lse.stride(1), lse_st = lse.stride(2);
+  const Blocking bl(T, Np, div_up(T, kBlockQBwd));
+  const BwdArgs<scalar_t> a{.q = Operand<scalar_t>(q), .k = Operand<scalar_t>(k), .v = Operand<scalar_t>(v),
+                            .kp = Operand<scalar_t>(k_prefix), .vp = Operand<scalar_t>(v_prefix),
+                            .dout = Operand<scalar_t>(dout), .out = Operand<scalar_t>(out),
+                            .lse = lse.const_data_ptr<acc_t>(),
+                            .lse_sb = lse.stride(0), .lse_sh = lse.stride(1), .lse_st = lse.stride(2),
+                            .dq = dq.data_ptr<scalar_t>(), .dk = dk.data_ptr<scalar_t>(), .dv = dv.data_ptr<scalar_t>(),
+                            .dkp = Np > 0 ? dkp_partial.data_ptr<acc_t>() : nullptr,
+                            .dvp = Np > 0 ? dvp_partial.data_ptr<acc_t>() : nullptr,
+                            .H = H, .D = D, .alpha = static_cast<acc_t>(scale)};
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
 
-  const int64_t n_qblocks = div_up(T, kBlockQBwd);
-  const int64_t BQ = div_up(T, n_qblocks);
-  const int64_t BK = std::min(T, kBlockK);
-  const int64_t n_kblocks = div_up(T, BK);
-  const int64_t W = Np + BK;
-  const acc_t alpha = static_cast<acc_t>(scale);
-
-  const scalar_t* q_data = q.const_data_ptr<scalar_t>();
-  const scalar_t* k_data = k.const_data_ptr<scalar_t>();
-  const scalar_t* v_data = v.const_data_ptr<scalar_t>();
-  const scalar_t* kp_data = k_prefix.const_data_ptr<scalar_t>();
-  const scalar_t* vp_data = v_prefix.const_data_ptr<scalar_t>();
-  const scalar_t* do_data = dout.const_data_ptr<scalar_t>();
-  const scalar_t* o_data = out.const_data_ptr<scalar_t>();
-  const acc_t* lse_data = lse.const_data_ptr<acc_t>();
-  scalar_t* dq_data = dq.data_ptr<scalar_t>();
-  scalar_t* dk_data = dk.data_ptr<scalar_t>();
-  scalar_t* dv_data = dv.data_ptr<scalar_t>();
-  acc_t* dkp_data = Np > 0 ? dkp_partial.data_ptr<acc_t>() : nullptr;
-  acc_t* dvp_data = Np > 0 ? dvp_partial.data_ptr<acc_t>() : nullptr;
-
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // Scratch of this thread's range: probabilities / dscores of one (query block, key block),
-    // transposed prefix scores, delta of the query block; for bfloat16 float copies of the head's
-    // q, k, v, dout and prefix and of one block of out, and float accumulators of dq (block) and
-    // dk, dv (head).
-    const int64_t conv = kSameType ? 0 : (6 * T + 2 * Np + 2 * BQ) * D;
-    Tensor buf = at::empty({2 * BQ * W + Np * BQ + BQ + conv},
-                           q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* P = buf.data_ptr<acc_t>();
-    acc_t* dS = P + BQ * W;
-    acc_t* St = dS + BQ * W;
-    acc_t* delta = St + Np * BQ;
-    acc_t* q_conv = delta + BQ;
-    acc_t* k_conv = q_conv + T * D;
-    acc_t* v_conv = k_conv + T * D;
-    acc_t* do_conv = v_conv + T * D;
-    acc_t* kp_conv = do_conv + T * D;
-    acc_t* vp_conv = kp_conv + Np * D;
-    acc_t* o_conv = vp_conv + Np * D;
-    acc_t* dq_acc = o_conv + BQ * D;
-    acc_t* dk_acc = dq_acc + BQ * D;
-    acc_t* dv_acc = dk_acc + T * D;
-
-    simd::with_isa([&](auto isa) VAPT_INLINE_LAMBDA {
-      constexpr int kBytes = decltype(isa)::kBytes;
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        int64_t ldq, ldk, ldv, lddo, ldkp = D, ldvp = D;
-        const acc_t* Q = as_acc<kBytes>(q_data + b * lq.sb + h * lq.sh, lq.sr, T, D, q_conv, ldq);
-        const acc_t* K = as_acc<kBytes>(k_data + b * lk.sb + h * lk.sh, lk.sr, T, D, k_conv, ldk);
-        const acc_t* V = as_acc<kBytes>(v_data + b * lv.sb + h * lv.sh, lv.sr, T, D, v_conv, ldv);
-        const acc_t* dO = as_acc<kBytes>(do_data + b * ldo.sb + h * ldo.sh, ldo.sr, T, D, do_conv, lddo);
-        const acc_t* Kp = nullptr;
-        const acc_t* Vp = nullptr;
-        acc_t* dKp = nullptr;
-        acc_t* dVp = nullptr;
-        if (Np > 0) {
-          Kp = as_acc<kBytes>(kp_data + b * lkp.sb + h * lkp.sh, lkp.sr, Np, D, kp_conv, ldkp);
-          Vp = as_acc<kBytes>(vp_data + b * lvp.sb + h * lvp.sh, lvp.sr, Np, D, vp_conv, ldvp);
-          dKp = dkp_data + bh * Np * D;
-          dVp = dvp_data + bh * Np * D;
-        }
-        // dk and dv of the head: accumulated in place when the dtype allows it.
-        acc_t* dK;
-        acc_t* dV;
-        int64_t lddk;
-        if constexpr (kSameType) {
-          dK = dk_data + b * T * ld_grad + h * D;
-          dV = dv_data + b * T * ld_grad + h * D;
-          lddk = ld_grad;
-        } else {
-          dK = dk_acc;
-          dV = dv_acc;
-          lddk = D;
-        }
-
-        for (int64_t qb = 0; qb < n_qblocks; ++qb) {
-          const int64_t m0 = qb * BQ, rows = std::min(BQ, T - m0);
-          const acc_t* Qb = Q + m0 * ldq;
-          const acc_t* dOb = dO + m0 * lddo;
-          const acc_t beta_kv = qb == 0 ? 0 : 1;  // the first query block initialises dk, dv
-          const acc_t* lse_b = lse_data + b * lse_sb + h * lse_sh + m0 * lse_st;
-
-          // delta_i = dout_i . out_i
-          int64_t ldob;
-          const acc_t* Ob = as_acc<kBytes>(o_data + b * lo.sb + h * lo.sh + m0 * lo.sr, lo.sr, rows, D, o_conv, ldob);
-          for (int64_t r = 0; r < rows; ++r) {
-            delta[r] = dot<kBytes>(dOb + r * lddo, Ob + r * ldob, D);
-          }
-
-          acc_t* dQ;
-          int64_t lddq;
-          if constexpr (kSameType) {
-            dQ = dq_data + (b * T + m0) * ld_grad + h * D;
-            lddq = ld_grad;
-          } else {
-            dQ = dq_acc;
-            lddq = D;
-          }
-
-          for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-            const int64_t n0 = kb * BK, nk = std::min(BK, T - n0);
-            const int64_t np = kb == 0 ? Np : 0;
-            const int64_t width = np + nk;
-            const acc_t* Kb = K + n0 * ldk;
-            const acc_t* Vb = V + n0 * ldv;
-
-            // Scaled scores and dP = dout V^T of the block: columns [0, np) prefix, [np, width) tokens.
-            if (np > 0) {
-              prefix_scores<acc_t>(rows, np, D, alpha, Qb, ldq, Kp, ldkp, St, P, W);
-              prefix_scores<acc_t>(rows, np, D, 1, dOb, lddo, Vp, ldvp, St, dS, W);
-            }
-            gemm_rm<acc_t>(false, true, rows, nk, D, alpha, Qb, ldq, Kb, ldk, 0, P + np, W);
-            gemm_rm<acc_t>(false, true, rows, nk, D, 1, dOb, lddo, Vb, ldv, 0, dS + np, W);
-            for (int64_t r = 0; r < rows; ++r) {
-              softmax_grad<kBytes>(P + r * W, dS + r * W, width, lse_b[r * lse_st], delta[r]);
-            }
-
-            // dv_j (+)= sum_i p_ij dout_i ; dk_j (+)= scale sum_i ds_ij q_i
-            if (np > 0) {
-              gemm_rm<acc_t>(true, false, np, D, rows, 1, P, W, dOb, lddo, beta_kv, dVp, D);
-              gemm_rm<acc_t>(true, false, np, D, rows, alpha, dS, W, Qb, ldq, beta_kv, dKp, D);
-            }
-            gemm_rm<acc_t>(true, false, nk, D, rows, 1, P + np, W, dOb, lddo, beta_kv, dV + n0 * lddk, lddk);
-            gemm_rm<acc_t>(true, false, nk, D, rows, alpha, dS + np, W, Qb, ldq, beta_kv, dK + n0 * lddk, lddk);
-            // dq_i (+)= scale sum_j ds_ij k_j; the first product initialises dq.
-            if (np > 0) {
-              gemm_rm<acc_t>(false, false, rows, D, np, alpha, dS, W, Kp, ldkp, 0, dQ, lddq);
-            }
-            gemm_rm<acc_t>(false, false, rows, D, nk, alpha, dS + np, W, Kb, ldk, (kb == 0 && np == 0) ? 0 : 1, dQ,
-                           lddq);
-          }
-          if constexpr (!kSameType) {
-            store_rows<kBytes>(dq_acc, D, rows, D, dq_data + (b * T + m0) * ld_grad + h * D, ld_grad);
-          }
-        }
-        if constexpr (!kSameType) {
-          store_rows<kBytes>(dk_acc, D, T, D, dk_data + b * T * ld_grad + h * D, ld_grad);
-          store_rows<kBytes>(dv_acc, D, T, D, dv_data + b * T * ld_grad + h * D, ld_grad);
-        }
-      }
-    });
-  });
+  parallel_items(
+      B * H, [&] { return TensorScratch<BwdScratch<acc_t>>(q, bl, D, kConvert); },
+      [&](auto isa, int64_t bh, const BwdScratch<acc_t>& s) VAPT_INLINE_LAMBDA {
+        bwd_head<decltype(isa)::kBytes>(a, bl, bh, s);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,7 +661,7 @@ void prefix_attention_bwd_kernel(const Tensor& dout, const Tensor& q, const Tens
 std::tuple<Tensor, Tensor> prefix_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& k_prefix, const Tensor& v_prefix, double scale) {
   check_prefix_attention_inputs("vapt::prefix_attention_fwd (CPU)", at::kCPU, q, k, v, k_prefix, v_prefix);
-  Tensor out = empty_bthd(q);
+  Tensor out = empty_token_major(q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(stats_dtype(q)));
   if (out.numel() == 0) {
     // No query, or D == 0 (all scores 0: lse = log(Np + T)).
@@ -578,7 +683,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd_cpu(
   check_prefix_attention_grads(op, q, dout, out, lse);
 
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Bp = k_prefix.size(0), Np = k_prefix.size(2);
-  Tensor dq = empty_bthd(q), dk = empty_bthd(q), dv = empty_bthd(q);
+  Tensor dq = empty_token_major(q), dk = empty_token_major(q), dv = empty_token_major(q);
   if (dq.numel() == 0) {
     // No query or no channel: the prefix receives no gradient.
     return {dq, dk, dv, at::zeros(k_prefix.sizes(), q.options()), at::zeros(k_prefix.sizes(), q.options())};

@@ -1,13 +1,8 @@
 // SIMD helpers of the CPU kernels (cpu/*.cpp): vector types, loads and stores, exp, bfloat16 rows,
 // and the choice of the ISA variant each hot kernel runs.
 //
-// Why GCC/Clang vector extensions compiled per function, and not at::vec::Vectorized:
-// * An extension is compiled once, for baseline x86-64. at::vec picks its implementation from the
-//   compile flags (CPU_CAPABILITY), so without -mavx2 it is a generic array type that compiles to
-//   scalar loops and a libm call per exp. Compiling a whole file for AVX2 instead (-mavx2, or a
-//   #pragma GCC target around it) also compiles every ATen/c10 inline function the file uses for
-//   AVX2, and the linker keeps one copy of each for the whole extension: a baseline caller can
-//   land in AVX2 code (an ODR violation that crashes on CPUs without AVX2).
+// GCC/Clang vector extensions compiled per function, not at::vec::Vectorized nor a file compiled
+// for AVX2 (why: docs/design.md §2.2):
 // * A vector extension type (T __attribute__((vector_size(N)))) compiles to whatever the function
 //   it is used in targets. Each hot kernel is an always-inlined template over the vector width in
 //   bytes, and with_isa() runs it inside one of three function templates carrying

@@ -28,44 +28,38 @@
 namespace vapt {
 namespace mma {
 
+// to_float: a T (float, half_t, bf16_t) as float; from_float<T>: a float rounded to T, to nearest
+// even.
 #ifdef VAPT_CUDA_EMULATION
 using half_t = c10::Half;
 using bf16_t = c10::BFloat16;
-#else
-using half_t = __half;
-using bf16_t = __nv_bfloat16;
-#endif
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
-#ifdef VAPT_CUDA_EMULATION
   return static_cast<float>(x);
-#else
-  if constexpr (sizeof(T) == 4) {
-    return x;
-  } else if constexpr (std::is_same_v<T, half_t>) {
-    return __half2float(x);
-  } else {
-    return __bfloat162float(x);
-  }
-#endif
 }
 
-// Round to nearest even.
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
-#ifdef VAPT_CUDA_EMULATION
   return T(x);
-#else
-  if constexpr (sizeof(T) == 4) {
-    return x;
-  } else if constexpr (std::is_same_v<T, half_t>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-#endif
 }
+#else
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(bf16_t x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
+#endif
 
 // Two fp32 values rounded to T and packed into one register, `lo` in the low 16 bits.
 template <typename T>

@@ -1,4 +1,4 @@
-// Launch geometry of the norm_and_project CUDA kernels (norm_and_project_kernels.cuh): tile sizes,
+// Launch geometry of the norm_and_project CUDA kernels (norm_and_project_device.cuh): tile sizes,
 // block sizes, grids and dynamic shared memory as functions of the shapes. Plain C++ without CUDA
 // headers, so that the launcher (norm_and_project_kernel.cu) and the static gate
 // (tests/test_gpu_static_cuda.py, through a host program built with g++) read the same numbers.
@@ -10,7 +10,7 @@
 #include <cstdint>
 
 namespace vapt {
-namespace nap {
+namespace norm_and_project {
 
 constexpr int kWarpThreads = 32;
 constexpr int64_t kMaxGridX = 2147483647;  // CUDA's grid limits
@@ -106,5 +106,5 @@ inline constexpr bool launchable(const Geometry& g) {
   return g.grid_x <= kMaxGridX && g.grid_y <= kMaxGridYZ && g.grid_z <= kMaxGridYZ;
 }
 
-}  // namespace nap
+}  // namespace norm_and_project
 }  // namespace vapt

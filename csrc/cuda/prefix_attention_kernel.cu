@@ -1,5 +1,5 @@
 // ATen launcher of vapt::prefix_attention_fwd / vapt::prefix_attention_bwd on CUDA (schema:
-// csrc/vapt.cpp; kernels: prefix_attention_kernels.cuh; grids and shared memory:
+// csrc/vapt.cpp; kernels: prefix_attention_device.cuh; grids and shared memory:
 // prefix_attention_launch.h). Checks device and layout only (the op contract is checked in
 // Python), allocates, and launches on the current stream:
 //   forward:  fwd kernel -> out (B, T, H, D memory), lse
@@ -19,7 +19,7 @@
 #include <tuple>
 
 #include "../common.h"
-#include "prefix_attention_kernels.cuh"
+#include "prefix_attention_device.cuh"
 #include "prefix_attention_launch.h"
 
 namespace vapt {
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd_cuda(const at::Tensor& q
   check_tiling(op, q, k_prefix);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
-  at::Tensor out = empty_bthd(q);
+  at::Tensor out = empty_token_major(q);
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) {
     // No query, or D == 0 (all scores 0: lse = log(Np + T)).
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Np = k_prefix.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
 
-  at::Tensor dq = empty_bthd(q), dk = empty_bthd(q), dv = empty_bthd(q);
+  at::Tensor dq = empty_token_major(q), dk = empty_token_major(q), dv = empty_token_major(q);
   if (dq.numel() == 0) {
     // No query or no channel: every gradient is empty or zero.
     return {dq, dk, dv, at::zeros(k_prefix.sizes(), q.options()), at::zeros(k_prefix.sizes(), q.options())};

@@ -1,5 +1,5 @@
 // Launch geometry and dynamic shared memory of the prefix attention kernels
-// (prefix_attention_kernels.cuh), as plain C++: no CUDA header, so the ATen launcher, the host
+// (prefix_attention_device.cuh), as plain C++: no CUDA header, so the ATen launcher, the host
 // emulation's driver and static checks all compute the same numbers.
 //
 // Tiles (elements; T tokens, Np prefix keys, D head dim, DP = padded_head_dim(D)):

@@ -88,5 +88,20 @@ struct Exchange {
   }
 };
 
+// main() of a driver in mode `mode`, `driver MODE IN OUT`: reads the Header from IN and calls
+// run(T{}, header, in, out) with T the element type of header.dtype. Returns the exit status (2 with
+// `usage` on stderr for other arguments).
+template <typename Header, typename Run>
+int driver_main(int argc, char** argv, const char* mode, const char* usage, Run&& run) {
+  if (argc != 4 || std::string(argv[1]) != mode) {
+    std::fprintf(stderr, "usage: %s %s\n", argv[0], usage);
+    return 2;
+  }
+  Exchange files(argv[2], argv[3]);
+  const auto hd = read_header<Header>(files.in);
+  with_dtype(hd.dtype, [&](auto zero) { run(zero, hd, files.in, files.out); });
+  return 0;
+}
+
 }  // namespace io
 }  // namespace vapt_emu

@@ -1,4 +1,4 @@
-// Host driver that runs the CUDA norm_and_project kernels (csrc/cuda/norm_and_project_kernels.cuh)
+// Host driver that runs the CUDA norm_and_project kernels (csrc/cuda/norm_and_project_device.cuh)
 // under the host emulation (cuda_host.h), for tests/test_cuda_emulation.py:
 //
 //   driver norm_and_project IN OUT
@@ -24,7 +24,7 @@
 #include "cuda_host.h"
 #include "driver_io.h"
 
-#include "../cuda/norm_and_project_kernels.cuh"
+#include "../cuda/norm_and_project_device.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -35,6 +35,17 @@
 namespace {
 
 using namespace vapt;
+using norm_and_project::bwd_column_slots;
+using norm_and_project::bwd_row_groups;
+using norm_and_project::ChannelMixTaskTile;
+using norm_and_project::ChannelMixTile;
+using norm_and_project::Geometry;
+using norm_and_project::launchable;
+using norm_and_project::project_geometry;
+using norm_and_project::rows_bwd_geometry;
+using norm_and_project::rows_fwd_geometry;
+using norm_and_project::SharedMixTile;
+using norm_and_project::task_sum_geometry;
 using vapt_emu::io::as_floats;
 using vapt_emu::io::nan_filled;
 using vapt_emu::io::read_floats;
@@ -47,12 +58,12 @@ struct Header {
   float eps1, eps_g;
 };
 
-dim3 grid_of(const nap::Geometry& g) {
+dim3 grid_of(const Geometry& g) {
   return dim3(static_cast<unsigned>(g.grid_x), static_cast<unsigned>(g.grid_y), static_cast<unsigned>(g.grid_z));
 }
 
-void check_launchable(const nap::Geometry& g) {
-  if (!nap::launchable(g)) vapt_emu::fail("driver: a grid over CUDA's limits (the launcher refuses these shapes)");
+void check_launchable(const Geometry& g) {
+  if (!launchable(g)) vapt_emu::fail("driver: a grid over CUDA's limits (the launcher refuses these shapes)");
 }
 
 // The launcher's launch_project.
@@ -60,7 +71,7 @@ template <typename Tile, bool TASKS, typename a_t, typename scalar_t, typename o
 void launch_project(StridedOperand<a_t> A, RowOperand<scalar_t> Bop, out_t* out, int64_t oz, int64_t om, int64_t Z,
                     int64_t M, int64_t K, int64_t C, KSegments seg = {}, int64_t segments = 1) {
   if (A.z_stride != 0 && Tile::BZ != 1) vapt_emu::fail("driver: project_kernel stages A once per block of z");
-  const nap::Geometry g = nap::project_geometry<Tile>(Z, M, C, segments);
+  const Geometry g = project_geometry<Tile>(Z, M, C, segments);
   check_launchable(g);
   vapt_emu_launch(project_kernel<Tile, TASKS, a_t, scalar_t, out_t>, grid_of(g), dim3(g.threads), g.dynamic_smem, A,
                   Bop, seg, out, oz, om, Z, M, K, C);
@@ -82,21 +93,21 @@ void launch_mix(const float* mix, const int64_t* task, bool shared, int64_t Np, 
   const StridedOperand<float> A = mix_operand(mix, task, shared, Np, N, d, transpose);
   if (task == nullptr) {
     if (shared) {
-      launch_project<nap::SharedMixTile, false>(A, Bop, out, M * d, d, B, M, K, d);
+      launch_project<SharedMixTile, false>(A, Bop, out, M * d, d, B, M, K, d);
     } else {
-      launch_project<nap::ChannelMixTile, false>(A, Bop, out, M * d, d, B, M, K, d);
+      launch_project<ChannelMixTile, false>(A, Bop, out, M * d, d, B, M, K, d);
     }
   } else if (shared) {
-    launch_project<nap::SharedMixTile, true>(A, Bop, out, M * d, d, B, M, K, d);
+    launch_project<SharedMixTile, true>(A, Bop, out, M * d, d, B, M, K, d);
   } else {
-    launch_project<nap::ChannelMixTaskTile, true>(A, Bop, out, M * d, d, B, M, K, d);
+    launch_project<ChannelMixTaskTile, true>(A, Bop, out, M * d, d, B, M, K, d);
   }
 }
 
 // The launcher's launch_task_sum: out (tasks, L).
 void launch_task_sum(const float* part, int64_t S, int64_t stride, const std::vector<int64_t>& order,
                      const std::vector<int64_t>& bounds, std::vector<float>& out, int64_t L) {
-  const nap::Geometry g = nap::task_sum_geometry(static_cast<int64_t>(bounds.size()) - 1, L);
+  const Geometry g = task_sum_geometry(static_cast<int64_t>(bounds.size()) - 1, L);
   check_launchable(g);
   vapt_emu_launch(task_sum_kernel, grid_of(g), dim3(g.threads), g.dynamic_smem, part, order.data(), bounds.data(),
                   out.data(), S, stride, L);
@@ -116,7 +127,7 @@ void group_by_task(const std::vector<int64_t>& task, int64_t K, std::vector<int6
 }
 
 template <typename scalar_t>
-void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
+void run(const Header& hd, FILE* in, FILE* out_file) {
   const int64_t B = hd.B, T = hd.T, d = hd.d, Np = hd.Np, P = hd.P, N = T - P;
   const bool shared_mix = !hd.per_channel, tasks = hd.tasks > 0;
   const int64_t K = tasks ? hd.tasks : 1;
@@ -153,7 +164,7 @@ void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
   std::vector<float> mean = nan_filled<float>(B * T), rstd1 = nan_filled<float>(B * T);
   std::vector<float> rstd_g = nan_filled<float>(B * T);
   const bool vec_fwd = d % kVec == 0 && aligned16(x.data()) && aligned16(h.data()) && aligned16(w1) && aligned16(b1);
-  const nap::Geometry rg = nap::rows_fwd_geometry(B, T);
+  const Geometry rg = rows_fwd_geometry(B, T);
   check_launchable(rg);
   const auto rows_fwd = vec_fwd ? rows_fwd_kernel<scalar_t, kVec> : rows_fwd_kernel<scalar_t, 1>;
   vapt_emu_launch(rows_fwd, grid_of(rg), dim3(rg.threads), rg.dynamic_smem, x.data(), w1, b1, h.data(), mean.data(),
@@ -179,10 +190,10 @@ void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
   const bool vec_bwd = d % kVec == 0 && aligned16(dh.data()) && aligned16(x.data()) && aligned16(dx.data()) &&
                        aligned16(w1) && aligned16(wg);
   const int v = vec_bwd ? kVec : 1;
-  const int groups = nap::bwd_row_groups(d, v);
-  const int64_t slots = nap::bwd_column_slots(B, T, d, v);
+  const int groups = bwd_row_groups(d, v);
+  const int64_t slots = bwd_column_slots(B, T, d, v);
   std::vector<float> col_part = nan_filled<float>(slots * 4 * d);
-  const nap::Geometry bg_geom = nap::rows_bwd_geometry(B, T);
+  const Geometry bg_geom = rows_bwd_geometry(B, T);
   check_launchable(bg_geom);
   const auto rows_bwd =
       !tasks ? (vec_bwd ? rows_bwd_kernel<scalar_t, kVec, false> : rows_bwd_kernel<scalar_t, 1, false>)
@@ -195,18 +206,18 @@ void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
     const StridedOperand<scalar_t> dg_b{dg.data(), Np * d, d, 1, 0};
     const RowOperand<scalar_t> xg_k{x.data(), T, 1, P, d, true, mean.data(), rstd_g.data(), wg, bg, task_ptr};
     if (tasks) {
-      launch_project<nap::SharedMixTile, true>(dg_b, xg_k, dmix_out.data(), Np * N, N, B, Np, d, N);
+      launch_project<SharedMixTile, true>(dg_b, xg_k, dmix_out.data(), Np * N, N, B, Np, d, N);
     } else {
-      launch_project<nap::SharedMixTile, false>(dg_b, xg_k, dmix_out.data(), Np * N, N, B, Np, d, N);
+      launch_project<SharedMixTile, false>(dg_b, xg_k, dmix_out.data(), Np * N, N, B, Np, d, N);
     }
   } else {
     const StridedOperand<scalar_t> dg_by_prompt{dg.data(), 0, d, Np * d, 1};
     const RowOperand<scalar_t> xg_n{x.data(), 1, T, P, d, false, mean.data(), rstd_g.data(), wg, bg, task_ptr, true};
     if (tasks) {
       const KSegments seg{order.data(), bounds.data(), Np * N * d};
-      launch_project<nap::ChannelMixTile, true>(dg_by_prompt, xg_n, dmix_out.data(), d, N * d, N, Np, B, d, seg, K);
+      launch_project<ChannelMixTile, true>(dg_by_prompt, xg_n, dmix_out.data(), d, N * d, N, Np, B, d, seg, K);
     } else {
-      launch_project<nap::ChannelMixTile, false>(dg_by_prompt, xg_n, dmix_out.data(), d, N * d, N, Np, B, d);
+      launch_project<ChannelMixTile, false>(dg_by_prompt, xg_n, dmix_out.data(), d, N * d, N, Np, B, d);
     }
   }
 
@@ -242,13 +253,8 @@ void norm_and_project(const Header& hd, FILE* in, FILE* out_file) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode != "norm_and_project" || argc != 4) {
-    std::fprintf(stderr, "usage: %s norm_and_project IN OUT\n", argv[0]);
-    return 2;
-  }
-  vapt_emu::io::Exchange files(argv[2], argv[3]);
-  const auto hd = vapt_emu::io::read_header<Header>(files.in);
-  vapt_emu::io::with_dtype(hd.dtype, [&](auto zero) { norm_and_project<decltype(zero)>(hd, files.in, files.out); });
-  return 0;
+  return vapt_emu::io::driver_main<Header>(argc, argv, "norm_and_project", "norm_and_project IN OUT",
+                                           [](auto zero, const Header& hd, FILE* in, FILE* out) {
+                                             run<decltype(zero)>(hd, in, out);
+                                           });
 }

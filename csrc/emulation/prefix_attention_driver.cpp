@@ -1,4 +1,4 @@
-// Host driver that runs the CUDA prefix attention kernels (csrc/cuda/prefix_attention_kernels.cuh)
+// Host driver that runs the CUDA prefix attention kernels (csrc/cuda/prefix_attention_device.cuh)
 // under the host emulation (cuda_host.h), for tests/test_cuda_emulation.py:
 //
 //   driver attention IN OUT   IN: int32 {dtype (0 fp32, 1 fp16, 2 bf16), B, H, T, Np, D, Bp,
@@ -16,7 +16,7 @@
 #include "cuda_host.h"
 #include "driver_io.h"
 
-#include "../cuda/prefix_attention_kernels.cuh"
+#include "../cuda/prefix_attention_device.cuh"
 
 #include <cstdio>
 #include <limits>
@@ -253,19 +253,14 @@ void selftest(FILE* out_file) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode == "selftest" && argc == 3) {
+  if (argc == 3 && std::string(argv[1]) == "selftest") {
     FILE* out = std::fopen(argv[2], "wb");
     selftest(out);
     std::fclose(out);
     return 0;
   }
-  if (mode != "attention" || argc != 4) {
-    std::fprintf(stderr, "usage: %s attention IN OUT | selftest OUT\n", argv[0]);
-    return 2;
-  }
-  vapt_emu::io::Exchange files(argv[2], argv[3]);
-  const auto hd = vapt_emu::io::read_header<Header>(files.in);
-  vapt_emu::io::with_dtype(hd.dtype, [&](auto zero) { attention<decltype(zero)>(hd, files.in, files.out); });
-  return 0;
+  return vapt_emu::io::driver_main<Header>(argc, argv, "attention", "attention IN OUT | selftest OUT",
+                                           [](auto zero, const Header& hd, FILE* in, FILE* out) {
+                                             attention<decltype(zero)>(hd, in, out);
+                                           });
 }

@@ -104,8 +104,9 @@ def format_task_ratios(rows: list[dict]) -> str:
     median = {(r["mode"], r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
     lines = []
     for (mode, provider), mixed in median.items():
-        if provider.endswith("-mixed"):
-            single, loop = provider.removesuffix("-mixed"), provider.replace("-mixed", "-loop")
+        backend = harness.PROVIDER_TABLE[provider].backend
+        if harness.PROVIDER_TABLE[provider].kind == "mixed":
+            single, loop = harness.provider_name("fast", backend), harness.provider_name("loop", backend)
             parts = [f"{mode} {provider}:"]
             if (mode, single) in median:
                 parts.append(f"{mixed / median[mode, single]:.3f}x {single}")
@@ -143,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         warmup=args.warmup, img_size=args.img_size, providers=args.providers, modes=args.modes,
         memory=not args.no_memory, compile=args.compile, tasks=args.tasks,
     )
-    env = harness.environment(args.device)
+    env = harness.row_environment(args.device)
     configs = [replace(base, **{args.sweep: value}) for value in SWEEPS[args.sweep]] if args.sweep else [base]
     out = args.out.resolve() if args.out else None
     summary = {

@@ -8,7 +8,7 @@ Providers:
                     flowing to the token embeddings through every block, no weight gradients;
                     inference: the plain ViT.
     vpt-deep        VPT-deep (static prompts in every block) in the official formulation.
-    vapt-official   VAPT in the official formulation: :func:`vapt_kernels.reference.forward` on the
+    vapt-official   VAPT in the official formulation: :func:`vapt_kernels.official.forward` on the
                     VAPT model's backbone and prompt parameters (prompts as real tokens).
     vapt-<backend>  the VAPT model on a fast backend (torch, triton, native); one that cannot run
                     on the device is reported as ``n/a (reason)``.
@@ -20,6 +20,9 @@ Providers:
                     runs it as one batch, ``loop`` calls it once per task on that task's images
                     (how peft serves a mixed batch of LoRA adapters) and puts the rows back in order.
                     Next to ``vapt-<backend>`` on the same batch, they show what mixing costs.
+
+Each name stands for a :class:`Provider` (:data:`PROVIDER_TABLE`): its kind, backend and whether it is
+compiled are looked up there, never read off the name.
 
 What is measured per provider and mode: ``train``, one training step (forward, cross-entropy,
 backward, gradients cleared; only prompts and head are trainable); ``infer``, one forward without
@@ -64,13 +67,14 @@ import torch.nn.functional as F
 import torch.utils.benchmark as torch_benchmark
 from tqdm import tqdm
 
-import vapt_kernels as vk
-from vapt_kernels import ops, reference
-from vapt_kernels.check import cpu_name, library_versions
-from vapt_kernels.checkpoint import official_parameters
+from vapt_kernels import official, ops
+from vapt_kernels.checkpoint import official_parameters, trainable_state_dict
+from vapt_kernels.config import VAPTConfig
+from vapt_kernels.environment import device_name, git_commit, library_versions
+from vapt_kernels.multitask import MultiTaskVAPT
+from vapt_kernels.timm import apply_vapt, apply_vpt, set_backend
 
 FAST_BACKENDS = ("torch", "triton", "native")
-PROVIDERS = ("floor", "vpt-deep", "vapt-official") + tuple(f"vapt-{b}" for b in FAST_BACKENDS)
 MODES = ("train", "infer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_DEFAULTS = {
@@ -90,6 +94,51 @@ CSV_FIELDS = [
 
 
 @dataclass(frozen=True)
+class Provider:
+    """What a provider name stands for.
+
+    Args:
+        name: the name in the table, the command line and the result rows.
+        kind: ``floor`` (the frozen ViT), ``vpt-deep`` and ``official`` (the official formulation
+            of VPT-deep and of VAPT), ``fast`` (the VAPT model on ``backend``), ``mixed`` and
+            ``loop`` (a :class:`vapt_kernels.MultiTaskVAPT` on ``backend``, see :class:`MixedBatch`).
+        backend: the fast backend of the ``fast``, ``mixed`` and ``loop`` kinds, else None.
+        compiled: ``torch.compile`` of the eager provider of the same kind and backend.
+    """
+
+    name: str
+    kind: str
+    backend: Optional[str] = None
+    compiled: bool = False
+
+
+MULTI_TASK_KINDS = ("mixed", "loop")
+COMPILED_KINDS = ("floor", "official", "fast")
+
+
+def _provider_table() -> dict[str, Provider]:
+    eager = [Provider("floor", "floor"), Provider("vpt-deep", "vpt-deep"), Provider("vapt-official", "official")]
+    eager += [Provider(f"vapt-{b}", "fast", b) for b in FAST_BACKENDS]
+    eager += [Provider(f"vapt-{b}-{kind}", kind, b) for b in FAST_BACKENDS for kind in MULTI_TASK_KINDS]
+    compiled = [replace(p, name=f"{p.name}+compile", compiled=True) for p in eager if p.kind in COMPILED_KINDS]
+    return {p.name: p for p in eager + compiled}
+
+
+# Every provider a run can have, by name.
+PROVIDER_TABLE = _provider_table()
+# The providers one picks (``--providers``); the others follow from ``tasks`` and ``compile``.
+PROVIDERS = tuple(p.name for p in PROVIDER_TABLE.values() if p.kind not in MULTI_TASK_KINDS and not p.compiled)
+
+
+def provider_name(kind: str, backend: Optional[str] = None, compiled: bool = False) -> str:
+    """The name of the provider of ``kind`` (on ``backend``, compiled or not)."""
+    for p in PROVIDER_TABLE.values():
+        if (p.kind, p.backend, p.compiled) == (kind, backend, compiled):
+            return p.name
+    raise KeyError(f"no provider of kind {kind!r}, backend {backend!r}, compiled {compiled}")
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """What one benchmark run measures.
 
@@ -102,7 +151,7 @@ class BenchConfig:
         steps: timed steps per provider and mode.
         warmup: untimed steps per provider and mode before them.
         img_size: image size (None: the model's).
-        providers: names from :data:`PROVIDERS`.
+        providers: names from :data:`PROVIDERS` (a memory probe: any one of :data:`PROVIDER_TABLE`).
         modes: names from :data:`MODES`.
         memory: also measure peak memory.
         compile: add ``torch.compile`` providers.
@@ -161,7 +210,7 @@ class Unavailable(Exception):
 
 
 class OfficialFormulation(nn.Module):
-    """A VAPT model run in the official formulation (:func:`vapt_kernels.reference.forward`).
+    """A VAPT model run in the official formulation (:func:`vapt_kernels.official.forward`).
 
     Its parameters are the VAPT model's, and ``train()`` / ``eval()`` reach the model (whose own
     ``train()`` keeps the frozen backbone in eval mode); the prompt dropouts follow the prompts'
@@ -172,11 +221,11 @@ class OfficialFormulation(nn.Module):
         super().__init__()
         self.model = model
         # Official name -> the model's parameter objects; looked up once, not per step.
-        self.official = official_parameters(model)
+        self.official_params = official_parameters(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vapt = self.model.vapt
-        return reference.forward(self.model, self.official, vapt.config, images, training=vapt.training)
+        return official.forward(self.model, self.official_params, vapt.config, images, training=vapt.training)
 
 
 def build_backbone(cfg: BenchConfig) -> nn.Module:
@@ -203,7 +252,7 @@ class MixedBatch(nn.Module):
     """A :class:`vapt_kernels.MultiTaskVAPT` fed a fixed task per image: in one call, or in one call
     per task on its images with the logits put back in batch order (``loop``)."""
 
-    def __init__(self, mt: vk.MultiTaskVAPT, batch: int, loop: bool) -> None:
+    def __init__(self, mt: MultiTaskVAPT, batch: int, loop: bool) -> None:
         super().__init__()
         self.mt, self.loop = mt, loop
         tasks = len(mt.tasks)
@@ -223,8 +272,8 @@ def provider_names(cfg: BenchConfig) -> tuple[str, ...]:
     fast backend among them."""
     names = list(cfg.providers)
     if cfg.tasks > 1:
-        fast = [n for n in cfg.providers if n.removeprefix("vapt-") in FAST_BACKENDS]
-        names += [f"{n}-{kind}" for n in fast for kind in ("mixed", "loop")]
+        fast = [PROVIDER_TABLE[n] for n in cfg.providers if PROVIDER_TABLE[n].kind == "fast"]
+        names += [provider_name(kind, p.backend) for p in fast for kind in MULTI_TASK_KINDS]
     return tuple(names)
 
 
@@ -234,42 +283,42 @@ def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Mod
     device_type = torch.device(cfg.device).type
     models: dict[str, Union[nn.Module, Unavailable]] = {}
     vapt: Optional[nn.Module] = None
-    many: dict[str, vk.MultiTaskVAPT] = {}  # backend -> the model its -mixed and -loop providers share
+    many: dict[str, MultiTaskVAPT] = {}  # backend -> the model its -mixed and -loop providers share
 
     def shared_vapt() -> nn.Module:
         """One set of prompt parameters, copied to every VAPT provider."""
         nonlocal vapt
         if vapt is None:
-            vapt = vk.apply_vapt(copy.deepcopy(base), vk.VAPTConfig(num_prompts=cfg.prompts))
+            vapt = apply_vapt(copy.deepcopy(base), VAPTConfig(num_prompts=cfg.prompts))
         return vapt
 
     for name in provider_names(cfg):
-        if name == "floor":
+        provider = PROVIDER_TABLE[name]
+        backend = provider.backend
+        if provider.kind == "floor":
             models[name] = _floor(base)
-            continue
-        if name == "vpt-deep":
-            models[name] = OfficialFormulation(vk.apply_vpt(copy.deepcopy(base), num_prompts=cfg.prompts))
-            continue
-        single, _, kind = name.rpartition("-") if name.endswith(("-mixed", "-loop")) else (name, "", "")
-        backend = single.removeprefix("vapt-")
-        reason = None if name == "vapt-official" else ops.unavailable_reason(backend, device_type)
-        if reason:
-            models[name] = Unavailable(reason)
-        elif name == "vapt-official":
+        elif provider.kind == "vpt-deep":
+            models[name] = OfficialFormulation(apply_vpt(copy.deepcopy(base), num_prompts=cfg.prompts))
+        elif provider.kind == "official":
             models[name] = OfficialFormulation(copy.deepcopy(shared_vapt()))
-        elif not kind:
-            models[name] = vk.set_backend(copy.deepcopy(shared_vapt()), backend)
-        else:
+        elif reason := ops.unavailable_reason(backend, device_type):
+            models[name] = Unavailable(reason)
+        elif provider.kind == "fast":
+            models[name] = set_backend(copy.deepcopy(shared_vapt()), backend)
+        else:  # mixed, loop
             if backend not in many:
-                many[backend] = vk.MultiTaskVAPT(vk.set_backend(copy.deepcopy(shared_vapt()), backend))
+                many[backend] = MultiTaskVAPT(set_backend(copy.deepcopy(shared_vapt()), backend))
                 for t in range(cfg.tasks):
-                    many[backend].add_task(f"task{t}", vk.trainable_state_dict(shared_vapt()))
-            models[name] = MixedBatch(many[backend], cfg.batch, loop=kind == "loop")
+                    many[backend].add_task(f"task{t}", trainable_state_dict(shared_vapt()))
+            models[name] = MixedBatch(many[backend], cfg.batch, loop=provider.kind == "loop")
     if cfg.compile:
-        fast = [n for n in cfg.providers if n.removeprefix("vapt-") in FAST_BACKENDS and isinstance(models[n], nn.Module)]
+        fast = [
+            n for n in cfg.providers if PROVIDER_TABLE[n].kind == "fast" and isinstance(models[n], nn.Module)
+        ]
         for name in ["floor", "vapt-official"] + fast[-1:]:
             if isinstance(models.get(name), nn.Module):
-                models[f"{name}+compile"] = torch.compile(copy.deepcopy(models[name]))
+                p = PROVIDER_TABLE[name]
+                models[provider_name(p.kind, p.backend, compiled=True)] = torch.compile(copy.deepcopy(models[name]))
     return models
 
 
@@ -396,7 +445,7 @@ def measure(cfg: BenchConfig, progress: bool = True) -> list[Result]:
             for r in measured:
                 r.peak_mem_mb = cuda_peak_memory(make_step(models[r.provider], r.mode, x, y, cfg.dtype))
         else:
-            measured = [r for r in measured if not r.provider.endswith("+compile")]
+            measured = [r for r in measured if not PROVIDER_TABLE[r.provider].compiled]
             with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
                 peaks = pool.map(lambda r: cpu_peak_memory(cfg, r.provider, r.mode), measured)
                 for r, peak in zip(measured, peaks):
@@ -422,7 +471,7 @@ def cuda_peak_memory(step: Callable[[], None]) -> float:
 def cpu_peak_memory(cfg: BenchConfig, provider: str, mode: str) -> Optional[float]:
     """Peak RSS growth (MiB) over two steps of one provider, in a fresh interpreter; None if the
     probe failed (e.g. no ``/proc``)."""
-    tasks = cfg.tasks if provider.endswith(("-mixed", "-loop")) else 1
+    tasks = cfg.tasks if PROVIDER_TABLE[provider].kind in MULTI_TASK_KINDS else 1
     probe = json.dumps(asdict(replace(cfg, providers=(provider,), modes=(mode,), tasks=tasks)))
     code = "import sys; from vapt_kernels.bench.harness import memory_probe; memory_probe(sys.argv[1])"
     try:
@@ -478,27 +527,9 @@ def keep_freed_memory() -> None:
         pass
 
 
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's (py-cpuinfo) with its logical core count and torch's threads."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
-
-
-def git_commit() -> str:
-    """The short commit of the checkout this package runs from, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: str) -> dict[str, str]:
-    """What every row of one invocation shares: timestamp, commit, device name, versions, timer."""
+def row_environment(device: str) -> dict[str, str]:
+    """What every row of one invocation shares: timestamp, commit, device name, versions, timer
+    (:mod:`vapt_kernels.environment`)."""
     return {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),

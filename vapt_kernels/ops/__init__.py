@@ -1,9 +1,9 @@
 """The two VAPT ops and backend dispatch.
 
 * ``norm_and_project``: the block's LayerNorm of every token and the folded prompt projection
-  ``mix @ LN_g(patches)`` from one input (DESIGN §2.2-2.3).
+  ``mix @ LN_g(patches)`` from one input (docs/design.md §1.3-1.4).
 * ``prefix_attention``: token queries over prompt keys/values prepended to the token ones
-  (DESIGN §2.1).
+  (docs/design.md §1.2).
 
 What each op takes on each backend is its contract (:mod:`.library`), checked before any kernel
 runs. Backends:
@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -49,16 +48,15 @@ AUTO_PREFERENCE = {
     "prefix_attention": {"cuda": ("torch",), "cpu": ("native", "torch")},
 }
 
-_TRITON_KERNELS = "vapt_kernels.ops.triton.prefix_attention"
-
 
 def _triton_interpreted() -> bool:
     """Whether the Triton kernels run in Triton's interpreter: fixed when they are first imported
     (``@triton.jit`` reads ``TRITON_INTERPRET`` then), so a later change of the variable does not
-    count."""
-    kernels = sys.modules.get(_TRITON_KERNELS)
-    if kernels is not None:
-        return kernels.INTERPRETED
+    count. Before that import the variable decides."""
+    if "triton" in library.KERNELS:  # the backend has imported its kernels and registered them
+        from .triton import common
+
+        return common.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -261,7 +259,7 @@ def prefix_attention(
     chosen = _select("prefix_attention", backend, q.device.type, rules)
     if chosen == "reference":
         return composite.prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
-    if chosen == "torch":
+    if chosen == "torch" and q.device.type != "cpu":
         return composite.prefix_attention(q, k, v, k_prefix, v_prefix, scale)
     _load(chosen)
     return library.prefix_attention(chosen, dtype, q, k, v, k_prefix, v_prefix, scale)

@@ -5,15 +5,19 @@ Shapes: ``B`` batch, ``T = P + N`` tokens (``P`` prefix tokens, ``N`` patches), 
 returns) is :mod:`vapt_kernels.ops.library`'s; this module only computes.
 
 * :func:`norm_and_project_reference` and :func:`prefix_attention_reference`: the plain
-  formulations (autograd does their backward, twice if asked). They are the oracle of every
-  backend's op tests, the ``reference`` backend, and the differentiable backward every backend
-  falls back to when a gradient of a gradient is asked for.
+  formulations (autograd does their backward, twice if asked): the oracle of every backend's op
+  tests and the ``reference`` backend.
 * :func:`norm_and_project_fwd` / :func:`norm_and_project_bwd`: the ``torch`` backend's
   ``norm_and_project``, the composite twin of the kernel ops (same signature, outputs and saved
-  statistics), so it shares their autograd wiring. Its hand-written backward exists because
+  statistics), so it shares their autograd rule. Its hand-written backward exists because
   autograd's own backward of ``mix @ LN(x)`` broadcasts ``mix`` over the batch and reduces
   afterwards (2.4x slower on CPU at ViT-S shapes).
-* :func:`prefix_attention`: the ``torch`` backend's attention (see its docstring).
+* :func:`prefix_attention_fwd` / :func:`prefix_attention_bwd`: the ``torch`` backend's attention
+  on CPU tensors, the same kind of twin, on PyTorch's fused CPU attention; :func:`prefix_attention`:
+  the ``torch`` backend's attention on GPU tensors (concatenation + SDPA).
+* The backward of a backward (``create_graph=True``, ``torch.func``) of every backend:
+  :func:`norm_and_project_bwd` with ``recompute_eps_g`` and :func:`prefix_attention_bwd` with
+  ``differentiable``, written with differentiable operations only.
 
 Many tasks (``task`` given): the prompt parameters are stacked per task and image ``b`` uses
 ``task[b]``'s. The reference runs the single-task formulation once per task and keeps each image's
@@ -67,13 +71,16 @@ def norm_and_project_reference(
     return h, g
 
 
+def with_prefix(prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[prefix; tokens]`` along the token axis: ``(B, H, Np + T, D)`` from a ``(B or 1, H, Np, D)``
+    prefix (batch 1 is broadcast) and ``(B, H, T, D)`` token keys or values."""
+    return torch.cat((prefix.expand(tokens.shape[0], -1, -1, -1), tokens), dim=2)
+
+
 def prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale):
     """Softmax attention of ``q`` over the concatenated keys/values, computed plainly."""
-    B = q.shape[0]
-    k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
-    v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
-    attn = torch.softmax(torch.matmul(q, k_all.transpose(-1, -2)) * scale, dim=-1)
-    return torch.matmul(attn, v_all)
+    attn = torch.softmax(torch.matmul(q, with_prefix(k_prefix, k).transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(attn, with_prefix(v_prefix, v))
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,43 +257,80 @@ def _prompt_grads_per_task(dgs, xhat, mix_t, gen_weight, gen_bias, task):
     return dxg, dwg, _sum_by_task(dbg_b, task, K), dmix
 
 
-def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, scale):
-    """Gradients ``(dq, dk, dv, dk_prefix, dv_prefix)`` of :func:`prefix_attention_reference`,
-    written out with the probabilities recomputed from the inputs, so that they are differentiable
-    functions of the inputs (the backward of a backward, for every backend). Prefix gradients are
-    summed over the batch when the prefix is broadcast."""
-    B, Np = q.shape[0], k_prefix.shape[2]
-    k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
-    v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
+def _prefix_grads(dk_all, dv_all, k_prefix):
+    """Split ``(B, H, Np + T, D)`` key and value gradients into ``(dk, dv, dk_prefix, dv_prefix)``;
+    the gradient of a broadcast prefix is summed over the batch."""
+    Np = k_prefix.shape[2]
+    dk_prefix, dv_prefix = dk_all[:, :, :Np], dv_all[:, :, :Np]
+    if k_prefix.shape[0] != dk_all.shape[0]:
+        dk_prefix, dv_prefix = dk_prefix.sum(0, keepdim=True), dv_prefix.sum(0, keepdim=True)
+    return dk_all[:, :, Np:], dv_all[:, :, Np:], dk_prefix, dv_prefix
+
+
+def _nan_query_rows(q: torch.Tensor) -> torch.Tensor:
+    """Where a query row holds a NaN, ``(B, H, T, 1)``: its output row is NaN (the plain
+    formulation's answer; PyTorch's fused attention returns zeros there). ``amax`` propagates NaN
+    and reads the rows as they lie (an ``isnan`` of a strided ``q`` is ten times slower)."""
+    return q.amax(-1, keepdim=True).isnan()
+
+
+def _cpu_attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What PyTorch's fused CPU attention computes in for ``dtype`` inputs: float16 in float32 (CPUs
+    have no float16 arithmetic; the fused kernel would round its probabilities to float16), every
+    other dtype as it is."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale):
+    """The ``torch`` backend's ``prefix_attention_fwd`` on CPU tensors: ``(out (B, H, T, D), lse
+    (B, H, T))`` as the kernels return them (``lse`` in the stats dtype), from PyTorch's fused CPU
+    attention (the kernel ``F.scaled_dot_product_attention`` runs on CPU) over the concatenated
+    keys and values. Its backward (:func:`prefix_attention_bwd`) consumes ``lse``, so the
+    ``(T, Np + T)`` probabilities are never stored."""
+    c = _cpu_attention_dtype(q.dtype)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.to(c), with_prefix(k_prefix, k).to(c), with_prefix(v_prefix, v).to(c), scale=scale
+        )
+    return out.to(q.dtype).masked_fill_(_nan_query_rows(q), torch.nan), lse
+
+
+def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, scale, *, differentiable=False):
+    """Gradients ``(dq, dk, dv, dk_prefix, dv_prefix)`` of ``prefix_attention``; prefix gradients
+    are summed over the batch when the prefix is broadcast.
+
+    By default the ``torch`` backend's ``prefix_attention_bwd`` on CPU tensors: PyTorch's fused
+    CPU attention backward from ``out`` and ``lse``. With ``differentiable``, the formulas written
+    out with the probabilities recomputed from the inputs (``out`` and ``lse`` unused), so that the
+    gradients are differentiable functions of the inputs: the backward of a backward, for every
+    backend and device.
+    """
+    k_all, v_all = with_prefix(k_prefix, k), with_prefix(v_prefix, v)
+    if not differentiable:
+        c = _cpu_attention_dtype(q.dtype)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout.to(c), q.to(c), k_all.to(c), v_all.to(c), out.to(c), lse, 0.0, False, scale=scale
+            )
+        return tuple(grad.to(q.dtype) for grad in (dq, *_prefix_grads(dk_all, dv_all, k_prefix)))
     probs = torch.softmax(torch.matmul(q, k_all.transpose(-1, -2)) * scale, dim=-1)
     dv_all = torch.matmul(probs.transpose(-1, -2), dout)
     dprobs = torch.matmul(dout, v_all.transpose(-1, -2))
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) * scale
     dq = torch.matmul(dscores, k_all)
     dk_all = torch.matmul(dscores.transpose(-1, -2), q)
-    dk_prefix, dv_prefix = dk_all[:, :, :Np], dv_all[:, :, :Np]
-    if k_prefix.shape[0] != B:
-        dk_prefix, dv_prefix = dk_prefix.sum(0, keepdim=True), dv_prefix.sum(0, keepdim=True)
-    return dq, dk_all[:, :, Np:], dv_all[:, :, Np:], dk_prefix, dv_prefix
+    return (dq, *_prefix_grads(dk_all, dv_all, k_prefix))
 
 
 def prefix_attention(q, k, v, k_prefix, v_prefix, scale):
-    """The ``torch`` backend's ``prefix_attention``.
+    """The ``torch`` backend's ``prefix_attention`` on GPU tensors: concatenation + SDPA.
 
-    Concatenation + SDPA, except for CPU tensors that need a gradient: there it is the plain
-    formulation (:func:`prefix_attention_reference`), whose forward and backward together beat
-    concatenation + SDPA at ViT shapes (21.7 vs 24.0 ms at ViT-S, batch 8: SDPA's CPU backward is
-    the slow part) and which can be differentiated twice. On CUDA, SDPA's fused kernels (flash or
-    memory-efficient attention) never materialise the (T, Np + T) scores, forward or backward; their
-    backward cannot be differentiated again (PyTorch says so when asked), except in float64, where
-    SDPA runs its plain math. A query row holding a NaN gets a NaN output row (SDPA's CPU kernel
-    returns zeros for it), as on every backend.
+    SDPA's fused GPU kernels (flash or memory-efficient attention) never materialise the
+    ``(T, Np + T)`` scores, forward or backward; their backward cannot be differentiated again
+    (PyTorch says so when asked), except in float64, where SDPA runs its plain math. (On CPU
+    tensors the backend runs :func:`prefix_attention_fwd` / :func:`prefix_attention_bwd` under the
+    ops' autograd rule, whose backward of a backward uses the differentiable formulas.) A query row
+    holding a NaN gets a NaN output row, as on every backend.
     """
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_prefix, v_prefix))
-    if grad and q.device.type == "cpu":
-        return prefix_attention_reference(q, k, v, k_prefix, v_prefix, scale)
-    B = q.shape[0]
-    k_all = torch.cat((k_prefix.expand(B, -1, -1, -1), k), dim=2)
-    v_all = torch.cat((v_prefix.expand(B, -1, -1, -1), v), dim=2)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
-    return torch.where(q.isnan().any(-1, keepdim=True), torch.nan, out)
+    out = F.scaled_dot_product_attention(q, with_prefix(k_prefix, k), with_prefix(v_prefix, v), scale=scale)
+    return torch.where(_nan_query_rows(q), torch.nan, out)  # not in place: SDPA saved out

@@ -235,27 +235,48 @@ def attention_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
+# layouts the kernels of every backend take and give
+# --------------------------------------------------------------------------------------------
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last stride is 1 (what the attention kernels index), else a contiguous
+    copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def empty_token_major(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``like``'s ``(B, H, T, D)`` shape, dtype and device, laid out in
+    memory as ``(B, T, H, D)``: the attention kernels' output layout, so merging the heads back
+    (``out.transpose(1, 2).reshape(B, T, H * D)``) is free (``csrc/``'s ``empty_token_major``)."""
+    B, H, T, D = like.shape
+    return like.new_empty(B, T, H, D).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
 # kernel ops of the backends
 # --------------------------------------------------------------------------------------------
 
 
 class Kernels(NamedTuple):
-    """The kernel functions of one backend (``prefix_attention_*`` None for ``torch``)."""
+    """The kernel functions of one backend."""
 
     norm_and_project_fwd: Callable
     norm_and_project_bwd: Callable
-    prefix_attention_fwd: Optional[Callable] = None
-    prefix_attention_bwd: Optional[Callable] = None
+    prefix_attention_fwd: Callable
+    prefix_attention_bwd: Callable
 
 
 KERNELS: dict[str, Kernels] = {
-    "torch": Kernels(composite.norm_and_project_fwd, composite.norm_and_project_bwd),
+    # The composite twins; its prefix_attention pair is for CPU tensors (PyTorch's fused CPU
+    # attention), GPU tensors take composite.prefix_attention outside this rule.
+    "torch": Kernels(
+        composite.norm_and_project_fwd,
+        composite.norm_and_project_bwd,
+        composite.prefix_attention_fwd,
+        composite.prefix_attention_bwd,
+    ),
 }
-
-
-def _token_major(batch: int, heads: int, tokens: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """An empty ``(B, H, T, D)`` tensor laid out as ``(B, T, H, D)`` (attention output layout)."""
-    return like.new_empty(batch, tokens, heads, dim).transpose(1, 2)
 
 
 def _fakes(backend: str) -> dict[str, Callable]:
@@ -284,13 +305,11 @@ def _fakes(backend: str) -> dict[str, Callable]:
 
     def prefix_attention_fwd(q, k, v, k_prefix, v_prefix, scale):
         check(prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, q.dtype, backend))
-        B, H, T, D = q.shape
-        return _token_major(B, H, T, D, q), q.new_empty(B, H, T, dtype=stats_dtype(q.dtype))
+        return empty_token_major(q), q.new_empty(q.shape[:3], dtype=stats_dtype(q.dtype))
 
     def prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, scale):
         check(prefix_attention_rules(q, k, v, k_prefix, v_prefix, scale, q.dtype, backend))
-        B, H, T, D = q.shape
-        grads = [_token_major(B, H, T, D, q) for _ in range(3)]
+        grads = [empty_token_major(q) for _ in range(3)]
         return (*grads, k_prefix.new_empty(k_prefix.shape), v_prefix.new_empty(v_prefix.shape))
 
     return {
@@ -401,9 +420,11 @@ class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, k_prefix, v_prefix, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else _unit_last_stride(dout)
+        dout = torch.zeros_like(out) if dout is None else unit_last_stride(dout)
         if _differentiable_backward():
-            grads = composite.prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, ctx.scale)
+            grads = composite.prefix_attention_bwd(
+                dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale, differentiable=True
+            )
         else:
             grads = KERNELS[ctx.backend].prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, ctx.scale)
         return None, *grads, None
@@ -412,10 +433,6 @@ class _PrefixAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def norm_and_project(
@@ -448,6 +465,6 @@ def prefix_attention(backend, dtype, q, k, v, k_prefix, v_prefix, scale):
     """``backend``'s ``prefix_attention`` on inputs the contract accepted, computed in ``dtype``
     with unit last strides; the output is laid out as ``(B, T, H, D)`` so merging the heads back
     is free."""
-    q, k, v, k_prefix, v_prefix = (_unit_last_stride(t.to(dtype)) for t in (q, k, v, k_prefix, v_prefix))
+    q, k, v, k_prefix, v_prefix = (unit_last_stride(t.to(dtype)) for t in (q, k, v, k_prefix, v_prefix))
     out, _ = _PrefixAttention.apply(backend, q, k, v, k_prefix, v_prefix, float(scale))
     return out

@@ -1,7 +1,8 @@
 """Triton backend: the four kernel ops as opaque ``torch.library.custom_op``s in the ``vapt_triton``
 namespace, each launching the Triton kernels of its op's file (``norm_and_project.py``,
-``prefix_attention.py``: kernels and launchers). Their contract, fakes, vmap rules and autograd
-come from :mod:`vapt_kernels.ops.library`, shared with the other backends.
+``prefix_attention.py``: kernels and launchers; ``common.py``: what both share). Their contract,
+fakes, vmap rules and autograd come from :mod:`vapt_kernels.ops.library`, shared with the other
+backends. The kernels' design: docs/design.md §2.2.
 
 Importing this package imports Triton; :mod:`vapt_kernels.ops` does so only when the backend is
 first used. On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``

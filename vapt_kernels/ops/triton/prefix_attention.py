@@ -1,51 +1,33 @@
 """Triton kernels for ``prefix_attention``: flash attention of the token queries over a key/value
-prefix that lives in its own tensors.
+prefix kept in its own tensors (docs/design.md §1.2; the kernels' design: §2.2).
 
-Shapes: ``B`` batch, ``H`` heads, ``T`` tokens, ``D`` head dim, ``Np`` prefix (prompt) keys,
-``Bp`` prefix batch (``B``, or 1 for static prompts broadcast over the batch).
+Shapes: ``B`` batch, ``H`` heads, ``T`` tokens, ``D`` head dim, ``Np`` prefix keys, ``Bp`` prefix
+batch (``B``, or 1 for static prompts broadcast over the batch).
 
-* ``q, k, v``: ``(B, H, T, D)``, any strides with a unit last stride (they are permuted views of the
-  fused QKV projection, so no copy is made).
-* ``k_prefix, v_prefix``: ``(Bp, H, Np, D)``; a batch stride of 0 (``.expand``) is fine.
-* ``out`` and ``dq, dk, dv``: logical ``(B, H, T, D)`` with memory layout ``(B, T, H, D)``, so the
-  block's ``out.transpose(1, 2).reshape(B, T, H * D)`` is free.
-* ``lse``: ``(B, H, T)`` float32, natural log; ``delta = rowsum(dout * out)``: ``(B, H, T)`` float32.
+* ``q, k, v``: ``(B, H, T, D)``, any strides with a unit last stride (views of the fused QKV
+  projection). ``k_prefix, v_prefix``: ``(Bp, H, Np, D)``, batch stride 0 when ``Bp == 1``.
+* ``out``, ``dq, dk, dv``: ``(B, H, T, D)`` laid out as ``(B, T, H, D)``. ``lse`` (natural log) and
+  ``delta = rowsum(dout * out)``: ``(B, H, T)`` float32, contiguous.
 
-Why separate tensors and not ``cat((k_prefix, k))``: the concatenation copies all keys and values
-of every block, forward and backward. Here each program walks the prefix keys first (masked, in
-blocks of ``next_pow2(Np)`` so ``Np = 10`` costs 16 columns, not a full key block), then the token
-keys in unmasked full blocks, then one masked tail block: the main loop carries no key mask (and no
-mask at all when ``D`` is a power of two >= 16).
-
-Kernels (every grid is 1-D, block index fastest, so neighbouring programs share one ``(b, h)`` and
-its keys stay in L2; 1-D also avoids the 65535 limit of a second grid axis):
-
-* ``_prefix_attention_fwd_kernel``: one program per (query block, ``b * H + h``); online softmax in the
-  log2 domain with float32 running max, sum and accumulator.
-* ``_prefix_attention_bwd_dq_kernel``: one program per (query block, ``b * H + h``); computes ``delta``
-  for its rows first (so no separate preprocessing launch), stores it for the next kernel, then
-  loops over the prefix and token keys accumulating ``dq``.
-* ``_prefix_attention_bwd_dkdv_kernel``: one program per (key block, ``b * H + h``) where the key
-  blocks are the token blocks followed by the prefix blocks; each loops over all query blocks. The
-  prefix blocks write per-batch gradients ``(B, H, Np, D)``: straight into ``dk_prefix`` when
-  ``Bp == B``, into a float32 buffer summed over the batch by the launcher when ``Bp == 1``. Every
-  output element has exactly one writer: no atomics.
-
-Precision: scores, softmax statistics and all accumulators are float32; on the GPU ``tl.dot`` takes
-fp16/bf16 operands (tensor cores) and the probabilities are rounded to the input dtype before the
-second product, as in flash attention. float32 inputs use IEEE products (no TF32). Triton's CPU
-interpreter mishandles bf16 (its ``tl.dot`` returns garbage, and its conversion to bf16 truncates), so when
-interpreting, bf16 tiles are cast to float32 right after loading and rounded to nearest before bf16 stores
-(``UPCAST``); fp16 and fp32 run the GPU code path there unchanged.
+Kernel arguments, by name: ``<x>_ptr`` is tensor ``x`` (``kp``, ``vp``: the prefix; ``o``/``out``,
+``do``: the output and its gradient; ``dkp``, ``dvp``: per-batch prefix gradients ``(B, H, Np, D)``)
+and ``stride_<x>b, stride_<x>h, stride_<x>t`` (``n`` for key rows) its batch, head and row strides;
+``<x>_base`` is row 0 of ``x`` for the program's ``(b, h)``; ``stat_base`` the same row in ``lse`` and
+``delta``. ``qk_scale`` is the softmax scale times log2(e): scores live in the log2 domain, so
+``exp2`` replaces ``exp``. Constexprs: ``HEAD_DIM = D``; ``BLOCK_D``, ``D`` padded to a power of two
+>= 16 (padded columns are masked); ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_NP``: queries, token keys and
+prefix keys per program or loop step; ``UPCAST``: cast loaded tiles to float32 and round bfloat16
+stores (the interpreter with bfloat16); ``DOT_PRECISION``: ``"ieee"`` for float32 inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ..library import empty_token_major, unit_last_stride
+from .common import INTERPRETED, device_guard, round_to_bfloat16
 
 _LOG2E = 1.4426950408889634
 # Kernel arguments not specialised on (divisible by 16, equal to 1): one compiled kernel serves every
@@ -59,18 +41,28 @@ _SHAPE_ARGS = ["H", "Np"]
 
 
 @triton.jit
-def _load_rows(
-    base,  # pointer to row 0 of a (rows, D) matrix with unit column stride
-    offs_r,  # (R,) row indices
-    stride_r,  # row stride
-    n_rows,  # number of valid rows
-    offs_d,  # (BLOCK_D,) column indices
-    MASK_ROWS: tl.constexpr,  # mask rows >= n_rows (False: every row is valid)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    UPCAST: tl.constexpr,  # cast to fp32 after loading (interpreter with bf16)
-):
-    """Loads an (R, BLOCK_D) tile, zero outside the valid rows and the ``HEAD_DIM`` columns."""
+def _program(n_blocks, H):
+    """This program's block index and ``(b * H + h, b, h)``: every grid is 1-D, block index
+    fastest, so neighbouring programs share one ``(b, h)`` and its keys stay in L2."""
+    pid = tl.program_id(0)
+    pid_bh = pid // n_blocks
+    # int64: batch offsets of the (B, T, 3, H, D) projection exceed 2**31 elements at large B.
+    return pid % n_blocks, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _query_block(T, H, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(b * H + h, b, h)`` of a program over a block of ``BLOCK_M`` queries, the queries' indices and
+    the column indices."""
+    pid_m, pid_bh, b, h = _program(tl.cdiv(T, BLOCK_M), H)
+    return pid_bh, b, h, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _load_rows(base, offs_r, stride_r, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """The ``(R, BLOCK_D)`` tile of rows ``offs_r`` of the ``(rows, D)`` matrix at ``base``, zero
+    outside the ``HEAD_DIM`` columns and, with ``MASK_ROWS``, the rows ``>= n_rows``."""
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
     if MASK_ROWS:
         if BLOCK_D == HEAD_DIM:
@@ -88,27 +80,8 @@ def _load_rows(
 
 
 @triton.jit
-def round_to_bfloat16(x):
-    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), still as float32. The
-    interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest); converting
-    a value rounded here is exact, so interpreted stores round as compiled ones do."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN kept as it is
-
-
-@triton.jit
-def _store_rows(
-    base,  # pointer to row 0 of a (rows, D) matrix with unit column stride
-    offs_r,  # (R,) row indices
-    stride_r,  # row stride
-    x,  # (R, BLOCK_D) values
-    n_rows,  # number of valid rows
-    offs_d,  # (BLOCK_D,) column indices
-    HEAD_DIM: tl.constexpr,  # D
-    UPCAST: tl.constexpr,  # interpreter with bf16: round bf16 stores to nearest first
-):
-    """Stores the valid rows and ``HEAD_DIM`` columns of a tile, cast to the matrix dtype."""
+def _store_rows(base, offs_r, stride_r, x, n_rows, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Stores the rows ``< n_rows`` and the ``HEAD_DIM`` columns of tile ``x``, cast to the matrix dtype."""
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
     if UPCAST:
@@ -123,32 +96,15 @@ def _store_rows(
 
 
 @triton.jit
-def _fwd_key_loop(
-    acc,  # (BLOCK_M, BLOCK_D) fp32 unnormalised output
-    l_i,  # (BLOCK_M,) fp32 running sum of exp2(s - m_i)
-    m_i,  # (BLOCK_M,) fp32 running max of the log2-domain scores
-    q,  # (BLOCK_M, BLOCK_D) query tile
-    k_base,  # pointer to key row 0 of this (b, h): (n_keys, D)
-    v_base,  # pointer to value row 0 of this (b, h): (n_keys, D)
-    stride_kn,  # key row stride
-    stride_vn,  # value row stride
-    lo,  # first key of the loop (a multiple of BLOCK_N)
-    hi,  # end of the loop
-    n_keys,  # valid keys (masks the rows past it when MASK_N)
-    qk_scale,  # softmax scale * log2(e)
-    offs_d,  # (BLOCK_D,) column indices
-    MASK_N: tl.constexpr,  # mask keys >= n_keys (False: the block is full)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    BLOCK_N: tl.constexpr,  # keys per step
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    """Online-softmax update of ``(acc, l_i, m_i)`` with the keys ``lo .. hi``."""
+def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, n_keys, qk_scale, offs_d,
+                  MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Online-softmax update, with the keys ``lo .. hi`` (masked past ``n_keys`` with ``MASK_N``), of
+    the float32 unnormalised output ``acc``, the running sum ``l_i`` of ``exp2(s - m_i)`` and the
+    running max ``m_i`` of the scores."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, n_keys, offs_d, MASK_N, HEAD_DIM, BLOCK_D, UPCAST)
-        # Scores in the log2 domain, so exp2 replaces exp.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK_N:
             s = tl.where(offs_n[None, :] < n_keys, s, float("-inf"))
@@ -165,41 +121,15 @@ def _fwd_key_loop(
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_fwd_kernel(
-    q_ptr,  # (B, H, T, D) queries
-    k_ptr,  # (B, H, T, D) token keys
-    v_ptr,  # (B, H, T, D) token values
-    kp_ptr,  # (Bp, H, Np, D) prefix keys
-    vp_ptr,  # (Bp, H, Np, D) prefix values
-    out_ptr,  # (B, H, T, D) output, input dtype, memory layout (B, T, H, D)
-    lse_ptr,  # (B, H, T) fp32 contiguous, natural-log log-sum-exp
-    stride_qb, stride_qh, stride_qt,  # q strides (batch, head, token)
-    stride_kb, stride_kh, stride_kt,  # k strides
-    stride_vb, stride_vh, stride_vt,  # v strides
-    stride_kpb, stride_kph, stride_kpn,  # k_prefix strides; batch stride 0 when broadcast
-    stride_vpb, stride_vph, stride_vpn,  # v_prefix strides; batch stride 0 when broadcast
-    stride_ob, stride_oh, stride_ot,  # out strides
-    H,  # heads
-    T,  # tokens (queries and token keys)
-    Np,  # prefix keys
-    qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # token keys per step
-    BLOCK_NP: tl.constexpr,  # prefix keys per step
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    n_mblocks = tl.cdiv(T, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % n_mblocks
-    pid_bh = pid // n_mblocks
-    # int64: batch offsets of the (B, T, 3, H, D) projection exceed 2**31 elements at large B.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn, stride_ob, stride_oh, stride_ot,
+    H, T, Np, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_NP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``out`` and ``lse`` of one block of ``BLOCK_M`` queries of one ``(b, h)``."""
+    pid_bh, b, h, offs_m, offs_d = _query_block(T, H, BLOCK_M, BLOCK_D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     q = _load_rows(q_base, offs_m, stride_qt, T, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
 
@@ -208,6 +138,7 @@ def _prefix_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
+    # The prefix keys (masked), then the token keys: full blocks unmasked, then the masked tail.
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q,
         kp_ptr + b * stride_kpb + h * stride_kph, vp_ptr + b * stride_vpb + h * stride_vph, stride_kpn, stride_vpn,
@@ -240,29 +171,11 @@ def _prefix_attention_fwd_kernel(
 
 
 @triton.jit
-def _dq_key_loop(
-    dq,  # (BLOCK_M, BLOCK_D) fp32 accumulator of ds @ k (unscaled)
-    q,  # (BLOCK_M, BLOCK_D) query tile
-    do,  # (BLOCK_M, BLOCK_D) output-gradient tile
-    lse2,  # (BLOCK_M,) fp32 log-sum-exp in the log2 domain
-    delta,  # (BLOCK_M,) fp32 rowsum(dout * out)
-    k_base,  # pointer to key row 0 of this (b, h): (n_keys, D)
-    v_base,  # pointer to value row 0 of this (b, h): (n_keys, D)
-    stride_kn,  # key row stride
-    stride_vn,  # value row stride
-    lo,  # first key of the loop (a multiple of BLOCK_N)
-    hi,  # end of the loop
-    n_keys,  # valid keys (masks the columns past it when MASK_N)
-    qk_scale,  # softmax scale * log2(e)
-    offs_d,  # (BLOCK_D,) column indices
-    MASK_N: tl.constexpr,  # mask keys >= n_keys (False: the block is full)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    BLOCK_N: tl.constexpr,  # keys per step
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    """Adds ``sum_j ds_ij k_j`` over the keys ``lo .. hi`` to ``dq``."""
+def _dq_key_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo, hi, n_keys, qk_scale, offs_d,
+                 MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Adds ``sum_j ds_ij k_j`` over the keys ``lo .. hi`` (masked past ``n_keys`` with ``MASK_N``)
+    to the float32 accumulator ``dq``, given the query rows' ``lse2`` (log2 domain) and ``delta``."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kn, n_keys, offs_d, MASK_N, HEAD_DIM, BLOCK_D, UPCAST)
@@ -279,47 +192,16 @@ def _dq_key_loop(
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_bwd_dq_kernel(
-    q_ptr,  # (B, H, T, D) queries
-    k_ptr,  # (B, H, T, D) token keys
-    v_ptr,  # (B, H, T, D) token values
-    kp_ptr,  # (Bp, H, Np, D) prefix keys
-    vp_ptr,  # (Bp, H, Np, D) prefix values
-    out_ptr,  # (B, H, T, D) forward output
-    do_ptr,  # (B, H, T, D) output gradient
-    lse_ptr,  # (B, H, T) fp32 contiguous, natural-log log-sum-exp
-    delta_ptr,  # (B, H, T) fp32 contiguous, written here: rowsum(dout * out)
-    dq_ptr,  # (B, H, T, D) query gradient, input dtype
-    stride_qb, stride_qh, stride_qt,  # q strides (batch, head, token)
-    stride_kb, stride_kh, stride_kt,  # k strides
-    stride_vb, stride_vh, stride_vt,  # v strides
-    stride_kpb, stride_kph, stride_kpn,  # k_prefix strides; batch stride 0 when broadcast
-    stride_vpb, stride_vph, stride_vpn,  # v_prefix strides; batch stride 0 when broadcast
-    stride_ob, stride_oh, stride_ot,  # out strides
-    stride_dob, stride_doh, stride_dot,  # dout strides
-    stride_dqb, stride_dqh, stride_dqt,  # dq strides
-    H,  # heads
-    T,  # tokens
-    Np,  # prefix keys
-    scale,  # softmax scale
-    qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # token keys per step
-    BLOCK_NP: tl.constexpr,  # prefix keys per step
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    n_mblocks = tl.cdiv(T, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % n_mblocks
-    pid_bh = pid // n_mblocks
-    # int64: batch offsets of the (B, T, 3, H, D) projection exceed 2**31 elements at large B.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn,
+    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+    H, T, Np, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_NP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``delta`` and ``dq`` of one block of ``BLOCK_M`` queries of one ``(b, h)``."""
+    pid_bh, b, h, offs_m, offs_d = _query_block(T, H, BLOCK_M, BLOCK_D)
     row_ok = offs_m < T
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
@@ -327,7 +209,8 @@ def _prefix_attention_bwd_dq_kernel(
     q = _load_rows(q_base, offs_m, stride_qt, T, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
     do = _load_rows(do_base, offs_m, stride_dot, T, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
     o = _load_rows(out_base, offs_m, stride_ot, T, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
-    # delta in fp32; stored for the dk/dv kernel, which runs after this one on the same stream.
+    # delta in fp32, computed here rather than in a launch of its own; stored for the dk/dv kernel,
+    # which runs after this one on the same stream.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_base = pid_bh.to(tl.int64) * T
     tl.store(delta_ptr + row_base + offs_m, delta, mask=row_ok)
@@ -335,6 +218,7 @@ def _prefix_attention_bwd_dq_kernel(
     lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # The prefix keys (masked), then the token keys: full blocks unmasked, then the masked tail.
     dq = _dq_key_loop(
         dq, q, do, lse2, delta,
         kp_ptr + b * stride_kpb + h * stride_kph, vp_ptr + b * stride_vpb + h * stride_vph, stride_kpn, stride_vpn,
@@ -356,31 +240,13 @@ def _prefix_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_query_loop(
-    dk,  # (BLOCK_N, BLOCK_D) fp32 accumulator of ds^T @ q (unscaled)
-    dv,  # (BLOCK_N, BLOCK_D) fp32 accumulator of p^T @ dout
-    k,  # (BLOCK_N, BLOCK_D) key tile
-    v,  # (BLOCK_N, BLOCK_D) value tile
-    q_base,  # pointer to query row 0 of this (b, h): (T, D)
-    do_base,  # pointer to output-gradient row 0 of this (b, h): (T, D)
-    stat_base,  # offset of row 0 of this (b, h) in lse and delta
-    lse_ptr,  # (B, H, T) fp32 natural-log log-sum-exp
-    delta_ptr,  # (B, H, T) fp32 rowsum(dout * out)
-    stride_qt,  # query row stride
-    stride_dot,  # output-gradient row stride
-    lo,  # first query of the loop (a multiple of BLOCK_M)
-    hi,  # end of the loop
-    T,  # valid queries (masks the rows past it when MASK_M)
-    qk_scale,  # softmax scale * log2(e)
-    offs_d,  # (BLOCK_D,) column indices
-    MASK_M: tl.constexpr,  # mask queries >= T (False: the block is full)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    BLOCK_M: tl.constexpr,  # queries per step
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    """Adds the contributions of the queries ``lo .. hi`` to ``dk`` and ``dv``.
+def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, stat_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                     lo, hi, T, qk_scale, offs_d, MASK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Adds the contributions of the queries ``lo .. hi`` (masked past ``T`` with ``MASK_M``) to the
+    float32 accumulators ``dk`` (of ``ds^T q``, unscaled) and ``dv`` (of ``p^T dout``) of the key
+    tile ``k``, ``v``.
 
     Works on transposed (key, query) tiles so that no large tile is transposed. Key rows past the
     valid keys are computed on zeros and dropped at the store.
@@ -407,32 +273,11 @@ def _dkdv_query_loop(
 
 
 @triton.jit
-def _dkdv_key_block(
-    k_base,  # pointer to key row 0 of this (b, h): (n_keys, D)
-    v_base,  # pointer to value row 0 of this (b, h): (n_keys, D)
-    dk_base,  # pointer to key-gradient row 0 of this (b, h): (n_keys, D)
-    dv_base,  # pointer to value-gradient row 0 of this (b, h): (n_keys, D)
-    stride_kn, stride_vn, stride_dkn, stride_dvn,  # row strides of k, v, dk, dv
-    start_n,  # first key of the block
-    n_keys,  # valid keys
-    q_base,  # pointer to query row 0 of this (b, h): (T, D)
-    do_base,  # pointer to output-gradient row 0 of this (b, h): (T, D)
-    stat_base,  # offset of row 0 of this (b, h) in lse and delta
-    lse_ptr,  # (B, H, T) fp32 natural-log log-sum-exp
-    delta_ptr,  # (B, H, T) fp32 rowsum(dout * out)
-    stride_qt,  # query row stride
-    stride_dot,  # output-gradient row stride
-    T,  # tokens (queries)
-    scale,  # softmax scale
-    qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two
-    BLOCK_M: tl.constexpr,  # queries per step
-    BLOCK_N: tl.constexpr,  # keys of the block
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
-    """``dk`` and ``dv`` of the keys ``start_n .. start_n + BLOCK_N`` over all queries."""
+def _dkdv_key_block(k_base, v_base, dk_base, dv_base, stride_kn, stride_vn, stride_dkn, stride_dvn, start_n, n_keys,
+                    q_base, do_base, stat_base, lse_ptr, delta_ptr, stride_qt, stride_dot, T, scale, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``dk`` and ``dv`` of the keys ``start_n .. start_n + BLOCK_N`` (of ``n_keys``) over all queries."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(k_base, offs_n, stride_kn, n_keys, offs_d, True, HEAD_DIM, BLOCK_D, UPCAST)
@@ -455,49 +300,19 @@ def _dkdv_key_block(
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _prefix_attention_bwd_dkdv_kernel(
-    q_ptr,  # (B, H, T, D) queries
-    k_ptr,  # (B, H, T, D) token keys
-    v_ptr,  # (B, H, T, D) token values
-    kp_ptr,  # (Bp, H, Np, D) prefix keys
-    vp_ptr,  # (Bp, H, Np, D) prefix values
-    do_ptr,  # (B, H, T, D) output gradient
-    lse_ptr,  # (B, H, T) fp32 contiguous, natural-log log-sum-exp
-    delta_ptr,  # (B, H, T) fp32 contiguous, rowsum(dout * out)
-    dk_ptr,  # (B, H, T, D) token-key gradient, input dtype
-    dv_ptr,  # (B, H, T, D) token-value gradient, input dtype
-    dkp_ptr,  # (B, H, Np, D) per-batch prefix-key gradient (input dtype, or fp32 partials to sum)
-    dvp_ptr,  # (B, H, Np, D) per-batch prefix-value gradient (input dtype, or fp32 partials to sum)
-    stride_qb, stride_qh, stride_qt,  # q strides (batch, head, token)
-    stride_kb, stride_kh, stride_kt,  # k strides
-    stride_vb, stride_vh, stride_vt,  # v strides
-    stride_kpb, stride_kph, stride_kpn,  # k_prefix strides; batch stride 0 when broadcast
-    stride_vpb, stride_vph, stride_vpn,  # v_prefix strides; batch stride 0 when broadcast
-    stride_dob, stride_doh, stride_dot,  # dout strides
-    stride_dkb, stride_dkh, stride_dkt,  # dk strides
-    stride_dvb, stride_dvh, stride_dvt,  # dv strides
-    stride_dkpb, stride_dkph, stride_dkpn,  # dkp strides
-    stride_dvpb, stride_dvph, stride_dvpn,  # dvp strides
-    H,  # heads
-    T,  # tokens
-    Np,  # prefix keys
-    scale,  # softmax scale
-    qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr,  # D
-    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # queries per step
-    BLOCK_N: tl.constexpr,  # token keys per program
-    BLOCK_NP: tl.constexpr,  # prefix keys per program
-    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 (interpreter with bf16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
-):
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dkp_ptr, dvp_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kpb, stride_kph, stride_kpn, stride_vpb, stride_vph, stride_vpn, stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    stride_dkpb, stride_dkph, stride_dkpn, stride_dvpb, stride_dvph, stride_dvpn,
+    H, T, Np, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_NP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dk``, ``dv`` of one key block of one ``(b, h)``: the token blocks, then the prefix blocks,
+    whose per-batch gradients go to ``dkp``, ``dvp``."""
     n_tok_blocks = tl.cdiv(T, BLOCK_N)
-    n_blocks = n_tok_blocks + tl.cdiv(Np, BLOCK_NP)
-    pid = tl.program_id(0)
-    pid_n = pid % n_blocks
-    pid_bh = pid // n_blocks
-    # int64: batch offsets of the (B, T, 3, H, D) projection exceed 2**31 elements at large B.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, b, h = _program(n_tok_blocks + tl.cdiv(Np, BLOCK_NP), H)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     stat_base = pid_bh.to(tl.int64) * T
@@ -524,40 +339,12 @@ def _prefix_attention_bwd_dkdv_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# With TRITON_INTERPRET=1 set before import, @triton.jit returns interpreter functions instead.
-INTERPRETED = not isinstance(_prefix_attention_fwd_kernel, triton.runtime.JITFunction)
 
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last stride is 1 (what the kernels index), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _empty_like_out(q: torch.Tensor) -> torch.Tensor:
-    """Uninitialised ``(B, H, T, D)`` tensor with the ``(B, T, H, D)`` memory layout."""
-    B, H, T, D = q.shape
-    return torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-
-
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Makes ``t``'s GPU the current one (Triton launches on the current device and stream)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes, warps and stages of one kernel: a fixed heuristic (no autotuning, which the
-    interpreter cannot run), the one place they are chosen (the launchers and the offline
-    compilation gate, ``tests/test_gpu_static_triton.py``, call it), checked there for sm_80 and
-    sm_90: no register spills, shared memory within a block's limit, no TF32 for float32 inputs.
-
-    Args:
-        kernel: ``"fwd"``, ``"dq"`` or ``"dkdv"``.
-        T, Np, D: tokens, prefix keys, head dim.
-        dtype: input dtype.
-
-    Returns:
-        The meta-parameters and launch options of the kernel, as keyword arguments.
-    """
+def launch_config(kernel: str, T: int, Np: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes, warps and stages of one kernel (``"fwd"``, ``"dq"`` or ``"dkdv"``) for ``T``
+    tokens, ``Np`` prefix keys, head dim ``D`` and input ``dtype``, as keyword arguments of its
+    launch: the one place they are chosen (the launchers and, through them, the offline compilation
+    gate ``tests/test_gpu_static_triton.py`` call it)."""
     # tl.dot needs every dimension >= 16; padded head-dim columns are masked.
     block_d = max(16, triton.next_power_of_2(D))
     if dtype == torch.float32:
@@ -625,16 +412,16 @@ def prefix_attention_forward(
         ``out``: ``(B, H, T, D)`` in ``q.dtype`` with memory layout ``(B, T, H, D)``, and ``lse``:
         ``(B, H, T)`` float32, contiguous, ``log sum_j exp(scale * q . k_j)`` (natural log).
     """
-    q, k, v, k_prefix, v_prefix = (_unit_last_stride(t) for t in (q, k, v, k_prefix, v_prefix))
+    q, k, v, k_prefix, v_prefix = (unit_last_stride(t) for t in (q, k, v, k_prefix, v_prefix))
     B, H, T, D = q.shape
     Np = k_prefix.shape[2]
-    out = _empty_like_out(q)
+    out = empty_token_major(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
 
-    cfg = _launch_config("fwd", T, Np, D, q.dtype)
-    with _device_guard(q):
+    cfg = launch_config("fwd", T, Np, D, q.dtype)
+    with device_guard(q):
         _prefix_attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, k_prefix, v_prefix, out, lse,
             *_strides3(q), *_strides3(k), *_strides3(v),
@@ -672,13 +459,11 @@ def prefix_attention_backward(
         raise ValueError(
             f"dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)} do not match q {tuple(q.shape)}"
         )
-    dout, q, k, v, k_prefix, v_prefix, out = (
-        _unit_last_stride(t) for t in (dout, q, k, v, k_prefix, v_prefix, out)
-    )
+    dout, q, k, v, k_prefix, v_prefix, out = (unit_last_stride(t) for t in (dout, q, k, v, k_prefix, v_prefix, out))
     lse = lse.float().contiguous()
     B, H, T, D = q.shape
     Bp, _, Np, _ = k_prefix.shape
-    dq, dk, dv = _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+    dq, dk, dv = empty_token_major(q), empty_token_major(q), empty_token_major(q)
     if dq.numel() == 0:
         zeros = torch.zeros(k_prefix.shape, dtype=q.dtype, device=q.device)
         return dq, dk, dv, zeros, zeros.clone()
@@ -688,8 +473,8 @@ def prefix_attention_backward(
     dvp = torch.empty((B, H, Np, D), dtype=partial_dtype, device=q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
 
-    with _device_guard(q):
-        cfg = _launch_config("dq", T, Np, D, q.dtype)
+    with device_guard(q):
+        cfg = launch_config("dq", T, Np, D, q.dtype)
         _prefix_attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
             q, k, v, k_prefix, v_prefix, out, dout, lse, delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v),
@@ -697,7 +482,7 @@ def prefix_attention_backward(
             *_strides3(out), *_strides3(dout), *_strides3(dq),
             H, T, Np, scale, scale * _LOG2E, **cfg,
         )  # fmt: skip
-        cfg = _launch_config("dkdv", T, Np, D, q.dtype)
+        cfg = launch_config("dkdv", T, Np, D, q.dtype)
         n_key_blocks = triton.cdiv(T, cfg["BLOCK_N"]) + triton.cdiv(Np, cfg["BLOCK_NP"])
         _prefix_attention_bwd_dkdv_kernel[(n_key_blocks * B * H,)](
             q, k, v, k_prefix, v_prefix, dout, lse, delta, dk, dv, dkp, dvp,

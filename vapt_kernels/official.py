@@ -1,7 +1,7 @@
 """The literal official VAPT formulation: the model-level oracle every fast path is tested against.
 
 It works on tensors and parameters only: a timm ``VisionTransformer`` whose weights it uses as they
-are, and the prompt parameters under their official names (DESIGN §1, without the
+are, and the prompt parameters under their official names (docs/design.md §1.1, without the
 ``enc.transformer.`` prefix). Prompts are built exactly as the official code builds them (LayerNorm
 of the patch tokens, the grid reshaped to ``(B, d, H, W)``, a grouped convolution with the
 expanded kernel, ``Dropout2d``, the token projector over grid positions, the feature projector),

@@ -1,4 +1,4 @@
-// Device code of vapt::norm_and_project_fwd / _bwd (DESIGN §2.3): the block's LayerNorm
+// Device code of vapt::norm_and_project_fwd / _bwd (docs/design.md §1.4): the block's LayerNorm
 // h = LN_1(x), the prompt projection g = mix @ LN_g(x[:, P:]), and their backward. The launcher
 // (norm_and_project_kernel.cu) and the launch geometry (norm_and_project_launch.h) are separate.
 //
@@ -35,9 +35,11 @@
 namespace vapt {
 namespace {
 
-using nap::kBwdTileRows;
-using nap::kRowThreads;
-using nap::kRowWarps;
+// "Geometry f" before a kernel names the function of norm_and_project_launch.h (namespace
+// vapt::norm_and_project) that sizes its launch.
+using norm_and_project::kBwdTileRows;
+using norm_and_project::kRowThreads;
+using norm_and_project::kRowWarps;
 
 // VEC consecutive elements, aligned so that one load/store instruction moves them all.
 template <typename T, int VEC>
@@ -72,8 +74,8 @@ __device__ __forceinline__ void load_param(const scalar_t* p, int64_t c, float f
 // Forward rows: h = LN_1(x) and the statistics of both LayerNorms.
 // ---------------------------------------------------------------------------------------------
 
-// Geometry nap::rows_fwd_geometry: warp w of block k normalises row k * kRowWarps + w of the
-// flattened (B * T, d) x. Lane l handles the packs starting at l * VEC, (l + 32) * VEC, ... The row
+// Geometry rows_fwd_geometry: warp w of block k normalises row k * kRowWarps + w of the flattened
+// (B * T, d) x. Lane l handles the packs starting at l * VEC, (l + 32) * VEC, ... The row
 // is read three times (sum, centred squares, output); the second and third reads hit the cache.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kRowThreads) rows_fwd_kernel(
@@ -194,7 +196,7 @@ struct KSegments {
   int64_t out_stride = 0;
 };
 
-// Geometry nap::project_geometry<Tile>(Z, M, C): block (bz, bm, bc) owns
+// Geometry project_geometry<Tile>(Z, M, C): block (bz, bm, bc) owns
 // out[bz*BZ : +BZ, bm*BM : +BM, bc*BC : +BC] (Z, M, C) and loops over all K, so each output is summed
 // by one thread in a fixed order. Per step of BK values of k, the block stages A (BK, BM, BC or 1)
 // and Bop (BK, BZ, BC) in shared memory (zeros outside the shapes, so partial tiles need no
@@ -304,7 +306,7 @@ __global__ void __launch_bounds__(Tile::threads) project_kernel(StridedOperand<a
 // Backward rows: dx and column partials of the affine gradients.
 // ---------------------------------------------------------------------------------------------
 
-// Geometry nap::rows_bwd_geometry: block (b, k) owns rows t0 = k * kBwdTileRows ... of image b (the
+// Geometry rows_bwd_geometry: block (b, k) owns rows t0 = k * kBwdTileRows ... of image b (the
 // image is a grid index rather than a division of a flattened row index: a 64-bit division is a
 // long subroutine call on the GPU).
 // Phase 1 (warp per row): coef[0..3][r] = mean over channels of dy1, dy1 * xhat1, dyg, dyg * xhatg,
@@ -427,7 +429,7 @@ __global__ void __launch_bounds__(kRowThreads, 1) rows_bwd_kernel(
 // Per-task sums of per-image partials (many tasks).
 // ---------------------------------------------------------------------------------------------
 
-// Geometry nap::task_sum_geometry(tasks, L): thread i of block (x, s) writes out[s, i] (tasks, L) for
+// Geometry task_sum_geometry(tasks, L): thread i of block (x, s) writes out[s, i] (tasks, L) for
 // i = x * kRowThreads + threadIdx.x < L: the sum over task s's images b = order[bounds[s]], ...,
 // order[bounds[s + 1] - 1] (ascending b) of that image's partials part[(b * S + q) * stride + i],
 // q < S, added up first (the S column-partial slots of an image; S = 1 for the per-image dmix).
