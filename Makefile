@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py constraints-dev.txt $(wildcard csrc/*.cpp csrc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints-dev.txt torch triton timm ninja
-	$(PY) -m pip install -q -c constraints-dev.txt --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q -c constraints-dev.txt --no-build-isolation -e ".[test,plot]"
 	@echo "extension build configuration (vapt_kernels/_build_info.json):"; cat vapt_kernels/_build_info.json
 	touch $(STAMP)
 
@@ -24,7 +24,8 @@ bench: $(STAMP)
 	$(VENV)/bin/vapt-bench --out $(CURDIR)/benchmarks/results $(BENCH_ARGS)
 
 bench-ops: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,ops
+	$(PY) benchmarks/bench_ops.py $(BENCH_OPS_ARGS)
+	$(PY) -m pytest benchmarks/test_bench_model.py -q --benchmark-only --benchmark-columns=median,iqr,ops
 
 clean:
 	rm -rf $(VENV) build *.egg-info

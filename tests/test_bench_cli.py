@@ -1,11 +1,13 @@
 """The benchmark on a tiny model: the table, a CSV row per provider and mode with ratios to the
-floor, the n/a reasons, the JSON summary, the memory probe; nothing written without ``--out``; the
-rounds of the interleaved timing; the CSV across versions; bad arguments refused by argparse; the
-VAPT providers compute one model."""
+floor, the n/a reasons (once per reason), the JSON summary, the memory probe, the charts drawn by
+default; nothing written without ``--out``; the rounds of the interleaved timing; the CSV across
+versions; bad arguments refused by argparse; the VAPT providers compute one model. The chart tests
+time nothing (:func:`fake_measure`) or read CSVs written here."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -18,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vapt_kernels import ops
-from vapt_kernels.bench import cli, harness
+from vapt_kernels.bench import cli, harness, plot
 
 TINY = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "--warmup", "1"]
 PROVIDERS = ("floor", "vapt-official", "vapt-torch", "vapt-native", "vapt-triton")
@@ -43,8 +45,13 @@ def test_results_go_to_out(tmp_path, one_thread):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, env=env, cwd=tmp_path).stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["results.csv", "summary.json"]
+    # The charts are drawn by default (test_missing_matplotlib_is_one_line: without matplotlib).
+    charts = ["throughput.png"] if importlib.util.find_spec("matplotlib") else []
+    assert sorted(p.name for p in out_dir.iterdir()) == ["results.csv", "summary.json"] + charts
     assert f"results appended to {out_dir / 'results.csv'}" in out and str(out_dir / "summary.json") in out
+    assert [line for line in out.splitlines() if line.startswith("chart written to")] == [
+        f"chart written to {out_dir / name}" for name in charts
+    ]
 
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     assert [(r["mode"], r["provider"]) for r in rows] == [(m, p) for m in harness.MODES for p in PROVIDERS]
@@ -68,7 +75,8 @@ def test_results_go_to_out(tmp_path, one_thread):
     table = out.splitlines()
     assert table[1].split() == ["mode", "provider", "median", "ms", "p20-p80", "ms", "img/s", "x", "floor", "peak", "MiB"]
     assert sum(line.split()[:2] in (["train", "floor"], ["infer", "floor"]) and "1.000" in line for line in table) == 2
-    assert sum(line.startswith(f"{m}  vapt-triton") and " n/a (" in line for line in table for m in harness.MODES) == 2
+    (unavailable,) = [line for line in table if "vapt-triton" in line]
+    assert unavailable.startswith("n/a  vapt-triton (train, infer): ") and "TRITON_INTERPRET=1" in unavailable
 
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["sweep"] is None and summary["versions"]["torch"] == torch.__version__
@@ -81,7 +89,7 @@ def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys, one_threa
     monkeypatch.chdir(tmp_path)
     assert cli.main([*TINY, "--steps", "1", "--providers", "floor", "vapt-torch", "--modes", "infer"]) == 0
     out = capsys.readouterr().out
-    assert list(tmp_path.iterdir()) == [] and "results.csv" not in out
+    assert list(tmp_path.iterdir()) == [] and "results.csv" not in out and "chart" not in out
     lines = [line.split() for line in out.splitlines()]
     measured = [line for line in lines if line[:1] == ["infer"]]
     assert [line[1] for line in measured] == ["floor", "vapt-torch"]
@@ -180,7 +188,7 @@ def test_providers_compute_one_model(one_thread):
 def test_tasks_add_the_mixed_and_loop_providers(tmp_path, one_thread):
     out_dir = tmp_path / "results"
     cmd = [sys.executable, "-m", "vapt_kernels.bench", *TINY, "--steps", "2", "--modes", "infer", "--tasks", "3",
-           "--providers", "floor", "vapt-torch", "--out", str(out_dir)]
+           "--providers", "floor", "vapt-torch", "--no-plot", "--out", str(out_dir)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path).stdout
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     expected = ["floor", "vapt-torch", "vapt-torch-mixed", "vapt-torch-loop"]
@@ -203,3 +211,158 @@ def test_mixed_and_loop_providers_compute_the_single_task_model():
         single = models["vapt-torch"].eval()(x)
         for name in ("vapt-torch-mixed", "vapt-torch-loop"):
             torch.testing.assert_close(models[name].eval()(x), single, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Charts and the n/a lines, without timing anything
+# --------------------------------------------------------------------------------------------
+
+# Why fake_measure reports a backend's providers n/a.
+FAKE_REASONS = {"triton": "no Triton here", "native": "extension not built"}
+FAKE = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--no-memory", "--tasks", "2",
+        "--providers", "floor", "vapt-torch", "vapt-triton", "vapt-native"]
+
+
+def fake_measure(cfg: harness.BenchConfig, progress: bool = True) -> list[harness.Result]:
+    """Stands in for :func:`harness.measure`: five made-up step times per provider and mode, the
+    backends of :data:`FAKE_REASONS` n/a."""
+    results = []
+    for mode in cfg.modes:
+        for k, name in enumerate(harness.provider_names(cfg)):
+            result = harness.Result(name, mode)
+            reason = FAKE_REASONS.get(harness.PROVIDER_TABLE[name].backend)
+            if reason:
+                result.status, result.reason = "n/a", reason
+            else:
+                result.times = [(1 + k / 10) * (1 + i / 20) * cfg.batch / 1e3 for i in range(5)]
+            results.append(result)
+    return results
+
+
+@pytest.fixture
+def fake_bench(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "measure", fake_measure)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra, charts",
+    [
+        ([], ["throughput.png"]),
+        (["--plot"], ["throughput.png"]),
+        (["--no-plot"], []),
+        (["--sweep", "prompts"], ["sweep_prompts.png", "throughput.png"]),
+    ],
+)
+def test_charts_are_drawn_by_default(extra, charts, tmp_path, capsys, fake_bench):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "results"
+    assert cli.main([*FAKE, "--out", str(out_dir), *extra]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(["results.csv", "summary.json"] + charts)
+    assert sorted(line for line in out.splitlines() if line.startswith("chart")) == [
+        f"chart written to {out_dir / name}" for name in charts
+    ]
+    for name in charts:
+        assert (out_dir / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_missing_matplotlib_is_one_line(tmp_path, capsys, monkeypatch, fake_bench):
+    """Without matplotlib the run writes its results, says in one line how to get the charts and
+    succeeds; ``python -m vapt_kernels.bench.plot`` says the same and fails."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out_dir = tmp_path / "results"
+    assert cli.main([*FAKE, "--out", str(out_dir)]) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["results.csv", "summary.json"]
+    assert "chart" not in captured.out
+    (line,) = captured.err.splitlines()
+    assert line.startswith("charts not drawn: matplotlib cannot be imported")
+    assert "pip install 'vapt_kernels[plot]'" in line
+    assert f"python -m vapt_kernels.bench.plot {out_dir / 'results.csv'} --run " in line
+    assert plot.main([str(out_dir / "results.csv")]) == 1
+    assert "pip install 'vapt_kernels[plot]'" in capsys.readouterr().err
+
+
+def test_nothing_measured_draws_nothing(tmp_path, capsys, fake_bench):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "results"
+    assert cli.main([*FAKE, "--providers", "vapt-triton", "--out", str(out_dir)]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["results.csv", "summary.json"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("charts not drawn: ") and "no measured rows" in line
+
+
+def test_unavailable_reasons_are_printed_once(monkeypatch):
+    """One line per reason, naming the providers and modes; an error stays per provider and mode."""
+    cfg = harness.BenchConfig.for_device("cpu", providers=("floor", "vapt-torch", "vapt-triton", "vapt-native"), tasks=2)
+    results = fake_measure(cfg)
+    failed = next(r for r in results if (r.mode, r.provider) == ("train", "vapt-torch-loop"))
+    failed.status, failed.reason, failed.times = "error", "RuntimeError: out of memory", []
+    table = cli.format_table(harness.result_rows(cfg, results, harness.row_environment("cpu"))).splitlines()
+    assert [line for line in table if line.startswith("n/a")] == [
+        "n/a  vapt-triton, vapt-triton-mixed, vapt-triton-loop (train, infer): no Triton here",
+        "n/a  vapt-native, vapt-native-mixed, vapt-native-loop (train, infer): extension not built",
+    ]
+    (error,) = [line for line in table if "error" in line]
+    assert error.split() == ["train", "vapt-torch-loop", "error", "(RuntimeError:", "out", "of", "memory)"]
+    measured = [line.split()[:2] for line in table[2:] if line.split()[0] in harness.MODES and "error" not in line]
+    assert measured == [[m, p] for m in harness.MODES for p in ("floor", "vapt-torch", "vapt-torch-mixed", "vapt-torch-loop")
+                        if (m, p) != ("train", "vapt-torch-loop")]
+
+
+def test_spread_maps_the_time_quantiles():
+    """images/s falls with the step time, the ratio to the floor rises with it."""
+    row = {"batch": "8", "median_ms": "100", "p20_ms": "80", "p80_ms": "125", "img_per_s": "80", "ratio_to_floor": "2.0"}
+    assert plot.spread(row, "img_per_s") == pytest.approx((64, 80, 100))
+    assert plot.spread(row, "ratio_to_floor") == pytest.approx((1.6, 2.0, 2.5))
+    assert plot.spread(row | {"ratio_to_floor": ""}, "ratio_to_floor") is None
+    assert plot.spread(row | {"p20_ms": "", "p80_ms": ""}, "img_per_s") == (80, 80, 80)
+
+
+# Fifteen providers: --tasks K and --compile with every provider picked.
+MANY = [*harness.PROVIDERS, *(f"vapt-{b}-{k}" for b in harness.FAST_BACKENDS for k in harness.MULTI_TASK_KINDS),
+        "floor+compile", "vapt-official+compile", "vapt-native+compile"]
+
+
+def write_results(path, timestamp: str, points: list[tuple[int, int]], sweep: str = "") -> None:
+    """Append a made-up run of the :data:`MANY` providers at ``(batch, prompts)`` points to the CSV."""
+    rows = []
+    for batch, prompts in points:
+        for mode in harness.MODES:
+            for k, provider in enumerate(MANY):
+                median = 10.0 * batch * (1 + k / 20)
+                row = {name: "" for name in harness.CSV_FIELDS} | {
+                    "timestamp": timestamp, "model": "vit_tiny_patch16_224", "batch": batch, "prompts": prompts,
+                    "tasks": 3, "dtype": "fp32", "device": "cpu", "mode": mode, "provider": provider, "sweep": sweep,
+                    "status": "ok", "median_ms": median, "p20_ms": 0.9 * median, "p80_ms": 1.2 * median,
+                    "img_per_s": 1e3 * batch / median, "ratio_to_floor": 1 + k / 20,
+                }
+                if "triton" in provider:
+                    row |= {"status": "n/a", "reason": "no Triton here", "median_ms": "", "p20_ms": "", "p80_ms": "",
+                            "img_per_s": "", "ratio_to_floor": ""}
+                rows.append(row)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.CSV_FIELDS)
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_charts_of_fifteen_providers(tmp_path, capsys):
+    """``python -m vapt_kernels.bench.plot`` on a CSV of two runs: the last one (a sweep) by
+    default, another with --run and --out."""
+    pytest.importorskip("matplotlib")
+    assert len(set(MANY)) == 15
+    path = tmp_path / "results.csv"
+    write_results(path, "2026-01-01T00:00:00", [(8, 10)])
+    write_results(path, "2026-01-02T00:00:00", [(8, n) for n in (1, 10, 50, 100)], sweep="prompts")
+    assert plot.main([str(path)]) == 0
+    assert plot.main([str(path), "--run", "2026-01-01T00:00:00", "--out", str(tmp_path / "first")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"chart written to {tmp_path / name}" for name in ("throughput.png", "sweep_prompts.png", "first/throughput.png")
+    ]
+    for name in ("throughput.png", "sweep_prompts.png", "first/throughput.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert plot.main([str(path), "--run", "1999-01-01T00:00:00"]) == 1
+    assert "no rows of a run at 1999-01-01T00:00:00" in capsys.readouterr().err

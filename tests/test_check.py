@@ -3,8 +3,12 @@ a broken or crashing backend makes it exit 1 and says which, an unavailable one 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +102,43 @@ def test_unavailable_backend_is_reported_not_failed(capsys, monkeypatch):
     assert "load error: pretend the extension failed to load" in out
     assert self_test_lines(out, "native") == [] and len(self_test_lines(out, "torch")) == 8
     assert "  cpu     torch      torch      torch      torch" in out
+
+
+def extension_report(capsys, monkeypatch, tmp_path, record) -> str:
+    """The report's ``compiled extension`` section with ``record`` as the build record (None: no file)."""
+    path = tmp_path / "_build_info.json"
+    if record is not None:
+        path.write_text(json.dumps(record))
+    monkeypatch.setattr(native, "BUILD_INFO", path)
+    check.print_report([torch.device("cpu")])
+    out = capsys.readouterr().out
+    return out[out.index("compiled extension") : out.index("\ndevices")]
+
+
+def test_report_says_why_the_extension_was_not_built(capsys, monkeypatch, tmp_path):
+    reason = "VAPT_SKIP_EXTENSION was set when this package was built"
+    out = extension_report(capsys, monkeypatch, tmp_path, {"built": False, "reason": reason})
+    assert f"  not built: {reason}\n" in out and "no build information" not in out
+    # An extension that loads nevertheless was left by an earlier build (editable or in-place installs).
+    assert ("WARNING the extension loaded above is not the recorded build" in out) == (native.LOAD_ERROR is None)
+
+
+def test_report_without_a_record_says_what_to_do(capsys, monkeypatch, tmp_path):
+    out = extension_report(capsys, monkeypatch, tmp_path, None)
+    assert f"  no build information: {tmp_path / '_build_info.json'} is missing" in out
+    assert "`pip install --no-build-isolation .`" in out
+
+
+@pytest.mark.skipif(native.LOAD_ERROR is not None, reason="the extension does not load here")
+def test_report_checks_the_record_against_the_loaded_binary(capsys, monkeypatch, tmp_path):
+    binary = Path(importlib.util.find_spec("vapt_kernels._C").origin)
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    record = {"built": True, "binary": binary.name, "sha256": digest, "cuda": False, "sources": ["a.cpp", "b.cpp"]}
+    out = extension_report(capsys, monkeypatch, tmp_path, record)
+    assert f"  binary             {binary.name}\n  cuda               False\n  sources            a.cpp, b.cpp\n" in out
+    assert "WARNING" not in out and digest not in out and "  built " not in out
+    out = extension_report(capsys, monkeypatch, tmp_path, dict(record, sha256="0" * 64))
+    assert "WARNING the extension loaded above is not the recorded build: its SHA-256 is not the recorded one" in out
 
 
 def test_unknown_device_is_refused():

@@ -285,15 +285,17 @@ def test_the_prompt_parameters_are_read_only_inside_model_vapt():
 # --------------------------------------------------------------------------------------------
 
 
-def test_triton_interpreter_switched_on_too_late_is_reported():
-    """TRITON_INTERPRET=1 set after the Triton kernels were compiled for the GPU used to be
-    reported as available, and the forward then failed inside the interpreter."""
+@pytest.mark.parametrize("first_import", ["vapt_kernels.ops.triton", "triton", "timm"])
+def test_triton_interpreter_switched_on_too_late_is_reported(first_import):
+    """TRITON_INTERPRET=1 set after the Triton kernels (or Triton itself, which timm imports) were
+    imported for the GPU used to be reported as available, and the forward then failed inside the
+    interpreter."""
     if ops.unavailable_reason("triton") is not None and "not installed" in ops.unavailable_reason("triton"):
         pytest.skip("Triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the compiled kernels run on CUDA tensors")
     script = (
-        "import os, torch, vapt_kernels.ops.triton\n"
+        f"import os, torch, {first_import}\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "import vapt_kernels as vk\n"
         "print(vk.available_backends()['triton'])\n"
@@ -307,7 +309,7 @@ def test_triton_interpreter_switched_on_too_late_is_reported():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     reason, error = out.stdout.strip().splitlines()[-2:]
-    assert "TRITON_INTERPRET=1 was set after the Triton kernels had been compiled" in reason
+    assert "TRITON_INTERPRET=1 was set after Triton had been imported for the GPU" in reason
     assert "cannot run on cpu tensors" in error and "set it before" in error
 
 

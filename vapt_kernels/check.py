@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -58,17 +59,30 @@ def print_report(devs: list[torch.device]) -> None:
         print(f"  {key:<13} {value}")
 
     print("\ncompiled extension vapt_kernels._C")
+    origin = None
     if native.LOAD_ERROR is not None:
         print(f"  load error: {native.LOAD_ERROR}")
     else:
         kernels = [t for t in ("cpu", "cuda") if native.has_device_kernels(t)]
-        print(f"  loaded from {importlib.util.find_spec('vapt_kernels._C').origin}")
+        origin = importlib.util.find_spec("vapt_kernels._C").origin
+        print(f"  loaded from {origin}")
         print(f"  kernels for {', '.join(kernels) or 'no device'} tensors")
     info = native.build_info()
-    for key, value in info.items():
-        print(f"  {key:<18} {', '.join(map(str, value)) if isinstance(value, list) else value}")
-    if not info:
-        print("  no build information (vapt_kernels/_build_info.json missing)")
+    if info.get("built") is False:
+        print(f"  not built: {info.get('reason')}")
+    elif info:
+        for key, value in info.items():
+            if key not in ("built", "sha256"):  # the hash is checked below, not shown
+                print(f"  {key:<18} {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    else:
+        print(
+            f"  no build information: {native.BUILD_INFO} is missing (setup.py writes it when it builds or skips "
+            "the extension, so this installation was made otherwise or its build was interrupted); "
+            "reinstall with `pip install --no-build-isolation .`"
+        )
+    mismatch = native.build_info_mismatch(Path(origin)) if origin is not None and info else None
+    if mismatch is not None:
+        print(f"  WARNING the extension loaded above is not the recorded build: {mismatch}")
 
     print("\ndevices")
     for device in devs:

@@ -352,7 +352,10 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
     if args.pretrained_path:
         if not Path(args.pretrained_path).is_file():
             raise UsageError(f"--pretrained-path {args.pretrained_path}: no such file")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(args.pretrained_path))
+        # custom_load: timm's reader of Google's .npz checkpoints; any other file is a state dict
+        # (timm before 1.0.31 sends every file of a model whose config names that reader to it).
+        npz = Path(args.pretrained_path).suffix == ".npz"
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(args.pretrained_path), custom_load=npz)
     pretrained = bool(args.pretrained or args.pretrained_path) and weights
     if ":" not in args.model and not timm.is_model(args.model.split(".")[0]):
         raise UsageError(f"--model {args.model}: timm has no such model (timm.list_models('vit_*') lists the ViTs)")

@@ -1,6 +1,8 @@
 """``vapt-bench`` (also ``python -m vapt_kernels.bench``): time VAPT against the frozen ViT and the
-official formulation, print the table, and with ``--out`` append the rows to ``results.csv`` and
-write ``summary.json`` there. What is measured and how: :mod:`vapt_kernels.bench.harness`."""
+official formulation, print the table, and with ``--out`` append the rows to ``results.csv``, write
+``summary.json`` and draw the run's charts there (:mod:`vapt_kernels.bench.plot`; not with
+``--no-plot``, and without matplotlib only a line that says how to get them). What is measured and
+how: :mod:`vapt_kernels.bench.harness`."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         prog="vapt-bench",
         description="Time one training step and one inference forward of VAPT against the frozen ViT "
         "(the floor) and the official formulation, all providers interleaved in one process.",
-        epilog="Without --out nothing is written: the table is only printed.",
+        epilog="Without --out nothing is written: the table is only printed. With --out the charts are drawn "
+        "too, unless --no-plot.",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", help=f"timm model name (default: {cpu['model']} on CPU, {cuda['model']} on CUDA)")
@@ -65,21 +68,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="also torch.compile the floor, vapt-official and the last available fast backend")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", type=Path,
-                   help="folder to append results.csv to and write summary.json (and the --plot charts) in; "
+                   help="folder to append results.csv to and write summary.json and the PNG charts in; "
                    "without it nothing is written")
-    p.add_argument("--plot", action="store_true", help="draw PNG charts into --out (needs matplotlib)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction,
+                   help="draw the PNG charts of the run into --out: the default there (needs matplotlib: "
+                   "pip install 'vapt_kernels[plot]'); --no-plot skips them")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to PyTorch here")
     if args.plot and args.out is None:
-        p.error("--plot draws into the --out folder; give --out")
+        p.error("--plot draws into the --out folder; give --out DIR (with it the charts are drawn by default)")
+    if args.plot is None:
+        args.plot = args.out is not None
     args.providers = tuple(dict.fromkeys(args.providers))
     args.modes = tuple(dict.fromkeys(args.modes))
     return args
 
 
 def format_table(rows: list[dict]) -> str:
-    """The human-readable table: one line per provider and mode; unavailable ones say why."""
+    """The human-readable table: one line per measured provider and mode; after it, one line per
+    provider and mode that failed, with its error, and one line per reason that providers are
+    unavailable (status ``n/a``), naming them and the modes:
+    ``n/a  vapt-triton, vapt-triton-mixed (train, infer): <reason>``."""
     header = ["mode", "provider", "median ms", "p20-p80 ms", "img/s", "x floor", "peak MiB"]
     cells = [
         [
@@ -90,11 +100,18 @@ def format_table(rows: list[dict]) -> str:
         for r in rows
         if r["status"] == "ok"
     ]
+    failed = [r for r in rows if r["status"] not in ("ok", "n/a")]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
-    widths[1] = max([widths[1]] + [len(r["provider"]) for r in rows])
+    widths[1] = max([widths[1]] + [len(r["provider"]) for r in failed])
     line = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(c) for c in cells]
-    out += [line([r["mode"], r["provider"]]) + f"  {r['status']} ({r['reason']})" for r in rows if r["status"] != "ok"]
+    out += [line([r["mode"], r["provider"]]) + f"  {r['status']} ({r['reason']})" for r in failed]
+    unavailable: dict[str, tuple[dict[str, None], dict[str, None]]] = {}  # reason -> providers, modes
+    for r in rows:
+        if r["status"] == "n/a":
+            providers, modes = unavailable.setdefault(r["reason"], ({}, {}))
+            providers[r["provider"]] = modes[r["mode"]] = None
+    out += [f"n/a  {', '.join(providers)} ({', '.join(modes)}): {reason}" for reason, (providers, modes) in unavailable.items()]
     return "\n".join(out)
 
 
@@ -167,9 +184,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     print(f"results appended to {out / 'results.csv'}\nsummary written to {out / 'summary.json'}")
     if args.plot:
-        try:
-            for path in plot.draw(out / "results.csv", run=env["timestamp"]):
-                print(f"chart written to {path}")
-        except ImportError as err:
-            print(f"no charts: --plot needs matplotlib (pip install 'vapt_kernels[plot]'): {err}", file=sys.stderr)
+        draw_charts(out / "results.csv", env["timestamp"])
     return 0
+
+
+def draw_charts(csv_path: Path, run: str) -> None:
+    """Draw the charts of ``run`` next to ``csv_path`` and name them, or say in one line on stderr
+    why none were drawn and how to get them; never fails the benchmark."""
+    try:
+        paths = plot.draw(csv_path, run=run)
+    except ImportError as err:
+        print(f"charts not drawn: matplotlib cannot be imported ({err}); {plot.install_hint(csv_path, run)}",
+              file=sys.stderr)
+        return
+    except plot.NothingToDraw as err:
+        print(f"charts not drawn: {err}", file=sys.stderr)
+        return
+    for path in paths:
+        print(f"chart written to {path}")

@@ -17,8 +17,10 @@ Providers:
     vapt-<backend>-mixed, vapt-<backend>-loop
                     with ``tasks = K > 1``, for each fast backend: a :class:`vapt_kernels.MultiTaskVAPT`
                     of ``K`` tasks on one batch whose images cycle through the tasks; ``mixed``
-                    runs it as one batch, ``loop`` calls it once per task on that task's images
-                    (how peft serves a mixed batch of LoRA adapters) and puts the rows back in order.
+                    runs it as one batch; ``loop`` runs each task on its own images through a
+                    one-task model (a :class:`vapt_kernels.MultiTaskVAPT` holding that task alone,
+                    on the same backbone: a call gathers only its own task, as peft's adapter
+                    switching does for LoRA) and puts the rows back in order.
                     Next to ``vapt-<backend>`` on the same batch, they show what mixing costs.
 
 Each name stands for a :class:`Provider` (:data:`PROVIDER_TABLE`): its kind, backend and whether it is
@@ -249,22 +251,30 @@ def _floor(base: nn.Module) -> nn.Module:
 
 
 class MixedBatch(nn.Module):
-    """A :class:`vapt_kernels.MultiTaskVAPT` fed a fixed task per image: in one call, or in one call
-    per task on its images with the logits put back in batch order (``loop``)."""
+    """The images of a batch cycling through ``K`` tasks (image ``i`` belongs to task ``i % K``),
+    run either as one mixed batch through a :class:`vapt_kernels.MultiTaskVAPT` of the ``K`` tasks,
+    or (``loop``) one task at a time through one-task models on the same backbone, the logits put
+    back in batch order.
 
-    def __init__(self, mt: MultiTaskVAPT, batch: int, loop: bool) -> None:
+    Args:
+        models: one model of all ``K`` tasks, or (``loop``) ``K`` models of one task each.
+        batch: images per step.
+    """
+
+    def __init__(self, models: list[MultiTaskVAPT], batch: int, tasks: int) -> None:
         super().__init__()
-        self.mt, self.loop = mt, loop
-        tasks = len(mt.tasks)
+        self.models, self.loop = nn.ModuleList(models), len(models) == tasks > 1
         self.register_buffer("task", torch.arange(batch) % tasks, persistent=False)
         self.groups = [torch.arange(t, batch, tasks) for t in range(tasks)]  # each task's images
         self.order = torch.argsort(torch.cat(self.groups))  # batch position -> row of the loop's output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.loop:
-            return self.mt(images, self.task)
-        parts = [self.mt(images[g.to(images.device)], self.task[g]) for g in self.groups]
-        return torch.cat(parts)[self.order.to(images.device)]
+            return self.models[0](images, self.task)
+        device = images.device
+        parts = [mt(images[g.to(device)], torch.zeros(len(g), dtype=torch.long, device=device))
+                 for mt, g in zip(self.models, self.groups)]
+        return torch.cat(parts)[self.order.to(device)]
 
 
 def provider_names(cfg: BenchConfig) -> tuple[str, ...]:
@@ -283,7 +293,7 @@ def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Mod
     device_type = torch.device(cfg.device).type
     models: dict[str, Union[nn.Module, Unavailable]] = {}
     vapt: Optional[nn.Module] = None
-    many: dict[str, MultiTaskVAPT] = {}  # backend -> the model its -mixed and -loop providers share
+    many: dict[str, nn.Module] = {}  # backend -> the VAPT model its -mixed and -loop providers share
 
     def shared_vapt() -> nn.Module:
         """One set of prompt parameters, copied to every VAPT provider."""
@@ -305,12 +315,17 @@ def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Mod
             models[name] = Unavailable(reason)
         elif provider.kind == "fast":
             models[name] = set_backend(copy.deepcopy(shared_vapt()), backend)
-        else:  # mixed, loop
+        else:  # mixed, loop: K tasks (equal values) on one copy of the backbone per backend
             if backend not in many:
-                many[backend] = MultiTaskVAPT(set_backend(copy.deepcopy(shared_vapt()), backend))
-                for t in range(cfg.tasks):
-                    many[backend].add_task(f"task{t}", trainable_state_dict(shared_vapt()))
-            models[name] = MixedBatch(many[backend], cfg.batch, loop=provider.kind == "loop")
+                many[backend] = set_backend(copy.deepcopy(shared_vapt()), backend)
+            groups = [range(cfg.tasks)] if provider.kind == "mixed" else [[t] for t in range(cfg.tasks)]
+            task_models = []
+            for group in groups:
+                mt = MultiTaskVAPT(many[backend])
+                for t in group:
+                    mt.add_task(f"task{t}", trainable_state_dict(shared_vapt()))
+                task_models.append(mt)
+            models[name] = MixedBatch(task_models, cfg.batch, cfg.tasks)
     if cfg.compile:
         fast = [
             n for n in cfg.providers if PROVIDER_TABLE[n].kind == "fast" and isinstance(models[n], nn.Module)

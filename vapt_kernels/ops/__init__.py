@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -52,11 +53,16 @@ AUTO_PREFERENCE = {
 def _triton_interpreted() -> bool:
     """Whether the Triton kernels run in Triton's interpreter: fixed when they are first imported
     (``@triton.jit`` reads ``TRITON_INTERPRET`` then), so a later change of the variable does not
-    count. Before that import the variable decides."""
+    count. Triton's own ``@triton.jit`` functions (``tl.cdiv``, ...), which the kernels call, are
+    fixed when Triton is imported (timm imports it), and kernels interpreted while those are compiled
+    fail. Before either import the variable decides."""
     if "triton" in library.KERNELS:  # the backend has imported its kernels and registered them
         from .triton import common
 
         return common.INTERPRETED
+    triton = sys.modules.get("triton")
+    if triton is not None and hasattr(triton, "language"):
+        return not isinstance(triton.language.standard.cdiv, triton.runtime.JITFunction)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -74,8 +80,8 @@ def _triton_reason(device_type: Optional[str] = None) -> Optional[str]:
         return None
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return (
-            "TRITON_INTERPRET=1 was set after the Triton kernels had been compiled for the GPU; "
-            "set it before the Triton backend is first used (e.g. before importing vapt_kernels)"
+            "TRITON_INTERPRET=1 was set after Triton had been imported for the GPU; set it before "
+            "importing vapt_kernels, timm or triton"
         )
     return ("the Triton backend runs on CUDA tensors; " if device_type == "cpu" else "no CUDA device; ") + on_cpu
 

@@ -10,6 +10,7 @@ backends keep working and :data:`LOAD_ERROR` says why.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -21,7 +22,8 @@ import torch
 from . import library
 
 NAMESPACE = "vapt"
-_BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
+# Written by setup.py next to the extension and installed with it (see build_info).
+BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 _log = logging.getLogger(__name__)
 
 
@@ -47,11 +49,33 @@ def _load() -> Optional[str]:
 
 
 def build_info() -> dict:
-    """The configuration the extension was built with (see ``setup.py``), or ``{}``."""
+    """How the extension was built, as ``setup.py`` recorded it in :data:`BUILD_INFO`: once the
+    extension is built, ``"built": True``, the binary's file name (``binary``) and SHA-256
+    (``sha256``) and the configuration (``cuda``, ``cuda_home``, ``arch_list``, ``torch``, ...);
+    ``{"built": False, "reason": ...}`` when the installation was built without the extension or
+    its last build failed; ``{}`` when there is no record. A record without ``built`` is from an
+    older ``setup.py``, which wrote the configuration alone."""
     try:
-        return json.loads(_BUILD_INFO.read_text())
+        return json.loads(BUILD_INFO.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def build_info_mismatch(binary: Path) -> Optional[str]:
+    """Why the record of :func:`build_info` does not describe ``binary`` (the extension file found),
+    or None when it does, or has no hash to tell (a record of an older ``setup.py``)."""
+    info = build_info()
+    if not info:
+        return f"there is no build record ({BUILD_INFO} is missing)"
+    if info.get("built") is False:
+        return (
+            "the last build recorded did not produce it (the record says the extension was not built), so it "
+            "is left from an earlier build: delete it or rebuild the extension"
+        )
+    recorded = info.get("sha256")
+    if recorded is not None and recorded != hashlib.sha256(binary.read_bytes()).hexdigest():
+        return "its SHA-256 is not the recorded one, so the record describes another build: rebuild the extension"
+    return None
 
 
 def has_device_kernels(device_type: str) -> bool:
