@@ -1,18 +1,22 @@
 """The benchmark on a tiny model: the table, a CSV row per provider and mode with ratios to the
 floor, the n/a reasons (once per reason), the JSON summary, the memory probe, the charts drawn by
-default; nothing written without ``--out``; the rounds of the interleaved timing; the CSV across
-versions; bad arguments refused by argparse; the VAPT providers compute one model. The chart tests
-time nothing (:func:`fake_measure`) or read CSVs written here."""
+default; nothing written without ``--out``; the rounds of the interleaved timing; bad arguments
+refused by argparse; the VAPT providers compute one model. The chart tests time nothing
+(:func:`fake_measure`) or read CSVs written here, as do those of the results files: append-only
+across versions and torn lines, atomic writes, and arguments that conflict refused before anything
+is written."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,18 +133,6 @@ def test_rounds_rotate_and_pool_the_timings(monkeypatch):
     assert results["c"].status == "error" and results["c"].reason == "RuntimeError: out of memory"
 
 
-def test_csv_keeps_appending_and_takes_in_older_files(tmp_path):
-    path = tmp_path / "results.csv"
-    path.write_text("timestamp,provider,median_ms\n2020-01-01T00:00:00,floor,1.0\n")
-    row = {name: "" for name in harness.CSV_FIELDS} | {"timestamp": "t", "provider": "vapt-torch", "samples": 3}
-    cli.append_csv(path, [row])
-    cli.append_csv(path, [row])
-    rows = list(csv.DictReader(path.open()))
-    old = ["timestamp", "provider", "median_ms"]
-    assert list(rows[0]) == old + [name for name in harness.CSV_FIELDS if name not in old]
-    assert [(r["provider"], r["median_ms"], r["samples"]) for r in rows] == [("floor", "1.0", ""), ("vapt-torch", "", "3"), ("vapt-torch", "", "3")]
-
-
 @pytest.mark.parametrize(
     "argv",
     [
@@ -187,8 +179,8 @@ def test_providers_compute_one_model(one_thread):
 
 def test_tasks_add_the_mixed_and_loop_providers(tmp_path, one_thread):
     out_dir = tmp_path / "results"
-    cmd = [sys.executable, "-m", "vapt_kernels.bench", *TINY, "--steps", "2", "--modes", "infer", "--tasks", "3",
-           "--providers", "floor", "vapt-torch", "--no-plot", "--out", str(out_dir)]
+    cmd = [sys.executable, "-m", "vapt_kernels.bench", *TINY, "--batch", "3", "--steps", "2", "--modes", "infer",
+           "--tasks", "3", "--providers", "floor", "vapt-torch", "--no-plot", "--out", str(out_dir)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path).stdout
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     expected = ["floor", "vapt-torch", "vapt-torch-mixed", "vapt-torch-loop"]
@@ -366,3 +358,119 @@ def test_charts_of_fifteen_providers(tmp_path, capsys):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert plot.main([str(path), "--run", "1999-01-01T00:00:00"]) == 1
     assert "no rows of a run at 1999-01-01T00:00:00" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Results files: append-only, atomic; conflicting arguments refused before anything is written
+# --------------------------------------------------------------------------------------------
+
+# A CSV of an older version's columns, then one of this version's whose last row was cut short.
+OLDER_CSV = b"timestamp,provider,median_ms\r\n2020-01-01T00:00:00,floor,1.0\r\n2020-01-02T00:00:00,floor,1.0,extra\r\n"
+
+
+def torn_csv(end: str = "") -> bytes:
+    """This version's header, a row, and the start of a row (ended by ``end``)."""
+    row = ",".join(["2020-01-01T00:00:00", "abc"] + [""] * (len(harness.CSV_FIELDS) - 2))
+    return (",".join(harness.CSV_FIELDS) + "\r\n" + row + "\r\n" + row[:30] + end).encode()
+
+
+def bench_files(out_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+@pytest.mark.parametrize("earlier", [OLDER_CSV, torn_csv(), torn_csv("\r\n")],
+                         ids=["other-columns", "torn-last-line", "short-last-line"])
+def test_results_csv_is_append_only(earlier, tmp_path, capsys, fake_bench):
+    """A results.csv that cannot take rows (other columns, a torn last line) is left byte for byte;
+    the rows go to results-1.csv, and on the next run too; the output, summary.json and the charts
+    name that file. A results.csv of this version's columns gets the rows appended after its own."""
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    (out_dir / "results.csv").write_bytes(earlier)
+    for run in range(2):
+        assert cli.main([*FAKE, "--out", str(out_dir)]) == 0
+        out = capsys.readouterr().out
+        assert (out_dir / "results.csv").read_bytes() == earlier
+        assert f"{out_dir / 'results.csv'} " in out and ": left as it is" in out
+        assert f"results appended to {out_dir / 'results-1.csv'}" in out
+        rows = list(csv.DictReader((out_dir / "results-1.csv").open(newline="")))
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert list(rows[0]) == harness.CSV_FIELDS and len(rows) == (run + 1) * len(summary["runs"][0]["rows"])
+        assert summary["results_csv"] == str(out_dir / "results-1.csv")
+        assert rows[-1]["timestamp"] == summary["timestamp"]
+        assert f"chart written to {out_dir / 'throughput.png'}" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["results-1.csv", "results.csv", "summary.json", "throughput.png"]
+    before = (out_dir / "results-1.csv").read_bytes()
+    cli.append_csv(out_dir / "results-1.csv", [rows[0]])
+    assert (out_dir / "results-1.csv").read_bytes().startswith(before)
+
+
+@pytest.mark.parametrize("failing", ["results.csv", "summary.json"])
+def test_failed_writes_leave_the_files_as_they_were(failing, tmp_path, capsys, monkeypatch, fake_bench):
+    """A full disk while a file is written: that file keeps its bytes, no temporary file is left,
+    and the run ends with one line naming the file and the cause, exit status 1."""
+    out_dir = tmp_path / "results"
+    assert cli.main([*FAKE, "--no-plot", "--out", str(out_dir)]) == 0
+    before = bench_files(out_dir)
+    fsync = os.fsync
+
+    def full_disk(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(out_dir / f".{failing}.")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    capsys.readouterr()
+    assert cli.main([*FAKE, "--no-plot", "--out", str(out_dir)]) == 1
+    after = bench_files(out_dir)
+    assert sorted(after) == sorted(before) and after[failing] == before[failing]
+    assert capsys.readouterr().err == f"vapt-bench: cannot write {out_dir / failing}: [Errno 28] No space left on device\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "2", "--tasks", "4"], "--tasks 4 needs at least 4 images per batch"),
+        (["--tasks", "16"], "--tasks 16 needs at least 16 images per batch (one task per image, in turn), but the default batch on cpu is 8"),
+        (["--sweep", "batch", "--tasks", "4"], "--sweep batch runs batch 1, under --tasks 4"),
+        (["--tasks", "2", "--providers", "floor"], "--tasks 2 adds the -mixed and -loop providers"),
+        (["--img-size", "40"], "--img-size 40 is not a multiple of vit_tiny_patch16_224's patch size 16x16; use 32 or 48"),
+        (["--img-size", "16"], "--img-size 16 gives vit_tiny_patch16_224 a patch grid smaller than VAPT's 2x2"),
+        (["--model", "nonexistent"], "--model nonexistent: timm has no model of that name"),
+        (["--model", "resnet18"], "--model resnet18 has no patch embedding"),
+        (["--model", "resnet18", "--img-size", "32"], "--model resnet18 cannot be built at --img-size 32"),
+        (["--prompts", "1.5"], "argument --prompts: expected a whole number, got '1.5'"),
+        (["--sweep", "prompts", "--prompts", "5"], "--sweep prompts runs prompts 1, 10, 50, 100 in turn, so --prompts 5"),
+        (["--sweep", "batch", "--batch", "4"], "--sweep batch runs batch 1, 8, 32 in turn, so --batch 4 would be ignored"),
+        (["--out", "results/summary.json"], "is a file; give a folder"),
+        (["--out", "results/summary.json/more"], "is a file, not a folder"),
+        (["--out", "locked/results"], "cannot write in"),
+        (["--out", "taken"], "taken/summary.json is a folder; move it away"),
+    ],
+)
+def test_conflicting_arguments_are_refused_before_anything_is_written(argv, message, tmp_path, capsys, monkeypatch, fake_bench):
+    """Each refused like argparse's own errors, naming the flag: exit status 2, nothing measured or written."""
+    (tmp_path / "taken" / "summary.json").mkdir(parents=True)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.json").write_text("{}")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
+    monkeypatch.setattr(harness, "measure", lambda cfg, progress=True: pytest.fail("measured"))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    base = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--providers", "floor", "vapt-torch", "--no-memory"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "vapt-bench: error: " in err and message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_charts_that_cannot_be_written_do_not_fail_the_run(tmp_path, capsys, fake_bench):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "results"
+    (out_dir / "throughput.png").mkdir(parents=True)
+    assert cli.main([*FAKE, "--out", str(out_dir)]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"charts not drawn: cannot write {out_dir / 'throughput.png'}: [Errno 21] Is a directory")

@@ -14,7 +14,7 @@ PACKAGE = Path(vapt_kernels.__file__).parent
 # subpackage on the same floor (the ops, the Triton kernels, the benchmark). The oracle
 # (official.py) imports only the options: it must not share code with what it checks.
 FLOORS = {
-    "foundations": ["_version", "config", "testing", "state_dicts"],
+    "foundations": ["_version", "config", "testing", "state_dicts", "files"],
     "ops": ["ops"],
     "prompt modules": ["modules"],
     "timm integration": ["timm"],

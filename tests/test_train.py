@@ -4,9 +4,12 @@ input before anything is written. A tiny ViT (16x16 images, 4x4 patches, width 3
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 
 pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn (the test extra)")
 
-from vapt_kernels import train  # noqa: E402
+from vapt_kernels import files, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32",
@@ -57,7 +60,21 @@ def vapt_train(*argv, check: bool = True) -> int:
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint as vapt-train reads it: tensors and plain containers only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tree_digest(folder: Path) -> str:
+    """One hash of a folder's tree: every path under it (relative), and each file's bytes; "" if
+    the folder does not exist."""
+    if not folder.exists():
+        return ""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        if path.is_file():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def test_digits_learns(digits, tmp_path):
@@ -180,6 +197,12 @@ def _refused(capsys, out: Path, *argv) -> str:
     return capsys.readouterr().err
 
 
+def error_message(err: str) -> str:
+    """The error in vapt-train's stderr, without the usage text argparse prints before it."""
+    assert "vapt-train: error: " in err, err
+    return err.split("vapt-train: error: ", 1)[1]
+
+
 def test_bad_data_folder_and_split(digits, tmp_path, capsys):
     err = _refused(capsys, tmp_path / "o", "--data-dir", tmp_path / "nowhere", *TINY)
     assert "no such folder" in err and "train/" in err
@@ -223,6 +246,173 @@ def test_bad_resume_and_class_count(digits, tmp_path, capsys):
     assert "10 classes" in err and "--num-classes 10" in err
 
 
+# Each case: flags, then the flag the error must name. Before the checks at the flags, these
+# trained (NaN, negative decay, momentum 2), were ignored (--crop-pct 0, --img-size 0) or failed
+# with a traceback after args.json was written (--momentum -1, --log-interval 0, --workers -1).
+BAD_FLAGS = [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr-base", "inf"], "--lr-base"),
+    (["--weight-decay", "-1e-4"], "--weight-decay"), (["--crop-pct", "0"], "--crop-pct"),
+    (["--momentum", "-1"], "--momentum"), (["--momentum", "2"], "--momentum"), (["--momentum", "nan"], "--momentum"),
+    (["--log-interval", "0"], "--log-interval"), (["--workers", "-1"], "--workers"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs"), (["--img-size", "0"], "--img-size"),
+    (["--num-classes", "0"], "--num-classes"), (["--seed", str(2**64)], "--seed"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--epochs", "0"], "--epochs"),
+    (["--num-prompts", "0"], "--num-prompts"), (["--conv-dropout", "nan"], "--conv-dropout"),
+    (["--lr-grid", "0.1", "inf"], "--lr-grid"), (["--wd-grid", "-1"], "--wd-grid"),
+    (["--lr-base", "1e308", "--batch-size", "512"], "--lr-base"), (["--kernel-size", "100"], "--kernel-size"),
+]
+
+
+def test_bad_flag_values_are_refused_before_anything_is_written(digits, tmp_path, capsys):
+    """Every numeric flag is checked where it is parsed (finite, in range) or, for what depends on
+    other flags, before the first write: exit status 2, the flag named with the accepted range."""
+    for flags, named in BAD_FLAGS:
+        err = error_message(_refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--no-aug",
+                                     "--epochs", 1, "--batch-size", 16, *flags))
+        assert f"{named} " in err or f"{named}:" in err, (flags, err)
+        assert any(why in err for why in ("expected", "must be", "not a finite number", "does not fit")), (flags, err)
+
+
+def test_existing_output_is_kept_unless_resumed_or_overwritten(digits, tmp_path, capsys):
+    """A second run into a folder that holds a run is refused untouched (also when --overwrite is
+    given and a later check refuses); --resume continues it there; --overwrite replaces it whole
+    (no stale checkpoint-N.pt); a tuning folder likewise, its per-run folders included."""
+    out = tmp_path / "run"
+    common = ["--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--batch-size", 16]
+    vapt_train(*common, "--epochs", 2, "--checkpoint-every", 1, "--output", out)
+    before = tree_digest(out)
+    capsys.readouterr()
+    assert vapt_train(*common, "--epochs", 1, "--output", out, check=False) == 2
+    err = capsys.readouterr().err
+    assert f"--output {out} already holds files" in err and "--resume" in err and "--overwrite" in err, err
+    bogus = ["--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "bogus=1"]
+    assert vapt_train(*common, *bogus, "--epochs", 1, "--overwrite", "--output", out, check=False) == 2
+    assert vapt_train(*common, "--epochs", 2, "--overwrite", "--resume", out / "checkpoint-1.pt", "--output", out,
+                      check=False) == 2
+    assert "--overwrite would delete" in capsys.readouterr().err
+    assert tree_digest(out) == before, "a refused run changed the earlier run's folder"
+
+    vapt_train(*common, "--epochs", 2, "--checkpoint-every", 1, "--resume", out / "checkpoint-1.pt", "--output", out)
+    assert load(out / "last.pt")["epoch"] == 2
+
+    vapt_train(*common, "--epochs", 1, "--overwrite", "--output", out)
+    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json"}
+    assert not list(tmp_path.glob(".*")), "the deleted folder was left behind"
+
+    tuned = tmp_path / "tune"
+    (tuned / "grid-lr0.8-wd0").mkdir(parents=True)
+    (tuned / "grid-lr0.8-wd0" / "last.pt").write_bytes(b"an earlier tuning run")
+    (tuned / "notes.txt").write_text("kept unless --overwrite")
+    before = tree_digest(tuned)
+    tuning = [*common, "--epochs", 1, "--lr-grid", 0.8, "--wd-grid", 0, "--seeds", 1, "--test-split", "test",
+              "--output", tuned]
+    assert vapt_train(*tuning, check=False) == 2
+    assert tree_digest(tuned) == before
+    vapt_train(*tuning, "--overwrite")
+    assert sorted(p.name for p in tuned.iterdir()) == ["final-seed1", "grid-lr0.8-wd0", "result.json"]
+    assert load(tuned / "grid-lr0.8-wd0" / "last.pt")["epoch"] == 1
+
+
+class _DiskFull:
+    """A file that takes ``room`` bytes, then fails as a full disk does: on the write that passes
+    the limit, or on the flush after writes made through its descriptor (as PIL's PNG writer does)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if self.f.tell() + data.nbytes > self.room:
+            self.f.write(data[: max(0, self.room - self.f.tell())])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+        if os.fstat(self.f.fileno()).st_size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+@pytest.fixture(scope="module")
+def full_run(digits, tmp_path_factory):
+    """Two epochs of --method full (model.pth; curves.png with matplotlib), a checkpoint each."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    plot = ["--plot"] if importlib.util.find_spec("matplotlib") else []
+    argv = ["--data-dir", digits / "low", *TINY[:-2], "--method", "full", "--no-aug", "--cache-data", "--epochs", 2,
+            "--batch-size", 8, "--checkpoint-every", 1, *plot]
+    vapt_train(*argv, "--output", out)
+    return out, argv
+
+
+@pytest.mark.parametrize("name", ["args.json", "last.pt", "summary.csv", "result.json", "model.pth", "curves.png"])
+def test_a_failed_write_keeps_the_previous_file(full_run, tmp_path, capsys, monkeypatch, name):
+    """The disk fills while ``name`` is written (by the run that resumes epoch 2 in the same
+    folder): exit status 1, the path and the cause named, no traceback, the previous ``name`` as it
+    was and no temporary file left."""
+    base, argv = full_run
+    if name == "curves.png" and "--plot" not in argv:
+        pytest.skip("--plot needs matplotlib (the plot extra)")
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    previous = (out / name).read_bytes()
+    real_open = open
+
+    def open_on_a_full_disk(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return _DiskFull(f, 100) if Path(path).name.startswith(f".{name}.") else f
+
+    monkeypatch.setattr(files, "open", open_on_a_full_disk, raising=False)
+    capsys.readouterr()
+    assert vapt_train(*argv, "--resume", out / "checkpoint-1.pt", "--output", out, check=False) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out / name}: [Errno 28] No space left on device" in err and "Traceback" not in err, err
+    assert (out / name).read_bytes() == previous
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name], "a temporary file was left behind"
+
+
+class _CreatesAFile:
+    """Unpickling it opens (creates) ``path``: the stand-in for code run from a crafted file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_checkpoints_are_read_without_unpickling_objects(digits, tmp_path, capsys):
+    first = tmp_path / "first"
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
+               "--output", first)
+    good = load(first / "last.pt")  # a checkpoint of this tool reads with weights_only=True
+    assert {"model", "args", "epoch", "rng"} <= set(good)
+    marker = tmp_path / "created-by-the-checkpoint"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({**good, "summary": _CreatesAFile(marker)}, crafted)
+    truncated, empty = tmp_path / "truncated.pt", tmp_path / "empty.pt"
+    truncated.write_bytes((first / "last.pt").read_bytes()[:200])
+    empty.write_bytes(b"")
+    for path, why in ((crafted, "could run code"), (truncated, "cannot be read"), (empty, "cannot be read")):
+        err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--no-aug", "--epochs", 2,
+                       "--batch-size", 16, "--resume", path)
+        assert f"--resume {path}: not a vapt-train checkpoint" in err and why in err, err
+        capsys.readouterr()
+        assert vapt_train("--data-dir", digits / "small", "--eval-only", "--checkpoint", path, "--workers", 0,
+                          check=False) == 2
+        err = capsys.readouterr().err
+        assert f"--checkpoint {path}: not a vapt-train checkpoint" in err and why in err, err
+    assert not marker.exists(), "reading the crafted checkpoint ran its code"
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys, monkeypatch):
     """Logits turned NaN from epoch 2's third step: exit code 3, the step named, epoch 1's
     checkpoint left as it was."""
@@ -256,6 +446,51 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys
     last = load(out / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert len((out / "summary.csv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("where", ["val", "test", "momentum"])
+def test_divergence_after_the_training_loss_stops_before_writing(digits, tmp_path, capsys, monkeypatch, where):
+    """A finite training loss but a NaN val loss at epoch 2, a NaN test loss at the end, or a
+    NaN momentum buffer after epoch 2's training: exit status 3, the cause named; last.pt is
+    epoch 1's (the last finite one), no result.json is written, and every checkpoint is finite."""
+    evaluate, train_epoch = train.evaluate, train._train_epoch
+    calls = {"evaluate": 0}
+
+    def poisoned_evaluate(*args, **kwargs):
+        metrics = evaluate(*args, **kwargs)
+        calls["evaluate"] += 1
+        if (where, calls["evaluate"]) in (("val", 2), ("test", 3)):
+            metrics["loss"] = float("nan")
+        return metrics
+
+    def poisoned_epoch(model, loader, optimizer, scheduler, scaler, amp, d, epoch, *rest):
+        result = train_epoch(model, loader, optimizer, scheduler, scaler, amp, d, epoch, *rest)
+        if where == "momentum" and epoch == 2:
+            next(iter(optimizer.state.values()))["momentum_buffer"].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train, "evaluate", poisoned_evaluate)
+    monkeypatch.setattr(train, "_train_epoch", poisoned_epoch)
+    out = tmp_path / where
+    capsys.readouterr()
+    assert vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 2,
+                      "--batch-size", 16, "--test-split", "test", "--output", out, check=False) == 3
+    err = capsys.readouterr().err
+    named = {"val": "the val loss at epoch 2 is NaN/Inf", "test": "the test loss of the last epoch is NaN/Inf",
+             "momentum": "momentum hold NaN/Inf values after epoch 2"}[where]
+    assert named in err and "Traceback" not in err, err
+    assert not (out / "result.json").exists()
+    assert load(out / "last.pt")["epoch"] == (2 if where == "test" else 1)
+    for path in out.glob("*.pt"):
+        ckpt = load(path)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values()), path
+        assert all(torch.isfinite(v).all() for v in ckpt["optimizer"]["momentum_buffer"].values()), path
+
+
+def test_result_json_is_strict_json():
+    """result.json never holds NaN or Inf, which strict JSON readers refuse: such a number is null."""
+    text = train._json_text({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
+import pickle
 import random
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from torch import nn
 
 from .checkpoint import count_parameters, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
+from .files import OutputError, describe, write_atomic
 from .timm import apply_vapt, apply_vpt
 
 METHODS = ("vapt", "vpt", "linear", "full")
@@ -53,7 +57,68 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or Inf; raised with the epoch and step."""
+    """The run diverged: the training or evaluation loss, or a trainable parameter or momentum
+    buffer, became NaN or Inf; raised with the epoch (and the step), before anything of that
+    epoch is written."""
+
+
+# ------------------------------------------------------------------------------------------------
+# flag types: each checks one kind of value at the flag, so argparse names the flag and exits 2
+# ------------------------------------------------------------------------------------------------
+
+
+def _checked(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 1, "a whole number >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def seed_int(text: str) -> int:
+    return _checked(text, int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1")
+
+
+def positive_float(text: str) -> float:
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def momentum_float(text: str) -> float:
+    return _checked(text, float, lambda v: 0 <= v < 1, "a number in [0, 1) (0.9 is the recipe's)")
+
+
+def crop_fraction(text: str) -> float:
+    return _checked(text, float, lambda v: 0 < v <= 1, "a fraction in (0, 1] (1.0 keeps the whole resized image)")
+
+
+def config_value(name: str, kind: type) -> Callable[[str], Any]:
+    """The type of a ``VAPTConfig`` field's flag: the value converted, then checked by
+    ``VAPTConfig`` itself (the one home of its ranges)."""
+
+    def convert(text: str):
+        value = _checked(text, kind, lambda v: True, {int: "a whole number", float: "a number"}.get(kind, "a value"))
+        try:
+            VAPTConfig(**{name: value})
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
     g.add_argument("--test-split", default=None, help="optional; scored with the best-on-val parameters at the end")
-    g.add_argument("--img-size", type=int, default=None, help="default: the model's")
-    g.add_argument("--crop-pct", type=float, default=None, help="eval resize/crop ratio; default: the model's")
-    g.add_argument("--workers", type=int, default=4, help="data loader processes per training process")
+    g.add_argument("--img-size", type=positive_int, default=None, help="default: the model's")
+    g.add_argument("--crop-pct", type=crop_fraction, default=None, help="eval resize/crop ratio; default: the model's")
+    g.add_argument("--workers", type=non_negative_int, default=4, help="data loader processes per training process")
     g.add_argument("--no-aug", action="store_true", help="eval transforms for training too")
     g.add_argument("--cache-data", action="store_true",
                    help="decode and transform every split once and keep the tensors in memory (needs --no-aug)")
@@ -87,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v ... for timm.create_model")
     g.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (timm/HF hub)")
     g.add_argument("--pretrained-path", default=None, help="local weights file loaded as the pretrained weights")
-    g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="default: the dataset's")
 
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="vapt",
@@ -100,36 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"VAPTConfig.{f.name} (default {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            g.add_argument(flag, dest=f.name, type=kind, default=None,
+            g.add_argument(flag, dest=f.name, type=config_value(f.name, kind), default=None,
                            help=f"VAPTConfig.{f.name} (default {f.default})")
 
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up from 0, then cosine to 0")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
-    g.add_argument("--lr-base", type=float, default=0.1, help="learning rate for a global batch of 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --lr-base)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--warmup-epochs", type=non_negative_float, default=10,
+                   help="linear warm-up from 0, then cosine to 0")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch, split over the processes")
+    g.add_argument("--lr-base", type=positive_float, default=0.1, help="learning rate for a global batch of 256")
+    g.add_argument("--lr", type=positive_float, default=None, help="absolute learning rate (overrides --lr-base)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    g.add_argument("--momentum", type=momentum_float, default=0.9)
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=seed_int, default=42)
     g.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the root); needs torchrun")
     g.add_argument("--train-on-val", action="store_true", help=argparse.SUPPRESS)  # train on train+val (tuning)
 
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--output", default=None, help="folder for args.json, summary.csv, last.pt, best.pt, result.json")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also keep checkpoint-{epoch}.pt every N epochs")
+    g.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                   help="also keep checkpoint-{epoch}.pt every N epochs")
     g.add_argument("--resume", default=None, help="continue from a checkpoint of this run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete a non-empty --output folder (all of it) before the run writes there; without it "
+                        "such a folder is refused unless --resume continues the run whose checkpoint it holds")
     g.add_argument("--eval-only", action="store_true", help="score --checkpoint on the val (or --test-split) split")
     g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
     g.add_argument("--plot", action="store_true", help="write the curves as PNG (needs matplotlib)")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between progress updates (host syncs)")
+    g.add_argument("--log-interval", type=positive_int, default=50, help="steps between progress updates (host syncs)")
 
     g = p.add_argument_group("tuning (VTAB protocol)")
-    g.add_argument("--lr-grid", type=float, nargs="+", default=None,
+    g.add_argument("--lr-grid", type=positive_float, nargs="+", default=None,
                    help="learning rates per 256 images (as --lr-base) to try")
-    g.add_argument("--wd-grid", type=float, nargs="+", default=None, help="weight decays to try")
-    g.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds of the final train+val runs")
+    g.add_argument("--wd-grid", type=non_negative_float, nargs="+", default=None, help="weight decays to try")
+    g.add_argument("--seeds", type=seed_int, nargs="+", default=[42], help="seeds of the final train+val runs")
     return p
 
 
@@ -377,11 +447,20 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
 
 
 def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTConfig]) -> nn.Module:
-    if args.method == "vapt":
-        return apply_vapt(model, config, backend=args.backend)
-    if args.method == "vpt":
-        kw = {k: getattr(args, k) for k in ("num_prompts", "prompt_dropout") if getattr(args, k) is not None}
-        return apply_vpt(model, backend=args.backend, **kw)
+    """The model set up for ``--method``; an option that does not fit the model (apply_vapt's
+    TypeError/ValueError, raised before the model is changed) is a :class:`UsageError` naming the
+    flags it involves."""
+    try:
+        if args.method == "vapt":
+            return apply_vapt(model, config, backend=args.backend)
+        if args.method == "vpt":
+            kw = {k: getattr(args, k) for k in ("num_prompts", "prompt_dropout") if getattr(args, k) is not None}
+            return apply_vpt(model, backend=args.backend, **kw)
+    except (TypeError, ValueError) as error:
+        names = [f.name for f in CONFIG_FIELDS if f.name in str(error)] + ["backend"] * ("backend" in str(error))
+        given = {n: getattr(config, n, None) if getattr(args, n, None) is None else getattr(args, n) for n in names}
+        flags = ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in given.items()) or f"--method {args.method}"
+        raise UsageError(f"{error} (set by {flags}); change them, or the model (--model, --model-kwargs)") from None
     if args.method == "linear":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -502,7 +581,13 @@ def load_optimizer_state(optimizer, model: nn.Module, saved: dict) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain containers, which ``torch.load(...,
+    weights_only=True)`` reads without unpickling objects: NumPy's Mersenne Twister key as an
+    int64 tensor (its other fields are numbers), Python's as the tuple of ints it is."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -510,17 +595,42 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through :func:`write_atomic`: never a truncated file."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _all_finite(tensors: dict) -> bool:
+    """No NaN or Inf in the floating-point tensors among ``tensors``' values."""
+    values = tensors.values() if isinstance(tensors, dict) else ()
+    return all(bool(torch.isfinite(t).all()) for t in values if torch.is_tensor(t) and t.is_floating_point())
+
+
+def _json_text(obj: Any) -> str:
+    """Strict JSON (``allow_nan=False``): a NaN or Inf number becomes null."""
+
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -638,7 +748,12 @@ def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
         UsageError: the first problem found.
     """
     vapt_config(args)
-    check_folder_splits(args, [s for s in (args.train_split, args.val_split, args.test_split) if s])
+    lr = learning_rate(args)
+    if not 0 < lr < math.inf:
+        raise UsageError(
+            f"--lr-base {args.lr_base:g} x --batch-size {args.batch_size} / 256 gives the learning rate {lr:g}, which "
+            "is not a finite number > 0; pass a smaller --lr-base (or an absolute --lr)"
+        )
     if args.batch_size % d.world:
         raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {d.world} processes")
     if args.cache_data and not args.no_aug:
@@ -646,8 +761,13 @@ def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
             "--cache-data keeps one transformed copy of every image: add --no-aug "
             "(random augmentation needs decoding each epoch)"
         )
-    if args.checkpoint_every < 0 or args.epochs < 1 or args.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be >= 1, --checkpoint-every >= 0")
+    if not args.output and not args.eval_only:
+        raise UsageError(
+            "--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there"
+        )
+    if args.output:
+        check_output(args)
+    check_folder_splits(args, [s for s in (args.train_split, args.val_split, args.test_split) if s])
     resume = _load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None:
         differ = [k for k in RECIPE_KEYS if resume["args"].get(k) != vars(args).get(k)]
@@ -658,11 +778,38 @@ def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
                 f"--resume {args.resume}: that run had other settings: {listed}; "
                 "resume with the same flags (or start a new run)"
             )
-    if not args.output and not args.eval_only:
-        raise UsageError(
-            "--output DIR is needed: the run writes args.json, summary.csv, last.pt, best.pt and result.json there"
-        )
+        if not _all_finite(resume["model"]):
+            raise UsageError(
+                f"--resume {args.resume}: its parameters hold NaN/Inf values; resume from an earlier checkpoint"
+            )
     return resume
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """``--output`` may be missing or empty; a folder that holds files is taken only to continue
+    the run whose ``--resume`` checkpoint lies in it, or with ``--overwrite`` (which deletes it
+    whole in :func:`create_output`). Reads the folder, writes nothing.
+
+    Raises:
+        UsageError: the output folder would mix this run's files with another run's.
+    """
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file, not a folder; choose a folder for the run's files")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    inside = bool(args.resume) and out.resolve() in Path(args.resume).resolve().parents
+    if args.overwrite and inside:
+        raise UsageError(
+            f"--overwrite would delete --output {out} with the --resume checkpoint {args.resume} in it; drop "
+            "--overwrite to continue that run there, or choose another --output"
+        )
+    if held and not args.overwrite and not inside:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        resume = f"continue its run with --resume {out / 'last.pt'}, " if "last.pt" in held else ""
+        raise UsageError(
+            f"--output {out} already holds files ({shown}); choose a new folder, {resume}or add --overwrite to delete "
+            "the folder and its files first"
+        )
 
 
 def build_run(
@@ -703,12 +850,30 @@ def build_run(
 
 def create_output(run: CheckedRun, d: Dist) -> Path:
     """The output folder with the run's ``args.json`` (the main process writes them): the run's
-    first write, once every input is checked."""
+    first write, once every input is checked. With ``--overwrite`` the folder is first deleted
+    whole (:func:`clear_folder`)."""
     out = Path(run.args.output)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(run.args), indent=2, default=str) + "\n")
+        if run.args.overwrite and out.is_dir():
+            clear_folder(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create the output folder {out}: {describe(error)}") from None
+        write_text_atomic(out / "args.json", json.dumps(vars(run.args), indent=2, default=str) + "\n")
     return out
+
+
+def clear_folder(out: Path) -> None:
+    """Delete ``out`` and everything in it: renamed aside first, so the folder is never a mix of
+    the old run's files and the new one's, then removed."""
+    aside = out.with_name(f".{out.name}.overwritten-{os.getpid()}")
+    try:
+        os.rename(out, aside)
+        shutil.rmtree(aside)
+    except OSError as error:
+        where = error.filename or out
+        raise OutputError(f"--overwrite: cannot delete {where}: {describe(error)}") from None
 
 
 def make_trainer(run: CheckedRun, d: Dist) -> Trainer:
@@ -761,6 +926,7 @@ def train_epochs(run: CheckedRun, trainer: Trainer, progress: Progress, out: Pat
             torch.cuda.synchronize(d.device)
         seconds = time.perf_counter() - t0
         metrics = evaluate(trainer.wrapped, trainer.val_loader, d, run.amp)
+        _check_eval_loss(metrics, f"the val loss at epoch {epoch}")
         row = {
             "epoch": epoch, "train_loss": train_loss, "eval_loss": metrics["loss"], "eval_top1": metrics["top1"],
             "eval_top5": metrics["top5"], "lr": lr,
@@ -793,6 +959,12 @@ def save_epoch(run: CheckedRun, trainer: Trainer, progress: Progress, improved: 
         "config": dataclasses.asdict(model.vapt.config) if hasattr(model, "vapt") else None,
         "args": vars(args), "summary": progress.rows, "best": progress.best,
     }
+    if not (_all_finite(ckpt["model"]) and _all_finite(ckpt["optimizer"]["momentum_buffer"])):
+        raise NonFiniteLoss(
+            f"the trainable parameters or their momentum hold NaN/Inf values after epoch {epoch}; nothing of this "
+            "epoch is written, the last checkpoint (last.pt of the previous epoch) is untouched. Lower --lr, or use "
+            "--amp bf16/none instead of fp16"
+        )
     if d.main:
         save_atomic(ckpt, out / "last.pt")
         if improved:
@@ -814,12 +986,22 @@ def final_result(run: CheckedRun, trainer: Trainer, progress: Progress, d: Dist)
     if run.want_test:
         test_loader = eval_loader(run.data["test"], args, d, run.per_rank)
         result["test_last"] = evaluate(trainer.wrapped, test_loader, d, run.amp)
+        _check_eval_loss(result["test_last"], "the test loss of the last epoch")
         if args.train_on_val or best["epoch"] == rows[-1]["epoch"]:
             result["test"] = result["test_last"]  # (train+val: val cannot choose an epoch)
         else:
             load_model_state(run.model, best["state"], args)
             result["test"] = evaluate(trainer.wrapped, test_loader, d, run.amp)
+            _check_eval_loss(result["test"], f"the test loss of the best epoch ({best['epoch']})")
     return result
+
+
+def _check_eval_loss(metrics: dict, what: str) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLoss(
+            f"{what} is NaN/Inf: the run diverged; the checkpoints already written are kept and no result.json is "
+            "written. Lower --lr, or use --amp bf16/none instead of fp16"
+        )
 
 
 def write_result(run: CheckedRun, progress: Progress, result: dict, out: Path, d: Dist) -> None:
@@ -827,21 +1009,27 @@ def write_result(run: CheckedRun, progress: Progress, result: dict, out: Path, d
     ``--pretrained-path``) and, with ``--plot``, the curves; the main process writes them."""
     if not d.main:
         return
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "result.json", _json_text(result))
     if run.args.method == "full":
-        torch.save(progress.best["state"], out / "model.pth")
+        save_atomic(progress.best["state"], out / "model.pth")
     if run.args.plot:
         plot_summary(progress.rows, out / "curves.png")
 
 
-def run(args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: bool = False) -> dict:
+def run(
+    args: argparse.Namespace, d: Dist, data: Optional[dict] = None, quiet: bool = False,
+    before_write: Optional[Callable[[], None]] = None,
+) -> dict:
     """Train (or evaluate) once as ``args`` says; returns what result.json holds.
 
     Every input is checked (:func:`check_args`, :func:`build_run`) before the first file is
-    written (:func:`create_output`).
+    written (:func:`create_output`); ``before_write`` is called in between (tuning clears its
+    folder there).
     """
     resume = check_args(args, d)
     checked = build_run(args, d, resume, data)
+    if before_write is not None:
+        before_write()
     out = create_output(checked, d)
     trainer = make_trainer(checked, d)
     progress = restore(checked, trainer, d)
@@ -918,12 +1106,11 @@ def _check_finite(first_bad: torch.Tensor, d: Dist, epoch: int) -> None:
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
@@ -950,16 +1137,32 @@ def plot_summary(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def _load_checkpoint(path: str, flag: str) -> dict:
+    """A ``vapt-train`` checkpoint, read with ``weights_only=True``: tensors and plain containers
+    only, so a file that holds other objects is refused before any of its code could run."""
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= set(ckpt):
-        raise UsageError(f"{flag} {path}: not a vapt-train checkpoint (expected a dict with model, args, epoch)")
+    not_ours = f"{flag} {path}: not a vapt-train checkpoint (a last.pt, best.pt or checkpoint-N.pt of this tool)"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message: a preamble, the offending object's line, a pointer to its documentation
+        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
+        raise UsageError(
+            f"{not_ours}: it holds objects other than tensors and plain containers ({reason}); it is not read, "
+            "since unpickling them could run code from the file"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UsageError(f"{not_ours}: it cannot be read ({type(error).__name__}: {error}); truncated or another format?") from None
+    if not isinstance(ckpt, dict) or not {"model", "args", "epoch", "rng"} <= set(ckpt):
+        raise UsageError(f"{not_ours}: expected a dict with model, args, epoch and rng")
     return ckpt
 
 
@@ -976,6 +1179,8 @@ MODEL_KEYS = (
 def eval_only(args: argparse.Namespace, d: Dist) -> dict:
     if not args.checkpoint:
         raise UsageError("--eval-only needs --checkpoint PATH (a last.pt, best.pt or checkpoint-N.pt)")
+    if args.overwrite:
+        raise UsageError("--eval-only writes no files: drop --overwrite")
     ckpt = _load_checkpoint(args.checkpoint, "--checkpoint")
     for k in MODEL_KEYS:  # the model is rebuilt as it was trained
         setattr(args, k, ckpt["args"].get(k))
@@ -1010,26 +1215,42 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         raise UsageError("tuning scores the final runs on a test split: pass --test-split (never used for the choice)")
     if not args.output:
         raise UsageError("--output DIR is needed for tuning")
+    if args.lr is not None and args.lr_grid:
+        raise UsageError(
+            "--lr-grid gives the learning rates to try: drop --lr (or drop --lr-grid to tune --wd-grid at --lr)"
+        )
     # Grid rates are per 256 images, as --lr-base (and the official grids) are.
     lrs = args.lr_grid or [learning_rate(args) * 256 / args.batch_size]
     wds = args.wd_grid or [args.weight_decay]
-    if any(v <= 0 for v in lrs) or any(v < 0 for v in wds):
-        raise UsageError("--lr-grid values must be > 0 and --wd-grid values >= 0")
+    # Each run has its own folder, named by its values as printed (%g) or its seed.
+    for flag, values in (("--lr-grid", [f"{v:g}" for v in lrs]), ("--wd-grid", [f"{v:g}" for v in wds]),
+                         ("--seeds", [str(v) for v in args.seeds])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise UsageError(f"{flag} gives {', '.join(twice)} more than once; give each value once")
     # Checked here, not only in the final runs, which come after the whole grid has trained.
     vapt_config(args)
-    check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
     if args.resume:
         raise UsageError(
             "--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ "
             "folder)"
         )
+    check_output(args)
+    check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
     out = Path(args.output)
+    pending = {"clear": args.overwrite and out.is_dir()}
+
+    def clear_once() -> None:
+        """With --overwrite, the tuning folder is deleted once, after the first run's checks."""
+        if pending.pop("clear", False) and d.main:
+            clear_folder(out)
+
     grid = []
     for lr in lrs:
         for wd in wds:
             sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
                                         "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
-            r = run(sub, d, quiet=True)
+            r = run(sub, d, quiet=True, before_write=clear_once)
             grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
             if d.main:
                 print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
@@ -1057,7 +1278,7 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
             print(f"  {f['seed']:<6} {f['test_top1']:<11.2f} {f['test_top5']:.2f}")
         mean, std = result["test_top1_mean"], result["test_top1_std"]
         print(f"\n  test top1 {mean:.2f} +- {std:.2f} over {len(finals)} seed(s)")
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / "result.json", _json_text(result))
     return result
 
 
@@ -1067,7 +1288,10 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a bad flag, already reported (2)
+        return stop.code if isinstance(stop.code, int) else 2
     d = None
     try:
         d = setup_distributed(args)
@@ -1086,6 +1310,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if d is None or d.main:
             print(f"vapt-train: error: {error}", file=sys.stderr)
         return 3
+    except OutputError as error:
+        print(f"vapt-train: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

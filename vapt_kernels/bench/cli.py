@@ -1,14 +1,26 @@
 """``vapt-bench`` (also ``python -m vapt_kernels.bench``): time VAPT against the frozen ViT and the
-official formulation, print the table, and with ``--out`` append the rows to ``results.csv``, write
-``summary.json`` and draw the run's charts there (:mod:`vapt_kernels.bench.plot`; not with
-``--no-plot``, and without matplotlib only a line that says how to get them). What is measured and
-how: :mod:`vapt_kernels.bench.harness`."""
+official formulation, print the table, and with ``--out`` append the rows to ``results.csv`` (or the
+file that :func:`results_file` picks next to it), write ``summary.json`` and draw the run's charts
+there (:mod:`vapt_kernels.bench.plot`; not with ``--no-plot``, and without matplotlib only a line
+that says how to get them). What is measured and how: :mod:`vapt_kernels.bench.harness`.
+
+Results files are append-only: the bytes of earlier rows are never changed, and every write goes
+through a temporary file in the same folder that replaces the file only once it is complete
+(:func:`write_atomic`), so a failed write (a full disk included) leaves the previous files as they
+were. A file that cannot be read or written ends the run with ``vapt-bench: cannot write PATH:
+CAUSE`` and exit status 1. Bad arguments are refused before anything is measured or written (exit
+status 2)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import io
+import itertools
 import json
+import math
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,23 +28,113 @@ from typing import Optional
 
 import torch
 
+from vapt_kernels.config import VAPTConfig
+from vapt_kernels.files import OutputError, describe, write_atomic
+from vapt_kernels.timm import apply_vapt, apply_vpt
+
 from . import harness, plot
 
 SWEEPS = {"prompts": (1, 10, 50, 100), "batch": (1, 8, 32)}
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return _integer(text, 0)
+
+
+def _check_tasks(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--tasks K > 1`` needs a fast backend among the providers (it adds their ``-mixed`` and
+    ``-loop`` providers) and at least ``K`` images in every batch (image ``i`` belongs to task
+    ``i % K``, :class:`harness.MixedBatch`)."""
+    if args.tasks == 1:
+        return
+    if not any(harness.PROVIDER_TABLE[n].kind == "fast" for n in args.providers):
+        fast = ", ".join(n for n in harness.PROVIDERS if harness.PROVIDER_TABLE[n].kind == "fast")
+        p.error(f"--tasks {args.tasks} adds the -mixed and -loop providers of the fast backends in --providers, "
+                f"and none is picked; add one of {fast}, or drop --tasks")
+    if args.sweep == "batch":
+        p.error(f"--sweep batch runs batch {min(SWEEPS['batch'])}, under --tasks {args.tasks} (every batch needs "
+                "an image per task); sweep without --tasks, or give --batch with --tasks")
+    batch = args.batch or harness.DEVICE_DEFAULTS[args.device]["batch"]
+    if batch < args.tasks:
+        flag = "--batch is" if args.batch else f"the default batch on {args.device} is"
+        p.error(f"--tasks {args.tasks} needs at least {args.tasks} images per batch (one task per image, in turn), "
+                f"but {flag} {batch}; give --batch {args.tasks} or more, or fewer --tasks")
+
+
+def _check_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--model`` must be a timm ViT with a patch embedding that builds at ``--img-size``, a
+    multiple of its patch size (timm drops the pixels past the last whole patch), and the VAPT and
+    VPT-deep providers picked must fit it (:func:`vapt_kernels.timm.apply_vapt`'s checks). Checked on
+    the ``meta`` device: no weights are allocated."""
+    import timm
+
+    name, size = args.model, args.img_size
+    at = f" at --img-size {size}" if size else ""
+    if not timm.is_model(name):
+        p.error(f"--model {name}: timm has no model of that name; list the ViTs with "
+                f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    kwargs = {"num_classes": harness.NUM_CLASSES} | ({"img_size": size} if size else {})
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except Exception as err:  # timm's model classes raise what they like on options they cannot take
+            p.error(f"--model {name} cannot be built{at} ({type(err).__name__}: {err}); "
+                    "pick a timm VisionTransformer, e.g. vit_small_patch16_224")
+        embed = getattr(model, "patch_embed", None)
+        if embed is None or not hasattr(embed, "patch_size"):
+            p.error(f"--model {name} has no patch embedding (patch_embed): vapt-bench times timm "
+                    "VisionTransformers, e.g. vit_small_patch16_224")
+        kinds = {harness.PROVIDER_TABLE[n].kind for n in args.providers}
+        vapt = bool(kinds & {"official", "fast"})
+        config = VAPTConfig(num_prompts=args.prompts or 10)
+        if size:
+            step = math.lcm(*embed.patch_size)
+            # The VAPT providers need a patch grid at least as wide as the convolution kernel.
+            least = max(step, config.kernel_size * max(embed.patch_size)) if vapt else step
+            if size % step or size < least:
+                lower = size // step * step
+                sizes = ([f"{lower}"] if lower >= least else []) + [f"{max(lower + step, -(-least // step) * step)}"]
+                why = (f"is not a multiple of {name}'s patch size {'x'.join(map(str, embed.patch_size))}" if size % step
+                       else f"gives {name} a patch grid smaller than VAPT's {config.kernel_size}x{config.kernel_size} "
+                       "convolution kernel")
+                p.error(f"--img-size {size} {why}; use {' or '.join(sizes)}")
+        try:
+            if vapt:
+                apply_vapt(copy.deepcopy(model), config)
+            if "vpt-deep" in kinds:
+                apply_vpt(copy.deepcopy(model), num_prompts=config.num_prompts)
+        except (TypeError, ValueError) as err:
+            p.error(f"--model {name}{at} does not take prompts: {err}")
+
+
+def _check_out(p: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` must be a folder, or missing under a folder, that this user can write in, and must
+    not hold a folder named ``summary.json``."""
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; give a folder (it is created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        p.error(f"--out {out}: {existing} is a file, not a folder; give a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: cannot write in {existing} (permission denied); give a folder you can write to")
+    if (out / "summary.json").is_dir():
+        p.error(f"--out {out}: {out / 'summary.json'} is a folder; move it away or give another --out")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -49,7 +151,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", help=f"timm model name (default: {cpu['model']} on CPU, {cuda['model']} on CUDA)")
     p.add_argument("--img-size", type=_positive, help="image size (default: the model's)")
     p.add_argument("--batch", type=_positive, help=f"batch size (default: {cpu['batch']} on CPU, {cuda['batch']} on CUDA)")
-    p.add_argument("--prompts", type=_positive, default=10, help="prompts per block (default: 10)")
+    p.add_argument("--prompts", type=_positive, help="prompts per block (default: 10)")
     p.add_argument("--dtype", choices=list(harness.DTYPES),
                    help=f"fp32, or autocast bf16/fp16 (default: {cpu['dtype']} on CPU, {cuda['dtype']} on CUDA)")
     p.add_argument("--steps", type=_positive,
@@ -68,8 +170,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="also torch.compile the floor, vapt-official and the last available fast backend")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", type=Path,
-                   help="folder to append results.csv to and write summary.json and the PNG charts in; "
-                   "without it nothing is written")
+                   help="folder to append results.csv to (one of other columns or with a torn last line is left "
+                   "as it is and the rows go to results-1.csv, results-2.csv, ...) and write summary.json and the "
+                   "PNG charts in; without it nothing is written")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction,
                    help="draw the PNG charts of the run into --out: the default there (needs matplotlib: "
                    "pip install 'vapt_kernels[plot]'); --no-plot skips them")
@@ -82,6 +185,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.plot = args.out is not None
     args.providers = tuple(dict.fromkeys(args.providers))
     args.modes = tuple(dict.fromkeys(args.modes))
+    if args.sweep and getattr(args, args.sweep) is not None:
+        p.error(f"--sweep {args.sweep} runs {args.sweep} {', '.join(map(str, SWEEPS[args.sweep]))} in turn, "
+                f"so --{args.sweep} {getattr(args, args.sweep)} would be ignored; drop one of them")
+    args.model = args.model or harness.DEVICE_DEFAULTS[args.device]["model"]
+    _check_tasks(p, args)
+    _check_model(p, args)
+    if args.out is not None:
+        args.out = args.out.resolve()
+        _check_out(p, args.out)
     return args
 
 
@@ -133,24 +245,74 @@ def format_task_ratios(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path``; a file with other columns (an older version's) is
-    rewritten first under the union of its columns and :data:`harness.CSV_FIELDS`."""
-    fields = list(harness.CSV_FIELDS)
-    old: list[dict] = []
-    mode = "a" if path.exists() else "w"
-    if mode == "a":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            if header != fields:
-                fields = header + [name for name in fields if name not in header]
-                old, mode = list(reader), "w"
-    with path.open(mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows(old + rows)
+def _unfit_for_rows(path: Path) -> Optional[str]:
+    """Why the file at ``path`` cannot take more rows (None: it can, or it is missing or empty). It
+    can when it is UTF-8 CSV whose header is :data:`harness.CSV_FIELDS` and whose last line ends
+    with a line break and has one field per column."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return "is a folder"
+    except OSError as err:
+        raise OutputError(f"cannot read {path}: {describe(err)}") from err
+    if not data:
+        return None
+    try:
+        text = data.decode("utf-8")
+        records = [r for r in csv.reader(io.StringIO(text, newline=""), strict=True) if r]
+    except (UnicodeDecodeError, csv.Error) as err:
+        return f"is not a CSV file this version can read ({err})"
+    if not records or records[0] != harness.CSV_FIELDS:
+        return "has other columns than this version writes"
+    if not text.endswith("\n"):
+        return "ends in an incomplete line (no line break)"
+    if len(records[-1]) != len(harness.CSV_FIELDS):
+        return f"ends in an incomplete line ({len(records[-1])} fields, not {len(harness.CSV_FIELDS)})"
+    return None
+
+
+def results_file(path: Path) -> tuple[Path, list[str]]:
+    """The file that takes the rows meant for ``path`` (``DIR/results.csv``), and a note per file
+    passed over.
+
+    The rule: the first of ``results.csv``, ``results-1.csv``, ``results-2.csv``, ... (in ``path``'s
+    folder) that is missing, empty, or a CSV of this version's columns (:data:`harness.CSV_FIELDS`)
+    whose last line is complete. A file of other columns (an older version's, or not vapt-bench's)
+    or with a torn last line (a write cut short) is left as it is, so a later run keeps appending
+    to the same numbered file."""
+    notes = []
+    for n in itertools.count():  # ends at the latest at the first missing name
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        why = _unfit_for_rows(candidate)
+        if why is None:
+            return candidate, notes
+        notes.append(f"{candidate} {why}: left as it is")
+
+
+def append_csv(path: Path, rows: list[dict]) -> tuple[Path, list[str]]:
+    """Append ``rows`` to the file :func:`results_file` picks for ``path`` (with the header where it
+    is new), without touching its earlier bytes: the old content and the rows replace the file in
+    one step (:func:`write_atomic`). Returns the file and the notes of :func:`results_file`.
+
+    Raises:
+        OutputError: a file could not be read or written; every file is as it was.
+    """
+    target, notes = results_file(path)
+    try:
+        old = target.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    except OSError as err:
+        raise OutputError(f"cannot read {target}: {describe(err)}") from err
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=harness.CSV_FIELDS)
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(target, lambda f: f.write(old + text.getvalue().encode("utf-8")))
+    return target, notes
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -163,11 +325,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     env = harness.row_environment(args.device)
     configs = [replace(base, **{args.sweep: value}) for value in SWEEPS[args.sweep]] if args.sweep else [base]
-    out = args.out.resolve() if args.out else None
+    out = args.out
     summary = {
         "timestamp": env["timestamp"], "git_commit": env["git_commit"], "device": env["device"], "timing": env["timing"],
-        "versions": {k: env[k] for k in ("torch", "triton", "timm", "vapt_kernels")}, "sweep": args.sweep, "runs": [],
+        "versions": {k: env[k] for k in ("torch", "triton", "timm", "vapt_kernels")}, "sweep": args.sweep,
+        "results_csv": None, "runs": [],
     }
+    written: dict[Path, None] = {}  # the CSV files that got rows, in order
+    notes: dict[str, None] = {}
     for cfg in configs:
         tasks = f" | {cfg.tasks} tasks" if cfg.tasks > 1 else ""
         print(f"{cfg.model} | batch {cfg.batch} | {cfg.prompts} prompts{tasks} | {cfg.dtype} | {env['device']} | "
@@ -177,15 +342,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_table(rows) + ("\n" + ratios if ratios else "") + "\n", flush=True)
         summary["runs"].append({"config": asdict(cfg), "rows": rows})
         if out:  # after every configuration, so that an interrupted sweep keeps what it measured
-            out.mkdir(parents=True, exist_ok=True)
-            append_csv(out / "results.csv", rows)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                write_results(out, rows, summary, written, notes)
+            except OutputError as err:
+                print(f"vapt-bench: {err}", file=sys.stderr)
+                return 1
     if out is None:
         return 0
-    print(f"results appended to {out / 'results.csv'}\nsummary written to {out / 'summary.json'}")
+    print("\n".join([*notes, *(f"results appended to {path}" for path in written),
+                     f"summary written to {out / 'summary.json'}"]))
     if args.plot:
-        draw_charts(out / "results.csv", env["timestamp"])
+        draw_charts(list(written)[-1], env["timestamp"])
     return 0
+
+
+def write_results(out: Path, rows: list[dict], summary: dict, written: dict[Path, None], notes: dict[str, None]) -> None:
+    """Append ``rows`` to ``out``'s results file (:func:`append_csv`) and write ``summary`` naming
+    it to ``out/summary.json`` (:func:`write_atomic`); adds the file to ``written`` and the notes
+    of the files passed over to ``notes``.
+
+    Raises:
+        OutputError: a file could not be created, read or written; every file is as it was.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot write {out}: {describe(err)}") from err
+    path, passed_over = append_csv(out / "results.csv", rows)
+    written[path] = None
+    notes.update(dict.fromkeys(passed_over))
+    summary["results_csv"] = str(path)
+    write_atomic(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode("utf-8")))
 
 
 def draw_charts(csv_path: Path, run: str) -> None:
@@ -199,6 +386,11 @@ def draw_charts(csv_path: Path, run: str) -> None:
         return
     except plot.NothingToDraw as err:
         print(f"charts not drawn: {err}", file=sys.stderr)
+        return
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        print(f"charts not drawn: cannot write{where}: {describe(err)}; draw them elsewhere with "
+              f"python -m vapt_kernels.bench.plot {csv_path} --run {run} --out DIR", file=sys.stderr)
         return
     for path in paths:
         print(f"chart written to {path}")
