@@ -208,11 +208,22 @@ def test_bad_data_folder_and_split(digits, tmp_path, capsys):
     assert "no such folder" in err and "train/" in err
     err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--val-split", "validation")
     assert "no 'validation/' split folder" in err and "found: test, train, val" in err
+    image = next((digits / "small" / "train" / "0").iterdir())
     odd = tmp_path / "odd"
     for split, label in (("train", "0"), ("val", "0"), ("val", "7")):
         (odd / split / label).mkdir(parents=True)
+        shutil.copy(image, odd / split / label)
     err = _refused(capsys, tmp_path / "o", "--data-dir", odd, *TINY)
-    assert "split 'val/' has class folders that 'train/' lacks: 7" in err
+    assert "split 'val/' has images of classes that 'train/' has no images of: 7" in err
+    # An empty train/7/ folder: timm's reader would drop val's class-7 images from the scores.
+    (odd / "train" / "7").mkdir()
+    err = _refused(capsys, tmp_path / "o", "--data-dir", odd, *TINY)
+    assert "split 'val/' has images of classes that 'train/' has no images of: 7" in err
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / split / "0").mkdir(parents=True)
+    err = _refused(capsys, tmp_path / "o", "--data-dir", empty, *TINY)
+    assert "split 'train/' holds no images in class folders" in err
 
 
 def test_bad_model_kwargs_fsdp_and_pretrained(digits, tmp_path, capsys, monkeypatch):

@@ -292,14 +292,24 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
                 f"found: {', '.join(found) or 'no sub-folders'}); choose --train-split/--val-split/--test-split "
                 f"from what is there, or write the folder with scripts/digits_to_folder.py"
             )
-    # The class of an image is its folder; every split is read with the train split's classes.
-    classes = {split: {p.name for p in (root / split).iterdir() if p.is_dir()} for split in splits}
+    # The class of an image is its folder, found as timm's image-folder reader finds it; every split
+    # is read with the train split's classes, so an image of a class without training images would
+    # be dropped from the scores without a word: refused here, naming the classes.
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    def classes_with_images(split: str) -> set[str]:
+        _, found_classes = find_images_and_targets(str(root / split))
+        return set(found_classes)
+
+    trained = classes_with_images(splits[0])
+    if not trained:
+        raise UsageError(f"--data-dir {root}: split '{splits[0]}/' holds no images in class folders")
     for split in splits[1:]:
-        extra = sorted(classes[split] - classes[splits[0]])
+        extra = sorted(classes_with_images(split) - trained)
         if extra:
             raise UsageError(
-                f"--data-dir {root}: split '{split}/' has class folders that '{splits[0]}/' lacks: {', '.join(extra)}; "
-                "every class must have training images"
+                f"--data-dir {root}: split '{split}/' has images of classes that '{splits[0]}/' has no images of: "
+                f"{', '.join(extra)}; every class must have training images (add them, or remove those classes)"
             )
 
 
