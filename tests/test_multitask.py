@@ -213,6 +213,10 @@ def test_bad_task_states_are_refused_before_anything_changes():
     cases = {
         "already a task": (ValueError, "pets", good, "there is already a task 'pets'"),
         "a dot": (ValueError, "a.b", good, "without '.'"),
+        "not printable": (ValueError, "a\nb", good, "printable"),
+        # nn.ModuleDict's own attributes used to fail inside it with a bare KeyError
+        "reserved: training": (ValueError, "training", good, "'training' is reserved"),
+        "reserved: update": (ValueError, "update", good, "'update' is reserved"),
         "not a mapping": (TypeError, "new", [good], "state_dict must be a mapping"),
         "missing key": (ValueError, "new", {k: v for k, v in good.items() if k != "head.bias"}, "missing keys: head.bias"),
         "unexpected key": (ValueError, "new", {**good, "vapt.extra": good["head.bias"]}, "unexpected keys: vapt.extra"),

@@ -99,10 +99,14 @@ class MultiTaskVAPT(nn.Module):
                 classes, or invalid values. Nothing is changed then.
         """
         caller = "MultiTaskVAPT.add_task"
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"{caller}: a task name must be a non-empty string without '.', got {name!r}")
+        if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+            raise ValueError(
+                f"{caller}: a task name must be a non-empty printable string without '.', got {name!r}"
+            )
         if name in self.prompts:
             raise ValueError(f"{caller}: there is already a task {name!r}; remove_task({name!r}) first to replace it")
+        if hasattr(self.prompts, name):  # nn.ModuleDict's own attributes (training, keys, update, ...)
+            raise ValueError(f"{caller}: {name!r} is reserved (an attribute of nn.ModuleDict); choose another name")
         problems: list[str] = []
         keys = string_keys(caller, state, problems)
         prompts = copy.deepcopy(self.model.vapt)
