@@ -18,6 +18,7 @@ FLOORS = {
     "ops": ["ops"],
     "prompt modules": ["modules"],
     "timm integration": ["timm"],
+    "saved tasks": ["pretrained"],
     "library tools": ["checkpoint", "multitask", "environment", "official"],
     "commands": ["train", "bench", "check"],
     "package": ["__init__"],

@@ -360,10 +360,46 @@ def _distributed_worker(rank: int, world: int, folder: str) -> None:
                 if p.grad is not None and (wrapping != "fsdp2-vapt" or name.startswith("vapt.")):
                     g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                     results[wrapping][name] = (g * world).detach().clone()
+            del wrapped, model
+        for wrapping in MULTITASK_WRAPPINGS:
+            mt = _multitask_for_distributed()
+            x = images(mt.model, batch=2 * world).float()[2 * rank : 2 * rank + 2]
+            tasks = MULTITASK_BATCH[2 * rank : 2 * rank + 2]
+            wrapped = DistributedDataParallel(mt) if wrapping == "ddp-multitask" else fully_shard(mt) or mt
+            wrapped.train()
+            for step in range(2):  # DDP refused the second step when a trainable parameter got no gradient
+                mt.zero_grad()
+                (wrapped(x, tasks).clamp_min(-1e4).square().sum() / (2 * world)).backward()
+            results[wrapping] = {}
+            for name, p in mt.named_parameters():
+                assert (p.grad is not None) == p.requires_grad, (wrapping, name)
+                if p.grad is not None:
+                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    results[wrapping][name] = (g * world).detach().clone()
+            del wrapped, mt
         if rank == 0:
             torch.save(results, f"{folder}/grads.pt")
+        # Both processes tear gloo down together, with no wrapped model left holding its work: a
+        # process leaving while the other still used the group aborted it (std::terminate).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+MULTITASK_WRAPPINGS = ("ddp-multitask", "fsdp2-multitask")
+MULTITASK_BATCH = ["b", "a", "a", "b"]
+
+
+def _multitask_for_distributed() -> vk.MultiTaskVAPT:
+    """Two tasks (3 and 5 classes) on :func:`_vapt_for_distributed`'s model, the same in every process."""
+    model = _vapt_for_distributed()
+    mt = vk.MultiTaskVAPT(model)
+    for seed, (name, classes) in enumerate((("a", 3), ("b", 5))):
+        torch.manual_seed(seed + 1)
+        state = {k: torch.randn_like(v) for k, v in vk.trainable_state_dict(_vapt_for_distributed()).items()}
+        state["head.weight"], state["head.bias"] = torch.randn(classes, 24), torch.randn(classes)
+        mt.add_task(name, state)
+    return mt
 
 
 @pytest.mark.slow
@@ -384,3 +420,14 @@ def test_ddp_and_fsdp2_train_like_one_process(tmp_path):
         assert set(results[wrapping]) == names, wrapping
         for name in names:
             assert_close_rel(results[wrapping][name], expected[name], 1e-5, f"gradient of {name} under {wrapping}")
+    # A MultiTaskVAPT under DDP and under FSDP2 (its template's own prompts and head frozen).
+    mt = _multitask_for_distributed().train()
+    x = images(mt.model, batch=2 * world).float()
+    (mt(x, MULTITASK_BATCH).clamp_min(-1e4).square().sum() / (2 * world)).backward()
+    expected = {n: p.grad for n, p in mt.named_parameters() if p.requires_grad}
+    assert expected and all(g is not None for g in expected.values())
+    assert not any(n.startswith(("model.vapt.", "model.head.")) for n in expected)
+    for wrapping in MULTITASK_WRAPPINGS:
+        assert set(results[wrapping]) == set(expected), wrapping
+        for name, grad in expected.items():
+            assert_close_rel(results[wrapping][name], grad, 1e-5, f"gradient of {name} under {wrapping}")

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("sklearn", reason="the digits data set ships with scikit-learn (the test extra)")
 
 from vapt_kernels import files, train  # noqa: E402
+from vapt_kernels.pretrained import read_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32",
@@ -82,7 +83,8 @@ def test_digits_learns(digits, tmp_path):
     out = tmp_path / "run"
     vapt_train("--data-dir", digits / "full", *TINY, "--no-aug", "--cache-data", "--epochs", 4, "--warmup-epochs", 1,
                "--batch-size", 32, "--lr", 0.3, "--test-split", "test", "--output", out)
-    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json"}
+    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json",
+                                               "pretrained"}
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0] == ",".join(train.SUMMARY_COLUMNS) and len(rows) == 5
     result = json.loads((out / "result.json").read_text())
@@ -91,6 +93,14 @@ def test_digits_learns(digits, tmp_path):
     assert set(ckpt["model"]) == {n for n, p in _tiny_vapt().named_parameters() if p.requires_grad}
     assert ckpt["epoch"] == 4 and ckpt["config"]["num_prompts"] == 4 and ckpt["args"]["lr"] == 0.3
     assert {"optimizer", "scheduler", "rng"} <= set(ckpt)
+    # The deliverable: the best epoch's prompts and head as a saved task, with the classes and scores.
+    saved = read_pretrained(out / "pretrained")
+    best = load(out / "best.pt")
+    assert saved.config.__dict__ == best["config"] and saved.num_classes == 10
+    assert set(saved.state) == set(best["model"])
+    assert all(torch.equal(saved.state[k], best["model"][k]) for k in saved.state)
+    assert saved.metadata["classes"] == [str(i) for i in range(10)]
+    assert saved.metadata["best_epoch"] == result["best_epoch"] and saved.metadata["test_top1"] == result["test"]["top1"]
 
 
 def _tiny_vapt():
@@ -307,7 +317,8 @@ def test_existing_output_is_kept_unless_resumed_or_overwritten(digits, tmp_path,
     assert load(out / "last.pt")["epoch"] == 2
 
     vapt_train(*common, "--epochs", 1, "--overwrite", "--output", out)
-    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json"}
+    assert {p.name for p in out.iterdir()} == {"args.json", "summary.csv", "last.pt", "best.pt", "result.json",
+                                               "pretrained"}
     assert not list(tmp_path.glob(".*")), "the deleted folder was left behind"
 
     tuned = tmp_path / "tune"
@@ -422,6 +433,32 @@ def test_checkpoints_are_read_without_unpickling_objects(digits, tmp_path, capsy
         err = capsys.readouterr().err
         assert f"--checkpoint {path}: not a vapt-train checkpoint" in err and why in err, err
     assert not marker.exists(), "reading the crafted checkpoint ran its code"
+
+
+def test_pretrained_path_takes_backbone_weights_only(digits, tmp_path, capsys):
+    """--pretrained-path used to accept a vapt-train checkpoint (or any state dict) and train on a
+    backbone left at its random initialisation, since timm loads without the head non-strictly.
+    Refused now: a checkpoint, a saved task folder, weights of another model, a crafted pickle (its
+    code never runs)."""
+    first = tmp_path / "first"
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--batch-size", 16,
+               "--output", first)
+    marker = tmp_path / "created-by-the-weights"
+    crafted, other = tmp_path / "crafted.pth", tmp_path / "other.pth"
+    torch.save({"pos_embed": _CreatesAFile(marker)}, crafted)
+    torch.save({"fc.weight": torch.zeros(2, 2), "blocks.0.norm1.weight": torch.ones(32)}, other)
+    cases = {
+        first / "last.pt": "a vapt-train checkpoint, which holds the trainable parameters only",
+        first / "pretrained": "a saved VAPT task (prompts and head), not backbone weights",
+        other: "it holds no weights for",
+        crafted: "could run code",
+        tmp_path / "missing.pth": "no such file",
+    }
+    for path, why in cases.items():
+        err = _refused(capsys, tmp_path / "o", "--data-dir", digits / "small", *TINY, "--epochs", 1,
+                       "--pretrained-path", path)
+        assert f"--pretrained-path {path}: " in err and why in err, err
+    assert not marker.exists(), "reading the crafted weights ran their code"
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path, capsys, monkeypatch):

@@ -12,6 +12,7 @@ from .checkpoint import count_parameters, load_official_checkpoint, load_trainab
 from .config import VAPTConfig
 from .multitask import MultiTaskVAPT
 from .ops import available_backends
+from .pretrained import from_pretrained, save_pretrained
 from .timm import apply_vapt, apply_vpt, set_backend
 
 __all__ = [
@@ -24,5 +25,7 @@ __all__ = [
     "trainable_state_dict",
     "load_trainable_state_dict",
     "count_parameters",
+    "save_pretrained",
+    "from_pretrained",
     "MultiTaskVAPT",
 ]

@@ -21,6 +21,8 @@ Dropout draws its masks per image exactly as the single-task model does.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
@@ -32,6 +34,7 @@ from . import ops
 from .config import VAPTConfig
 from .modules import Grid, VAPTPrompts, fold_mix, project_features
 from .ops.library import check_task_range
+from .pretrained import backbone_differences, read_pretrained, warn_if_other_architecture
 from .state_dicts import string_keys, validate_then_copy
 from .timm import embed_tokens, prompts_of
 
@@ -44,13 +47,15 @@ class MultiTaskVAPT(nn.Module):
     Args:
         model: a VAPT model (:func:`vapt_kernels.apply_vapt` or :func:`vapt_kernels.apply_vpt`)
             with a linear head. Its backbone, VAPT configuration and backend are shared by every
-            task; its own prompts and head are not a task (they get no gradient here).
+            task. Its own prompts and head are not a task: they are frozen here
+            (``requires_grad=False``), so that every trainable parameter of a ``MultiTaskVAPT``
+            gets a gradient, as DDP requires. To go on training the model alone, pass a copy.
 
     Example::
 
         mt = vk.MultiTaskVAPT(model)
         mt.add_task("pets", vk.trainable_state_dict(pets_model))
-        mt.add_task("cars", torch.load("cars.pt"))
+        mt.add_task("cars", "runs/cars/pretrained")   # a folder save_pretrained or vapt-train wrote
         logits = mt(images, ["pets", "cars", "pets"])   # (3, max classes), -inf past a task's own
     """
 
@@ -65,6 +70,8 @@ class MultiTaskVAPT(nn.Module):
                 f"{type(model.get_classifier()).__name__}; build the model with num_classes > 0 and no "
                 "distillation head"
             )
+        for p in [*model.vapt.parameters(), *head.parameters()]:
+            p.requires_grad_(False)
         self.model = model
         self.prompts = nn.ModuleDict()  # task name -> VAPTPrompts
         self.heads = nn.ModuleDict()  # task name -> nn.Linear
@@ -84,19 +91,28 @@ class MultiTaskVAPT(nn.Module):
     # tasks
     # --------------------------------------------------------------------------------------------
 
-    def add_task(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
-        """Add a task from the trainable state dict of a single-task model.
+    def add_task(self, name: str, state: Union[Mapping[str, torch.Tensor], str, "os.PathLike[str]"]) -> None:
+        """Add a task from the trainable state dict of a single-task model, or from the folder
+        :func:`vapt_kernels.save_pretrained` (or ``vapt-train``) saved it in.
 
         Args:
-            name: a new task name (a non-empty string without ``.``).
+            name: a new task name (a non-empty printable string without ``.``, not an attribute
+                of ``nn.ModuleDict`` such as ``keys``).
             state: :func:`vapt_kernels.trainable_state_dict` of a model with this backbone and
-                VAPT configuration; its head may have its own number of classes.
+                VAPT configuration, or the path of a saved folder (whose configuration, dropout
+                rates and activation included, and backbone shapes must be the model's); its
+                head may have its own number of classes.
 
         Raises:
-            TypeError: ``state`` is not a mapping.
-            ValueError: a name in use or not usable; a state dict of another VAPT configuration
-                (naming the fields that differ), with missing or unexpected keys, a head without
-                classes, or invalid values. Nothing is changed then.
+            TypeError: ``state`` is neither a mapping nor a path.
+            FileNotFoundError: no saved folder at that path.
+            ValueError: a name in use or not usable; a folder that is not a saved task; a task
+                of another VAPT configuration (naming the fields that differ) or backbone, with
+                missing or unexpected keys, a head without classes, or invalid values. Nothing
+                is changed then.
+
+        Warns:
+            UserWarning: a saved folder's timm architecture name is not the model's.
         """
         caller = "MultiTaskVAPT.add_task"
         if not isinstance(name, str) or not name or "." in name or not name.isprintable():
@@ -107,6 +123,8 @@ class MultiTaskVAPT(nn.Module):
             raise ValueError(f"{caller}: there is already a task {name!r}; remove_task({name!r}) first to replace it")
         if hasattr(self.prompts, name):  # nn.ModuleDict's own attributes (training, keys, update, ...)
             raise ValueError(f"{caller}: {name!r} is reserved (an attribute of nn.ModuleDict); choose another name")
+        if isinstance(state, (str, os.PathLike)):
+            state = self._read_task_folder(state, caller)
         problems: list[str] = []
         keys = string_keys(caller, state, problems)
         prompts = copy.deepcopy(self.model.vapt)
@@ -142,6 +160,23 @@ class MultiTaskVAPT(nn.Module):
         self.prompts[name] = prompts
         self.heads[name] = head
         self._index_classes()
+
+    def _read_task_folder(self, path, caller: str) -> dict[str, torch.Tensor]:
+        """The parameters of a saved folder, once its configuration and backbone are the model's."""
+        saved = read_pretrained(path, caller)
+        differences = [
+            f"{f.name}: saved {getattr(saved.config, f.name)!r}, model {getattr(self.config, f.name)!r}"
+            for f in dataclasses.fields(VAPTConfig)
+            if getattr(saved.config, f.name) != getattr(self.config, f.name)
+        ]
+        differences += backbone_differences(saved.backbone, self.model)
+        if differences:
+            raise ValueError(
+                f"{caller}: {saved.path} was saved with another VAPT configuration or backbone than the model's: "
+                f"{'; '.join(differences)}. Every task shares the model's backbone and configuration"
+            )
+        warn_if_other_architecture(saved, self.model, caller)
+        return saved.state
 
     def remove_task(self, name: str) -> None:
         """Remove a task; the other tasks' parameters are untouched."""

@@ -46,40 +46,74 @@ def _model_name(model: nn.Module) -> str:
     return f"{type(model).__name__} ({arch})" if arch else type(model).__name__
 
 
-def _check_supported(model: nn.Module) -> None:
+def _check_supported(model: nn.Module, caller: str) -> None:
     """Raise a clear error for any model VAPT cannot run exactly, before anything is changed."""
     name = _model_name(model)
     if not isinstance(model, VisionTransformer):
         reason = _UNSUPPORTED_FAMILIES.get(type(model).__name__, "it is not a timm VisionTransformer")
-        raise TypeError(f"apply_vapt: {name} is not supported: {reason}")
+        raise TypeError(f"{caller}: {name} is not supported: {reason}")
     if isinstance(model, VAPTModel) or any(isinstance(b, VAPTBlock) for b in model.blocks):
-        raise ValueError(f"apply_vapt: {name} already has VAPT prompts; build a fresh model to change the config")
+        raise ValueError(f"{caller}: {name} already has VAPT prompts; build a fresh model to change the config")
     for i, block in enumerate(model.blocks):
         if type(block) is not Block:
             raise TypeError(
-                f"apply_vapt: {name} is not supported: block {i} is {type(block).__name__}, "
+                f"{caller}: {name} is not supported: block {i} is {type(block).__name__}, "
                 "not timm's standard Block (pre-norm attention then MLP)"
             )
         if type(block.attn) is not Attention:
             raise TypeError(
-                f"apply_vapt: {name} is not supported: block {i} attention is {type(block.attn).__name__}, "
+                f"{caller}: {name} is not supported: block {i} attention is {type(block.attn).__name__}, "
                 "not timm's standard Attention (rotary or relative-position terms cannot take prompt keys exactly)"
             )
         if not isinstance(block.norm1, nn.LayerNorm):
             raise TypeError(
-                f"apply_vapt: {name} is not supported: block {i} norm1 is {type(block.norm1).__name__}; "
+                f"{caller}: {name} is not supported: block {i} norm1 is {type(block.norm1).__name__}; "
                 "VAPT shares the row statistics of a LayerNorm"
             )
     if not isinstance(model.patch_drop, nn.Identity):
         raise ValueError(
-            f"apply_vapt: {name} uses patch dropout (patch_drop_rate > 0), which removes patches from the "
+            f"{caller}: {name} uses patch dropout (patch_drop_rate > 0), which removes patches from the "
             "grid the prompt convolution needs; build the model with patch_drop_rate=0"
         )
     if not hasattr(model.patch_embed, "dynamic_feat_size"):
         raise TypeError(
-            f"apply_vapt: {name} is not supported: its patch_embed ({type(model.patch_embed).__name__}) "
+            f"{caller}: {name} is not supported: its patch_embed ({type(model.patch_embed).__name__}) "
             "does not report the patch grid of an image"
         )
+
+
+def check_fits(model: nn.Module, config: VAPTConfig, caller: str) -> None:
+    """Raise a clear error, naming ``caller``, where :func:`apply_vapt` could not give ``model``
+    prompts of ``config``: an unsupported model, one that has prompts already, a ``vpt_depth``
+    beyond its blocks, a convolution kernel larger than its padded patch grid."""
+    _check_supported(model, caller)
+    depth = len(model.blocks)
+    if config.vpt_depth > depth:
+        raise ValueError(f"{caller}: vpt_depth={config.vpt_depth} exceeds the model's {depth} blocks")
+    grid = tuple(model.patch_embed.grid_size)
+    if config.vpt_depth < depth and min(config.conv_grid(grid)) < 1:
+        raise ValueError(
+            f"{caller}: kernel_size={config.kernel_size} with padding={config.padding} does not fit the "
+            f"model's {grid[0]}x{grid[1]} patch grid"
+        )
+
+
+def backbone_signature(model: VisionTransformer) -> dict[str, object]:
+    """What prompts trained on ``model`` depend on, as plain JSON values: the shapes (``depth``,
+    ``embed_dim``, ``num_heads``, ``patch_size``, the ``grid`` the token projectors are built for,
+    ``num_prefix_tokens``), the ``global_pool`` the head reads, and timm's ``architecture`` name where the model has one (None
+    otherwise), to tell backbones of one shape apart."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "architecture": cfg.get("architecture"),
+        "depth": len(model.blocks),
+        "embed_dim": int(model.embed_dim),
+        "num_heads": int(model.blocks[0].attn.num_heads),
+        "patch_size": [int(p) for p in model.patch_embed.patch_size],
+        "grid": [int(g) for g in model.patch_embed.grid_size],
+        "num_prefix_tokens": int(model.num_prefix_tokens),
+        "global_pool": str(model.global_pool),
+    }
 
 
 def prompts_of(model: nn.Module, caller: str) -> VAPTPrompts:
@@ -328,17 +362,10 @@ def apply_vapt(
             model (checked before the model is touched).
     """
     config = as_config(config, "apply_vapt").replace(**overrides)
-    _check_supported(model)
+    check_fits(model, config, "apply_vapt")
     backend = resolve_backend(backend)
     depth = len(model.blocks)
-    if config.vpt_depth > depth:
-        raise ValueError(f"apply_vapt: vpt_depth={config.vpt_depth} exceeds the model's {depth} blocks")
     grid = tuple(model.patch_embed.grid_size)
-    if config.vpt_depth < depth and min(config.conv_grid(grid)) < 1:
-        raise ValueError(
-            f"apply_vapt: kernel_size={config.kernel_size} with padding={config.padding} does not fit the "
-            f"model's {grid[0]}x{grid[1]} patch grid"
-        )
     ref = next(model.parameters())
     dim = model.embed_dim
     vapt = VAPTPrompts(
@@ -365,7 +392,7 @@ def apply_vpt(
     model: VisionTransformer, num_prompts: int = 10, *, prompt_dropout: float = 0.0, backend: str = "auto"
 ) -> VisionTransformer:
     """VPT-deep: static learnable prompts in every block (``vpt_depth`` = depth, no projector)."""
-    _check_supported(model)
+    _check_supported(model, "apply_vpt")
     config = VAPTConfig(
         num_prompts=num_prompts,
         vpt_depth=len(model.blocks),

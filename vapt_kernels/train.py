@@ -14,6 +14,7 @@ CPU in float32). See the README's "Fine-tune" section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -38,6 +39,7 @@ from torch import nn
 from .checkpoint import count_parameters, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
 from .files import OutputError, describe, write_atomic
+from .pretrained import write_pretrained
 from .timm import apply_vapt, apply_vpt
 
 METHODS = ("vapt", "vpt", "linear", "full")
@@ -430,8 +432,7 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
     if args.img_size and "img_size" not in kwargs:
         kwargs["img_size"] = args.img_size
     if args.pretrained_path:
-        if not Path(args.pretrained_path).is_file():
-            raise UsageError(f"--pretrained-path {args.pretrained_path}: no such file")
+        _check_pretrained_path(Path(args.pretrained_path))
         # custom_load: timm's reader of Google's .npz checkpoints; any other file is a state dict
         # (timm before 1.0.31 sends every file of a model whose config names that reader to it).
         npz = Path(args.pretrained_path).suffix == ".npz"
@@ -452,8 +453,83 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
                 f"--pretrained: could not get {args.model}'s weights ({type(error).__name__}: {error}); offline, "
                 f"download them elsewhere and pass the file with --pretrained-path FILE"
             ) from None
+        if pretrained:
+            raise UsageError(
+                f"--pretrained-path {args.pretrained_path}: timm could not load it into {args.model} "
+                f"({type(error).__name__}: {error}); is it a checkpoint of this model?"
+            ) from None
         raise
+    if pretrained and Path(args.pretrained_path).suffix != ".npz":
+        _check_backbone_weights(Path(args.pretrained_path), model, args.model)
     return model.float()
+
+
+def _check_pretrained_path(path: Path) -> None:
+    """``--pretrained-path`` names backbone weights: not a folder (a saved task), not a
+    ``vapt-train`` checkpoint (prompts and head only), and nothing ``weights_only`` reading refuses."""
+    from .pretrained import CONFIG_FILE
+
+    flag = f"--pretrained-path {path}"
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        raise UsageError(
+            f"{flag}: a saved VAPT task (prompts and head), not backbone weights; load it onto its backbone with "
+            "vapt_kernels.from_pretrained, or pass the backbone's weights here"
+        )
+    if not path.is_file():
+        raise UsageError(f"{flag}: no such file")
+    if path.suffix in (".npz", ".safetensors"):
+        return  # read by NumPy without pickle, or by safetensors
+    raw = _read_weights_only(path, flag)
+    if isinstance(raw, dict) and {"model", "args", "epoch", "rng"} <= set(raw):
+        raise UsageError(
+            f"{flag}: a vapt-train checkpoint, which holds the trainable parameters only (prompts and head), not backbone "
+            "weights; continue its run with --resume, evaluate it with --eval-only --checkpoint, or pass backbone "
+            "weights here (a timm state dict, an .npz, or the model.pth of a --method full run)"
+        )
+
+
+def _read_weights_only(path: Path, flag: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a file that
+    holds other objects is refused before any of its code could run."""
+    what = "a vapt-train checkpoint" if flag.startswith(("--resume", "--checkpoint")) else "a weights file"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message: a preamble, the offending object's line, a pointer to its documentation
+        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
+        raise UsageError(
+            f"{flag}: not {what}: it holds objects other than tensors and plain containers ({reason}); it is not read, "
+            "since unpickling them could run code from the file"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UsageError(f"{flag}: not {what}: it cannot be read ({type(error).__name__}: {error}); truncated or another "
+                         "format?") from None
+
+
+def _check_backbone_weights(path: Path, model: nn.Module, name: str) -> None:
+    """Every backbone tensor of ``model`` was in the file: timm loads weights without the
+    classifier non-strictly, so a file of another model (or of prompts only) would otherwise
+    leave the backbone at its random initialisation, silently. The file's keys are taken as timm
+    takes them (its reader, then the model family's ``checkpoint_filter_fn`` where it has one)."""
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is not None:
+        with contextlib.suppress(Exception):  # timm itself loaded the file: its keys are as timm reads them
+            state = convert(state, model)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    expected = [k for k, p in [*model.named_parameters(), *model.named_buffers()] if id(p) not in head]
+    expected = [k for k in expected if k in model.state_dict()]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UsageError(
+            f"--pretrained-path {path}: it holds no weights for {len(missing)} of the {len(expected)} backbone tensors "
+            f"of {name} ({shown}); it is not a checkpoint of this model, whose backbone would stay at its random "
+            "initialisation. Pass the weights of --model's architecture"
+        )
 
 
 def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTConfig]) -> nn.Module:
@@ -1015,13 +1091,28 @@ def _check_eval_loss(metrics: dict, what: str) -> None:
 
 
 def write_result(run: CheckedRun, progress: Progress, result: dict, out: Path, d: Dist) -> None:
-    """``result.json``, the best-on-val weights of a full fine-tune (``model.pth``, for
-    ``--pretrained-path``) and, with ``--plot``, the curves; the main process writes them."""
+    """``result.json``, the deliverable and, with ``--plot``, the curves; the main process writes
+    them. The deliverable holds the best-on-val parameters: for the prompt methods the folder
+    ``pretrained/`` (:func:`vapt_kernels.save_pretrained`'s, with the class names and scores as
+    metadata), for a full fine-tune the timm weights ``model.pth`` (for ``--pretrained-path``)."""
     if not d.main:
         return
     write_text_atomic(out / "result.json", _json_text(result))
     if run.args.method == "full":
         save_atomic(progress.best["state"], out / "model.pth")
+    elif hasattr(run.model, "vapt"):
+        classes = run.data.get("classes")
+        metadata = {
+            "classes": sorted(classes, key=classes.get) if classes else None,
+            "model": run.args.model, "method": run.args.method, "data_dir": str(run.args.data_dir),
+            "best_epoch": result["best_epoch"], "best_val_top1": result["best_val_top1"],
+            "test_top1": result["test"]["top1"] if "test" in result else None,
+        }  # fmt: skip
+        try:
+            write_pretrained(run.model, progress.best["state"], out / "pretrained", metadata=metadata, overwrite=True,
+                             caller="vapt-train")
+        except ValueError as error:  # out/pretrained is something else than an earlier run's folder
+            raise OutputError(str(error)) from None
     if run.args.plot:
         plot_summary(progress.rows, out / "curves.png")
 
@@ -1159,18 +1250,7 @@ def _load_checkpoint(path: str, flag: str) -> dict:
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
     not_ours = f"{flag} {path}: not a vapt-train checkpoint (a last.pt, best.pt or checkpoint-N.pt of this tool)"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        # torch's message: a preamble, the offending object's line, a pointer to its documentation
-        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
-        raise UsageError(
-            f"{not_ours}: it holds objects other than tensors and plain containers ({reason}); it is not read, "
-            "since unpickling them could run code from the file"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise UsageError(f"{not_ours}: it cannot be read ({type(error).__name__}: {error}); truncated or another format?") from None
+    ckpt = _read_weights_only(Path(path), f"{flag} {path}")
     if not isinstance(ckpt, dict) or not {"model", "args", "epoch", "rng"} <= set(ckpt):
         raise UsageError(f"{not_ours}: expected a dict with model, args, epoch and rng")
     return ckpt
