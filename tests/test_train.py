@@ -435,6 +435,29 @@ def test_checkpoints_are_read_without_unpickling_objects(digits, tmp_path, capsy
     assert not marker.exists(), "reading the crafted checkpoint ran its code"
 
 
+def test_unreadable_images_are_refused_or_skipped_and_counted(digits, tmp_path, capsys):
+    """timm's dataset replaces an image it cannot decode by the next one (a log line only), so a
+    damaged test image used to be scored as its neighbour, counted twice. Refused now, naming the
+    file, before anything is written; --skip-unreadable leaves such images out and lists them."""
+    data = tmp_path / "data"
+    shutil.copytree(digits / "small", data)
+    truncated = sorted((data / "train" / "3").iterdir())[0]
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    empty = sorted((data / "val" / "1").iterdir())[0]
+    empty.write_bytes(b"")
+    text = sorted((data / "test" / "7").iterdir())[0]
+    text.write_text("not an image")
+    common = ["--data-dir", data, *TINY, "--no-aug", "--epochs", 1, "--batch-size", 16, "--test-split", "test"]
+    err = _refused(capsys, tmp_path / "o", *common)
+    assert "1 image(s) of split 'train/' cannot be decoded" in err and str(truncated) in err, err
+    assert "--skip-unreadable" in err
+    vapt_train(*common, "--skip-unreadable", "--output", tmp_path / "o")
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["skipped_unreadable"] == {"train": [str(truncated)], "val": [str(empty)], "test": [str(text)]}
+    counted = len(list((data / "test").rglob("*.png"))) - 1
+    assert result["test"]["count"] == counted
+
+
 def test_pretrained_path_takes_backbone_weights_only(digits, tmp_path, capsys):
     """--pretrained-path used to accept a vapt-train checkpoint (or any state dict) and train on a
     backbone left at its random initialisation, since timm loads without the head non-strictly.

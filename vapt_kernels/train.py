@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -49,7 +50,7 @@ CONFIG_FIELDS = [f for f in dataclasses.fields(VAPTConfig)]
 RECIPE_KEYS = (
     "dataset", "train_split", "img_size", "crop_pct", "no_aug", "cache_data", "model", "model_kwargs",
     "pretrained", "pretrained_path", "num_classes", "method", "backend", "lr", "lr_base", "batch_size",
-    "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val",
+    "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val", "skip_unreadable",
 ) + tuple(f.name for f in CONFIG_FIELDS)
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib")
 
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-aug", action="store_true", help="eval transforms for training too")
     g.add_argument("--cache-data", action="store_true",
                    help="decode and transform every split once and keep the tensors in memory (needs --no-aug)")
+    g.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out images that cannot be decoded (counted in result.json) instead of stopping")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224")
@@ -313,6 +316,44 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
                 f"--data-dir {root}: split '{split}/' has images of classes that '{splits[0]}/' has no images of: "
                 f"{', '.join(extra)}; every class must have training images (add them, or remove those classes)"
             )
+    # timm's dataset replaces an image it cannot decode by the next one, with a log line only: the
+    # scores would count a neighbour twice. Every image is decoded here first.
+    for split in splits:
+        bad = unreadable_images(str(root / split))
+        if bad and not args.skip_unreadable:
+            shown = "; ".join(f"{path} ({why})" for path, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise UsageError(
+                f"--data-dir {root}: {len(bad)} image(s) of split '{split}/' cannot be decoded: {shown}; replace or "
+                "remove them, or pass --skip-unreadable to leave them out (counted in result.json)"
+            )
+        if len(bad) == len(find_images_and_targets(str(root / split))[0]):
+            raise UsageError(f"--data-dir {root}: no image of split '{split}/' can be decoded ({bad[0][1]}, ...)")
+
+
+@functools.lru_cache(maxsize=None)
+def unreadable_images(folder: str) -> tuple[tuple[str, str], ...]:
+    """Every image of an image-folder split that PIL cannot decode, as ``(path, why)``, in the
+    order timm's reader lists them. JPEGs are decoded at 1/8 scale (the whole compressed stream
+    is still read, so a truncated file fails), on a thread per core (PIL decodes without the GIL).
+    Cached per folder: the tuning protocol checks the same splits once per run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    def problem(path: str) -> Optional[str]:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for a bad file
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    paths = [path for path, _ in find_images_and_targets(folder)[0]]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        found = list(pool.map(problem, paths))
+    return tuple((path, why) for path, why in zip(paths, found) if why is not None)
 
 
 def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
@@ -358,6 +399,9 @@ def create_split(args: argparse.Namespace, split: str, transform, class_map=None
         args.dataset, root=args.data_dir, split=split, download=args.dataset_download, transform=transform,
         is_training=False, batch_size=1, **kwargs,
     )
+    if args.skip_unreadable and not args.dataset:
+        bad = {path for path, _ in unreadable_images(str(Path(args.data_dir) / split))}
+        ds.reader.samples = [sample for sample in ds.reader.samples if sample[0] not in bad]
     return ds
 
 
@@ -1069,6 +1113,11 @@ def final_result(run: CheckedRun, trainer: Trainer, progress: Progress, d: Dist)
         "method": args.method, "model": args.model, "parameters": run.counts, "epochs": args.epochs,
         "best_epoch": best["epoch"], "best_val_top1": best["top1"], "final": rows[-1] if rows else None,
     }
+    if args.skip_unreadable and not args.dataset:
+        splits = [s for s in (args.train_split, args.val_split, args.test_split) if s]
+        result["skipped_unreadable"] = {
+            split: [path for path, _ in unreadable_images(str(Path(args.data_dir) / split))] for split in splits
+        }
     if run.want_test:
         test_loader = eval_loader(run.data["test"], args, d, run.per_rank)
         result["test_last"] = evaluate(trainer.wrapped, test_loader, d, run.amp)
