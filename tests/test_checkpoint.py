@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import vapt_kernels as vk
-from conftest import images, randomize_prompts, tiny_vit
+from conftest import assert_close_rel, images, randomize_prompts, tiny_vit
 from vapt_kernels import official, ops
+from vapt_kernels.checkpoint import official_key_map
 
 PREFIX = "enc.transformer."
 FLOAT64_BACKENDS = ["reference", "torch"] + (["native"] if ops.unavailable_reason("native", "cpu") is None else [])
@@ -64,6 +65,58 @@ def test_official_checkpoint_round_trip(options, prefix):
         assert params[ours].numel() == sd[theirs].numel()
         assert torch.equal(params[ours].detach().flatten(), sd[theirs].flatten()), theirs
     assert mapping["head.last_layer.weight"] == "head.weight"
+
+
+def self_supervised_state_dict(model, seed=0, module=False):
+    """The official MAE / MoCo v3 models' layout of :func:`official_state_dict`: prompt keys under
+    ``enc.`` (``module.enc.`` from DDP), backbone keys beside them, and ``deep_prompt_embeddings``
+    with a row for every block after the first."""
+    sd = official_state_dict(model, prefix="enc.", seed=seed)
+    cfg, d = model.vapt.config, model.embed_dim
+    rows = torch.randn(len(model.blocks) - 1, cfg.num_prompts, d, generator=torch.Generator().manual_seed(seed + 1),
+                       dtype=torch.float64)  # fmt: skip
+    sd["enc.deep_prompt_embeddings"] = rows
+    sd["enc.blocks.0.attn.qkv.weight"] = sd.pop("enc.encoder.layer.0.attn.query.weight")
+    return {("module." if module else "") + k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("module", [False, True])
+@pytest.mark.parametrize("vpt_depth", [1, 2])
+def test_mae_and_moco_layout_loads_the_used_deep_prompt_rows(vpt_depth, module):
+    """The MAE / MoCo v3 layout loads (all rows present, the first vpt_depth - 1 used), and the
+    model computes the official formulation on those rows; the supervised layout with the same
+    rows is refused, since there every row is used."""
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, vpt_depth=vpt_depth))
+    sd = self_supervised_state_dict(model, module=module)
+    key = ("module." if module else "") + "enc.deep_prompt_embeddings"
+    mapping = vk.load_official_checkpoint(model, sd)
+    assert (key in mapping) == (vpt_depth > 1)
+    if vpt_depth > 1:
+        assert torch.equal(model.vapt.deep_prompts.detach(), sd[key][: vpt_depth - 1])
+    params = {_strip_official(k): v for k, v in sd.items() if _strip_official(k) in official_key_map(model)}
+    params["deep_prompt_embeddings"] = sd[key][: vpt_depth - 1]
+    x = images(model)
+    assert_close_rel(model(x), official.forward(model, params, model.vapt.config, x), 1e-12, "logits")
+    supervised = {k.replace("enc.", "enc.transformer."): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="deep_prompt_embeddings"):
+        vk.load_official_checkpoint(vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, vpt_depth=vpt_depth)),
+                                    supervised)  # fmt: skip
+
+
+def test_mae_and_moco_layout_with_other_deep_rows_is_refused():
+    model = vk.apply_vapt(tiny_vit(), vk.VAPTConfig(num_prompts=3, vpt_depth=2))
+    before = snapshot(model)
+    sd = self_supervised_state_dict(model)
+    sd["enc.deep_prompt_embeddings"] = sd["enc.deep_prompt_embeddings"][:1]
+    with pytest.raises(ValueError, match=r"after the first, \(L-1, Np, d\) = \(2, 3, 24\), got \(1, 3, 24\)"):
+        vk.load_official_checkpoint(model, sd)
+    assert_bit_identical(model, before)
+
+
+def _strip_official(key: str) -> str:
+    for prefix in ("module.", "enc.transformer.", "enc."):
+        key = key.removeprefix(prefix)
+    return key
 
 
 def test_checkpoint_mismatches_are_named_and_change_nothing():

@@ -81,10 +81,85 @@ def test_fast_backend_matches_official_on_timm_variants(kwargs, backend):
     assert_backends_agree(model, images(model), backend)
 
 
+# Models that pool over their tokens, under every choice of what they pool: the official MAE model
+# (average, fc_norm, class token) and register tokens with max pooling; vpt-deep's last block has
+# a static prompt, whose rows are batch-free until they are appended.
+POOLING_MODELS = {
+    "mae-avg": dict(global_pool="avg", fc_norm=True),
+    "registers-max": dict(reg_tokens=2, global_pool="max"),
+}
+POOLING_CONFIGS = {"vapt": dict(num_prompts=3), "vpt-deep": dict(num_prompts=2, vpt_depth=3, prompt_dropout=0.0)}
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+@pytest.mark.parametrize("pooled", vk.config.POOLED_TOKENS)
+@pytest.mark.parametrize("kwargs", POOLING_MODELS.values(), ids=POOLING_MODELS.keys())
+@pytest.mark.parametrize("options", POOLING_CONFIGS.values(), ids=POOLING_CONFIGS.keys())
+def test_pooled_tokens_match_official(backend, pooled, kwargs, options):
+    """Every choice of pooled tokens against the official formulation (the last block's prompt
+    outputs kept in the sequence the pool reads): logits, input and trainable gradients."""
+    model = vk.apply_vapt(tiny_vit(**kwargs), options, pooled_tokens=pooled, backend=backend)
+    randomize_prompts(model)
+    assert model.blocks[-1].appends_prompt_outputs == (pooled != "patches")
+    assert not any(block.appends_prompt_outputs for block in model.blocks[:-1])
+    assert_backends_agree(model, images(model), backend)
+
+
+def test_pooled_prompt_outputs_matter_and_only_where_pooled():
+    """The three choices give three different models where the pool averages tokens, and one and
+    the same model where it reads the class token (whose last block then appends nothing)."""
+    x = images(tiny_vit())
+    logits = {}
+    for kind, kwargs in {"avg": dict(global_pool="avg"), "token": {}}.items():
+        for pooled in vk.config.POOLED_TOKENS:
+            torch.manual_seed(0)  # one backbone per kind of pooling
+            model = vk.apply_vapt(tiny_vit(**kwargs), num_prompts=3, pooled_tokens=pooled)
+            randomize_prompts(model)
+            logits[kind, pooled] = model(x)
+            assert model.blocks[-1].appends_prompt_outputs == (kind == "avg" and pooled != "patches")
+    avg = [logits["avg", p] for p in vk.config.POOLED_TOKENS]
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(avg) for b in avg[i + 1 :])
+    assert all(torch.equal(logits["token", p], logits["token", "patches"]) for p in vk.config.POOLED_TOKENS)
+
+
+def test_reset_classifier_follows_the_new_pooling():
+    model = vk.apply_vapt(tiny_vit(), num_prompts=3)
+    randomize_prompts(model)
+    assert not model.blocks[-1].appends_prompt_outputs
+    model.reset_classifier(4, global_pool="avg")
+    assert model.blocks[-1].appends_prompt_outputs and model.head.weight.requires_grad
+    assert_backends_agree(model, images(model), "torch")
+    model.reset_classifier(4, global_pool="token")
+    assert not model.blocks[-1].appends_prompt_outputs
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_pooled_prompt_outputs_with_dynamic_size_checkpointing_and_intermediates(backend):
+    """An average-pooled model pooling its prompt outputs: other image sizes, gradient
+    checkpointing, and forward_intermediates (every intermediate at the token count, the rows
+    appended to the final features only, which forward_head turns into the model's logits)."""
+    model = vk.apply_vapt(tiny_vit(global_pool="avg", dynamic_img_size=True), num_prompts=3, backend=backend)
+    randomize_prompts(model)
+    for size in [(32, 48), (48, 40)]:
+        grid = (size[0] // 8, size[1] // 8)
+        assert_backends_agree(model, images(model, size=size), backend, params=resampled_parameters(model, grid))
+    x = images(model)
+    expected = model(x)
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 3 and all(t.shape == (2, 24, 4, 4) for t in inter) and final.shape == (2, 17 + 3, 24)
+    torch.testing.assert_close(model.forward_head(final), expected, rtol=1e-12, atol=1e-12)
+    out = model.forward_intermediates(x, output_dict=True, return_prefix_tokens=True)
+    torch.testing.assert_close(model.forward_head(out["image_features"]), expected, rtol=1e-12, atol=1e-12)
+    assert len(model.forward_intermediates(x, intermediates_only=True)) == 3
+
+
 KERNEL_CONFIGS = {
     "default": {},
     "per-channel-kernel": dict(shared_kernel=False, kernel_size=3, padding=1),
     "vpt-deep": dict(vpt_depth=3),
+    "prompt-pool": dict(pooled_tokens="prompts"),
 }
 KERNEL_MODELS = {"cls-token": {}, "registers-avg": dict(class_token=False, reg_tokens=2, global_pool="avg")}
 
@@ -236,8 +311,9 @@ def test_bfloat16_autocast_training_step(backend):
 def test_kernel_backend_compiles_without_graph_breaks(backend, device):
     """``torch.compile(fullgraph=True)`` traces a VAPT model through the registered ops (their
     fakes) and computes what eager mode computes, backward included."""
-    model = vk.apply_vapt(tiny_vit().float(), num_prompts=3, backend=backend).to(device)
+    model = vk.apply_vapt(tiny_vit(global_pool="avg").float(), num_prompts=3, backend=backend).to(device)
     randomize_prompts(model)
+    assert model.blocks[-1].appends_prompt_outputs  # the pooled prompt outputs are traced too
     x = images(model).float().to(device)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)

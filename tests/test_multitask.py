@@ -68,6 +68,21 @@ def assert_rows_equal_their_models(logits, models, x, names, tol: float) -> None
         assert torch.isneginf(logits[i, C:]).all(), f"row {i} ({name}) is padded with -inf"
 
 
+@pytest.mark.parametrize("pooled", ["prompts+patches", "prompts"])
+@pytest.mark.parametrize("config", ["vapt", "vpt-deep"])
+@pytest.mark.parametrize("backend", ["reference", *FLOAT64_BACKENDS])
+def test_rows_equal_the_single_task_models_pooling_prompt_outputs(backend, config, pooled):
+    """On an average-pooled backbone whose pool reads the last block's prompt outputs (per task:
+    adaptive, or static and gathered per image)."""
+    vpt_deep = dict(num_prompts=3, vpt_depth=3, feature_projector=False, **NO_DROPOUT)  # what apply_vpt builds
+    options = dict(CONFIGS["vapt"] if config == "vapt" else vpt_deep, pooled_tokens=pooled)
+    models, mt = task_models(options, backend, global_pool="avg", reg_tokens=1)
+    assert mt.model.blocks[-1].appends_prompt_outputs
+    x = images(mt.model, batch=len(MIXED))
+    with torch.no_grad():
+        assert_rows_equal_their_models(mt(x, MIXED), models, x, MIXED, 1e-10)
+
+
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("backend", ["reference", *FLOAT64_BACKENDS])
 def test_rows_equal_the_single_task_models(backend, config):

@@ -14,7 +14,9 @@ import torch.nn as nn
 from .state_dicts import string_keys, validate_then_copy
 from .timm import prompts_of
 
-_OFFICIAL_PREFIXES = ("module.", "enc.transformer.")
+# The official supervised model's prompts are under enc.transformer., its MAE and MoCo v3 models'
+# under enc. (module. where the file was saved from DDP).
+_OFFICIAL_PREFIXES = ("module.", "enc.transformer.", "enc.")
 _OFFICIAL_HEAD = {"head.last_layer.weight": "head.weight", "head.last_layer.bias": "head.bias"}
 
 
@@ -58,6 +60,16 @@ def _strip(key: str) -> str:
     return key
 
 
+def _self_supervised_layout(keys: list[str]) -> bool:
+    """The official MAE / MoCo v3 models' layout: prompt keys under ``enc.`` without
+    ``transformer.``, and ``deep_prompt_embeddings`` with a row for every block after the first."""
+    return any(
+        k.removeprefix("module.").startswith("enc.") and not k.removeprefix("module.").startswith("enc.transformer.")
+        and _is_prompt_key(_strip(k))
+        for k in keys
+    )  # fmt: skip
+
+
 def _is_prompt_key(key: str) -> bool:
     return key.startswith(("prompt_embeddings", "deep_prompt", "prompt_proj"))
 
@@ -66,7 +78,11 @@ def load_official_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Te
     """Load the prompts (and the head, where it fits) of an official VAPT checkpoint; all or nothing.
 
     Accepts the official key names with or without the ``module.`` and ``enc.transformer.``
-    prefixes; backbone keys are ignored. Every prompt parameter of the model must be present once,
+    prefixes (the supervised model's layout), or under ``enc.`` (the official MAE and MoCo v3
+    models' layout, recognised from the keys: their ``deep_prompt_embeddings`` holds a row for
+    each of the ``L - 1`` blocks after the first, of which the first ``vpt_depth - 1`` are used:
+    those are loaded, the others only checked for their shape); backbone keys are ignored.
+    Every prompt parameter of the model must be present once,
     with the official shape, as a dense tensor of a real floating dtype with finite values; no
     official prompt key may be left without a place. The values are converted to the parameters'
     dtype and device. The head (``head.last_layer.weight`` and ``.bias``) is loaded as a unit: both
@@ -93,8 +109,11 @@ def load_official_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Te
     params = dict(model.named_parameters())
     problems: list[str] = []
     spellings: dict[str, list[str]] = {}
-    for key in string_keys(caller, state_dict, problems):
+    keys = string_keys(caller, state_dict, problems)
+    for key in keys:
         spellings.setdefault(_strip(key), []).append(key)
+    if _self_supervised_layout(keys) and len(spellings.get("deep_prompt_embeddings", ())) == 1:
+        state_dict, spellings = _used_deep_prompt_rows(model, state_dict, spellings, problems)
     if any(k.startswith("prompt_proj") for k in spellings):
         problems.append(
             "prompt_proj.*: the checkpoint has a prompt projection (official PROJECT > -1), which this package does "
@@ -144,11 +163,34 @@ def load_official_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.Te
     hint = (
         "Where keys are missing or have no place, or shapes differ, the checkpoint was trained with another VAPT "
         f"config than the model's ({model.vapt.config}): check num_prompts, vpt_depth, conv, shared_kernel, "
-        "share_projector, learnable_scale and the image size the checkpoint was trained at."
+        "share_projector, learnable_scale and the image size the checkpoint was trained at. An official MAE or "
+        "MoCo v3 checkpoint (one deep prompt row per block) is recognised by its keys' 'enc.' prefix: keep it."
     )
     targets = {key: params[ours] for key, ours in loads.items()}
     validate_then_copy(caller, state_dict, targets, problems, hint, "checkpoint", check_only, warning)
     return loads
+
+
+def _used_deep_prompt_rows(model: nn.Module, state_dict, spellings: dict, problems: list[str]):
+    """The MAE / MoCo v3 layout's ``deep_prompt_embeddings`` ``(L - 1, Np, d)`` cut to the rows
+    the configuration uses, ``(vpt_depth - 1, Np, d)``, or left out where it uses none; a value of
+    another shape is a problem (and is then left for the shape check to name too)."""
+    key = spellings["deep_prompt_embeddings"][0]
+    value, cfg = state_dict[key], model.vapt.config
+    rows = (len(model.blocks) - 1, cfg.num_prompts, model.embed_dim)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != rows:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        problems.append(
+            f"{key}: the official MAE and MoCo v3 models hold one row per block after the first, (L-1, Np, d) = "
+            f"{rows}, got {shape}"
+        )
+        return state_dict, spellings
+    state_dict = dict(state_dict)
+    if cfg.vpt_depth > 1:
+        state_dict[key] = value[: cfg.vpt_depth - 1]
+    else:
+        spellings = {k: v for k, v in spellings.items() if k != "deep_prompt_embeddings"}
+    return state_dict, spellings
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

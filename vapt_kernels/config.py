@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Union
 
 ACTIVATIONS = ("relu", "gelu", "sigmoid", "attention", "identity")
+POOLED_TOKENS = ("prompts+patches", "patches", "prompts")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class VAPTConfig:
         prompt_dropout: dropout on the static prompts (``DROPOUT``).
         conv_dropout: ``Dropout2d`` rate on the convolution output (fixed to 0.1 officially).
         mlp_dropout: dropout on the projector activation (``DROPOUT_MLP``).
+        pooled_tokens: what a model that pools by average (or max) over its tokens pools, besides
+            never the prefix tokens: the last block's prompt outputs together with the patch
+            tokens (``"prompts+patches"``, the official MAE model's default ``VIT_POOL_TYPE =
+            "original"``), the patch tokens only (``"patches"``, official ``img_pool``) or the
+            prompt outputs only (``"prompts"``, official ``prompt_pool``). Only then does the last
+            block compute its prompt rows' outputs; a class-token (or attention-pooled) model
+            never reads them, whatever this says.
     """
 
     num_prompts: int = 5
@@ -49,6 +57,7 @@ class VAPTConfig:
     prompt_dropout: float = 0.0
     conv_dropout: float = 0.1
     mlp_dropout: float = 0.1
+    pooled_tokens: str = "prompts+patches"
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "kernel_size", "hidden_dim", "vpt_depth"):
@@ -58,6 +67,11 @@ class VAPTConfig:
             raise ValueError(
                 f"VAPTConfig.activation={self.activation!r} is not supported; "
                 f"choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.pooled_tokens not in POOLED_TOKENS:
+            raise ValueError(
+                f"VAPTConfig.pooled_tokens={self.pooled_tokens!r} is not supported; choose one of "
+                f"{', '.join(POOLED_TOKENS)}"
             )
         for name in ("shared_kernel", "conv", "feature_projector", "share_projector", "learnable_scale"):
             if not isinstance(getattr(self, name), bool):

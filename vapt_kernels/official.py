@@ -6,8 +6,11 @@ are, and the prompt parameters under their official names (docs/design.md §1.1,
 of the patch tokens, the grid reshaped to ``(B, d, H, W)``, a grouped convolution with the
 expanded kernel, ``Dropout2d``, the token projector over grid positions, the feature projector),
 inserted as real tokens right after the prefix tokens, and the whole timm block runs on
-``[prefix, prompts, patches]``; the prompt outputs are dropped. Nothing here is fused or folded,
-and nothing here comes from the modules it checks.
+``[prefix, prompts, patches]``; the prompt outputs are dropped, except the last block's where the
+model pools by average (or max) over its tokens: the official MAE model keeps them in the sequence
+it pools (``config.pooled_tokens``: with the patches, ``"prompts+patches"``, its default; alone,
+``"prompts"``; or dropped, ``"patches"``). Nothing here is fused or folded, and nothing here comes
+from the modules it checks.
 
 At another patch grid than the one the token projector was trained for, the official code has no
 answer; pass token-projector weights of the new grid's size (see
@@ -98,8 +101,16 @@ def forward(
     grid = tuple(backbone.patch_embed.dynamic_feat_size(images.shape[-2:]))
     x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
     P = backbone.num_prefix_tokens
+    last = len(backbone.blocks) - 1
+    pooled = config.pooled_tokens != "patches" and backbone.attn_pool is None and backbone.global_pool in (
+        "avg", "max", "avgmax"
+    )  # fmt: skip
     for index, block in enumerate(backbone.blocks):
         p = prompt_tokens(params, config, index, x[:, P:], grid, training).to(x.dtype)
         out = Block.forward(block, torch.cat((x[:, :P], p, x[:, P:]), dim=1))
+        if index == last and pooled:
+            # The sequence the official MAE model pools: [prefix, prompt outputs(, patches)].
+            kept = out if config.pooled_tokens == "prompts+patches" else out[:, : P + p.shape[1]]
+            return backbone.forward_head(backbone.norm(kept))
         x = torch.cat((out[:, :P], out[:, P + p.shape[1] :]), dim=1)
     return backbone.forward_head(backbone.norm(x))

@@ -194,7 +194,8 @@ def read_pretrained(directory: PathLike, caller: str = "read_pretrained") -> Sav
     if not directory.is_dir():
         what = "is not a folder" if directory.exists() else "does not exist"
         raise FileNotFoundError(
-            f"{caller}: {directory} {what}; pass the folder save_pretrained (or vapt-train, as <output>/pretrained) wrote"
+            f"{caller}: {directory} {what}; pass the folder save_pretrained (or vapt-train, as "
+            "<output>/pretrained) wrote"
         )
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
@@ -345,8 +346,8 @@ def from_pretrained(backbone: nn.Module, directory: PathLike, *, backend: str = 
     if unexpected:
         problems.append(f"unexpected: {', '.join(unexpected)}")
     hint = (
-        f"{saved.path / WEIGHTS_FILE} does not hold the parameters {saved.path / CONFIG_FILE} describes ({saved.config}, "
-        f"{saved.num_classes} classes): the two files do not belong together"
+        f"{saved.path / WEIGHTS_FILE} does not hold the parameters {saved.path / CONFIG_FILE} describes "
+        f"({saved.config}, {saved.num_classes} classes): the two files do not belong together"
     )
     present = {k: p for k, p in expected.items() if k in saved.state}
     validate_then_copy(caller, saved.state, {}, problems, hint, "saved", check_only=present)

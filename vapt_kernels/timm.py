@@ -101,8 +101,8 @@ def check_fits(model: nn.Module, config: VAPTConfig, caller: str) -> None:
 def backbone_signature(model: VisionTransformer) -> dict[str, object]:
     """What prompts trained on ``model`` depend on, as plain JSON values: the shapes (``depth``,
     ``embed_dim``, ``num_heads``, ``patch_size``, the ``grid`` the token projectors are built for,
-    ``num_prefix_tokens``), the ``global_pool`` the head reads, and timm's ``architecture`` name where the model has one (None
-    otherwise), to tell backbones of one shape apart."""
+    ``num_prefix_tokens``), the ``global_pool`` the head reads, and timm's ``architecture``
+    name where the model has one (None otherwise), to tell backbones of one shape apart."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "architecture": cfg.get("architecture"),
@@ -114,6 +114,17 @@ def backbone_signature(model: VisionTransformer) -> dict[str, object]:
         "num_prefix_tokens": int(model.num_prefix_tokens),
         "global_pool": str(model.global_pool),
     }
+
+
+def pools_prompt_outputs(model: VisionTransformer, config: VAPTConfig) -> bool:
+    """Whether ``model``'s pool reads the last block's prompt outputs: it averages (or takes the
+    max) over its tokens (timm ``global_pool`` avg, max or avgmax, no attention pool) and
+    ``config.pooled_tokens`` names them. Class-token and attention-pooled models never do."""
+    return (
+        config.pooled_tokens != "patches"
+        and getattr(model, "attn_pool", None) is None
+        and model.global_pool in ("avg", "max", "avgmax")
+    )
 
 
 def prompts_of(model: nn.Module, caller: str) -> VAPTPrompts:
@@ -208,9 +219,13 @@ class VAPTBlock(Block):
         self.fixed_grid = fixed_grid
         self.backend = backend
         object.__setattr__(self, "vapt_prompts", prompts)  # shared, owned by model.vapt
+        # The last block of a model that pools its prompt outputs (:func:`pools_prompt_outputs`)
+        # also computes its Np prompt rows and appends them to its output: (B, T + Np, d).
+        self.appends_prompt_outputs = False
 
     def extra_repr(self) -> str:
-        return f"index={self.vapt_index}, backend={self.backend!r}"
+        appends = ", appends_prompt_outputs=True" if self.appends_prompt_outputs else ""
+        return f"index={self.vapt_index}, backend={self.backend!r}{appends}"
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -229,10 +244,27 @@ class VAPTBlock(Block):
     ) -> torch.Tensor:
         """The block on ``x`` given ``h = norm1(x)`` and the prompt rows ``p``: ``(B or 1, Np, d)``,
         or ``(K, Np, d)`` with ``prompt_index (B,)`` naming each image's row (per-task static
-        prompts, whose keys and values are then computed once per task)."""
-        x = x + self.drop_path1(self.ls1(self._attention(h, p, prompt_index)))
+        prompts, whose keys and values are then computed once per task).
+
+        Returns ``(B, T, d)``; with :attr:`appends_prompt_outputs`, ``(B, T + Np, d)``: the
+        prompt rows' outputs after the tokens, as the official block computes them (their queries
+        over the same keys, the residual, the MLP), for the pool to read (docs/design.md §1.6)."""
+        if self.appends_prompt_outputs:
+            a, a_p = self._attention(h, p, prompt_index, prompt_outputs=True)
+        else:
+            a, a_p = self._attention(h, p, prompt_index), None
+        x = x + self.drop_path1(self.ls1(a))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        if a_p is None:
+            return x
+        rows = p[prompt_index] if prompt_index is not None else p.expand(x.shape[0], -1, -1)
+        rows = rows + self.drop_path1(self.ls1(a_p))
+        rows = rows + self.drop_path2(self.ls2(self.mlp(self.norm2(rows))))
+        stash = getattr(_CALL, "prompt_outputs", None)
+        if stash is not None:  # forward_intermediates: the tokens alone, the rows on the side
+            stash.append(rows)
+            return x
+        return torch.cat((x, rows), dim=1)
 
     def patch_grid(self, x: torch.Tensor) -> Grid:
         """The patch grid ``(H, W)`` of the images the block input ``x`` was computed from, checked
@@ -256,9 +288,12 @@ class VAPTBlock(Block):
             )
         return grid
 
-    def _attention(self, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attention(
+        self, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor], prompt_outputs: bool = False
+    ):
         """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` (each image's
-        row ``prompt_index[b]`` when given) as a prefix."""
+        row ``prompt_index[b]`` when given) as a prefix; with ``prompt_outputs``, also the
+        attention output of the prompt rows themselves, ``(B, Np, d)``, as a pair."""
         attn = self.attn
         B, T, _ = h.shape
         heads, head_dim = attn.num_heads, attn.head_dim
@@ -266,17 +301,36 @@ class VAPTBlock(Block):
         qkv = attn.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        # Prompt rows only need keys and values: the K/V rows of the block's own QKV projection.
-        kv_weight = attn.qkv.weight[attn_dim:]
-        kv_bias = attn.qkv.bias[attn_dim:] if attn.qkv.bias is not None else None
-        kv_p = F.linear(self.norm1(p), kv_weight, kv_bias)
-        kv_p = kv_p.reshape(p.shape[0], p.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        k_p, v_p = kv_p.unbind(0)
-        k_p = attn.k_norm(k_p)
+        # Prompt rows only need keys and values (the K/V rows of the block's own QKV projection),
+        # unless their outputs are pooled: then their queries too.
+        h_p = self.norm1(p)
+        skip = 0 if prompt_outputs else attn_dim
+        weight = attn.qkv.weight[skip:]
+        bias = attn.qkv.bias[skip:] if attn.qkv.bias is not None else None
+        qkv_p = F.linear(h_p, weight, bias).reshape(*p.shape[:2], 3 if prompt_outputs else 2, heads, head_dim)
+        qkv_p = qkv_p.permute(2, 0, 3, 1, 4)
+        k_p, v_p = attn.k_norm(qkv_p[-2]), qkv_p[-1]
         if prompt_index is not None:
             k_p, v_p = k_p[prompt_index], v_p[prompt_index]
         o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
-        o = o.transpose(1, 2).reshape(B, T, attn_dim)
+        out = self._attention_output(o, h)
+        if not prompt_outputs:
+            return out
+        # The Np prompt queries over the same keys, [k_p ; k]: few rows, so one composite
+        # attention serves every backend (autograd gives its backward).
+        q_p = attn.q_norm(qkv_p[0])
+        if prompt_index is not None:
+            q_p, h_p = q_p[prompt_index], h_p[prompt_index]
+        k_p, v_p, q_p = (t.expand(B, -1, -1, -1) for t in (k_p, v_p, q_p))
+        o_p = F.scaled_dot_product_attention(q_p, torch.cat((k_p, k), 2), torch.cat((v_p, v), 2), scale=attn.scale)
+        return out, self._attention_output(o_p, h_p.expand(B, -1, -1))
+
+    def _attention_output(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """timm ``Attention.forward`` after the softmax: heads merged, its optional norm and gate
+        (on ``h``, the rows' input), the output projection. ``o``: ``(B, H, rows, D)``."""
+        attn = self.attn
+        B, heads, rows, head_dim = o.shape
+        o = o.transpose(1, 2).reshape(B, rows, heads * head_dim)
         norm = getattr(attn, "norm", None)  # timm's optional scale_norm
         if norm is not None:
             o = norm(o)
@@ -308,6 +362,41 @@ class VAPTModel:
                 if id(m) not in trainable and m is not self:
                     m.training = False
         return self
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """timm's pooling, over the tokens ``config.pooled_tokens`` names: where the last block
+        appended its prompt outputs, the average (or max) runs over them and the patch tokens,
+        or over them alone (``"prompts"``)."""
+        if self.blocks[-1].appends_prompt_outputs and self.vapt.config.pooled_tokens == "prompts":
+            x = torch.cat((x[:, : self.num_prefix_tokens], x[:, -self.vapt.config.num_prompts :]), dim=1)
+        return super().pool(x, pool_type)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's, then whether the last block appends its prompt outputs follows the new pooling."""
+        super().reset_classifier(num_classes, global_pool)
+        self.blocks[-1].appends_prompt_outputs = pools_prompt_outputs(self, self.vapt.config)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's, with every intermediate of the token sequence's shape: the last block's prompt
+        outputs are kept aside and appended to the final features only (which the pool reads)."""
+        if not self.blocks[-1].appends_prompt_outputs:
+            return super().forward_intermediates(x, *args, **kwargs)
+        _CALL.prompt_outputs = []
+        try:
+            out = super().forward_intermediates(x, *args, **kwargs)
+            rows = _CALL.prompt_outputs
+        finally:
+            del _CALL.prompt_outputs
+        if not rows:  # stop_early before the last block, or intermediates only
+            return out
+        if isinstance(out, dict):
+            if "image_features" in out:
+                out["image_features"] = torch.cat((out["image_features"], self.norm(rows[-1])), dim=1)
+            return out
+        if isinstance(out, tuple):
+            final, intermediates = out
+            return torch.cat((final, self.norm(rows[-1])), dim=1), intermediates
+        return out
 
     def __reduce_ex__(self, protocol):
         # Pickle (and deepcopy) as the timm class, rebuilt into its VAPT class on load: the VAPT
@@ -383,21 +472,29 @@ def apply_vapt(
         model.patch_embed.register_forward_pre_hook(_record_grid)
     for i, block in enumerate(list(model.blocks)):
         model.blocks[i] = VAPTBlock(block, i, vapt, model.num_prefix_tokens, fixed_grid, backend)
+    model.blocks[-1].appends_prompt_outputs = pools_prompt_outputs(model, config)
     model.__class__ = _vapt_class(type(model))
     model.train(model.training)
     return model
 
 
 def apply_vpt(
-    model: VisionTransformer, num_prompts: int = 10, *, prompt_dropout: float = 0.0, backend: str = "auto"
+    model: VisionTransformer,
+    num_prompts: int = 10,
+    *,
+    prompt_dropout: float = 0.0,
+    pooled_tokens: str = "prompts+patches",
+    backend: str = "auto",
 ) -> VisionTransformer:
-    """VPT-deep: static learnable prompts in every block (``vpt_depth`` = depth, no projector)."""
+    """VPT-deep: static learnable prompts in every block (``vpt_depth`` = depth, no projector).
+    ``pooled_tokens`` as in :class:`VAPTConfig` (for models that pool by average)."""
     _check_supported(model, "apply_vpt")
     config = VAPTConfig(
         num_prompts=num_prompts,
         vpt_depth=len(model.blocks),
         feature_projector=False,
         prompt_dropout=prompt_dropout,
+        pooled_tokens=pooled_tokens,
     )
     return apply_vapt(model, config, backend=backend)
 

@@ -45,6 +45,7 @@ from .timm import apply_vapt, apply_vpt
 
 METHODS = ("vapt", "vpt", "linear", "full")
 CONFIG_FIELDS = [f for f in dataclasses.fields(VAPTConfig)]
+VPT_FIELDS = ("num_prompts", "prompt_dropout", "pooled_tokens")  # the VAPTConfig fields apply_vpt takes
 # Arguments that decide the numbers a run produces: --resume refuses a checkpoint whose run had
 # other values (output folders, workers, logging and the like may change).
 RECIPE_KEYS = (
@@ -217,10 +218,12 @@ def vapt_config(args: argparse.Namespace) -> Optional[VAPTConfig]:
             raise UsageError(f"--method {args.method} has no prompts; remove {flags}")
         return None
     if args.method == "vpt":
-        extra = sorted(set(given) - {"num_prompts", "prompt_dropout"})
+        extra = sorted(set(given) - set(VPT_FIELDS))
         if extra:
             flags = ", ".join("--" + e.replace("_", "-") for e in extra)
-            raise UsageError(f"--method vpt takes --num-prompts and --prompt-dropout only; remove {flags}")
+            raise UsageError(
+                f"--method vpt takes --num-prompts, --prompt-dropout and --pooled-tokens only; remove {flags}"
+            )
         return None
     try:
         return VAPTConfig(**given)
@@ -526,9 +529,9 @@ def _check_pretrained_path(path: Path) -> None:
     raw = _read_weights_only(path, flag)
     if isinstance(raw, dict) and {"model", "args", "epoch", "rng"} <= set(raw):
         raise UsageError(
-            f"{flag}: a vapt-train checkpoint, which holds the trainable parameters only (prompts and head), not backbone "
-            "weights; continue its run with --resume, evaluate it with --eval-only --checkpoint, or pass backbone "
-            "weights here (a timm state dict, an .npz, or the model.pth of a --method full run)"
+            f"{flag}: a vapt-train checkpoint, which holds the trainable parameters only (prompts and head), not "
+            "backbone weights; continue its run with --resume, evaluate it with --eval-only --checkpoint, or pass "
+            "backbone weights here (a timm state dict, an .npz, or the model.pth of a --method full run)"
         )
 
 
@@ -547,8 +550,9 @@ def _read_weights_only(path: Path, flag: str) -> Any:
             "since unpickling them could run code from the file"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise UsageError(f"{flag}: not {what}: it cannot be read ({type(error).__name__}: {error}); truncated or another "
-                         "format?") from None
+        raise UsageError(
+            f"{flag}: not {what}: it cannot be read ({type(error).__name__}: {error}); truncated or another format?"
+        ) from None
 
 
 def _check_backbone_weights(path: Path, model: nn.Module, name: str) -> None:
@@ -584,7 +588,7 @@ def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTCon
         if args.method == "vapt":
             return apply_vapt(model, config, backend=args.backend)
         if args.method == "vpt":
-            kw = {k: getattr(args, k) for k in ("num_prompts", "prompt_dropout") if getattr(args, k) is not None}
+            kw = {k: getattr(args, k) for k in VPT_FIELDS if getattr(args, k) is not None}
             return apply_vpt(model, backend=args.backend, **kw)
     except (TypeError, ValueError) as error:
         names = [f.name for f in CONFIG_FIELDS if f.name in str(error)] + ["backend"] * ("backend" in str(error))
