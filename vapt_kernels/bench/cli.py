@@ -88,6 +88,7 @@ def _check_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--model {name}: timm has no model of that name; list the ViTs with "
                 f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
     kwargs = {"num_classes": harness.NUM_CLASSES} | ({"img_size": size} if size else {})
+    kwargs |= {"global_pool": args.global_pool} if args.global_pool else {}
     with torch.device("meta"):
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
@@ -150,6 +151,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", help=f"timm model name (default: {cpu['model']} on CPU, {cuda['model']} on CUDA)")
     p.add_argument("--img-size", type=_positive, help="image size (default: the model's)")
+    p.add_argument("--global-pool", choices=["token", "avg"],
+                   help="the model's pooling (default: the model's); avg pools the tokens as the official MAE "
+                        "model does, and VAPT then pools its last block's prompt outputs too")
     p.add_argument("--batch", type=_positive, help=f"batch size (default: {cpu['batch']} on CPU, {cuda['batch']} on CUDA)")
     p.add_argument("--prompts", type=_positive, help="prompts per block (default: 10)")
     p.add_argument("--dtype", choices=list(harness.DTYPES),
@@ -320,7 +324,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     harness.keep_freed_memory()
     base = harness.BenchConfig.for_device(
         args.device, model=args.model, batch=args.batch, prompts=args.prompts, dtype=args.dtype, steps=args.steps,
-        warmup=args.warmup, img_size=args.img_size, providers=args.providers, modes=args.modes,
+        warmup=args.warmup, img_size=args.img_size, global_pool=args.global_pool, providers=args.providers,
+        modes=args.modes,
         memory=not args.no_memory, compile=args.compile, tasks=args.tasks,
     )
     env = harness.row_environment(args.device)

@@ -89,8 +89,8 @@ ROUND_STEPS = {"cpu": 3, "cuda": 10}
 NUM_CLASSES = 100
 CSV_FIELDS = [
     "timestamp", "git_commit", "device", "torch", "triton", "timm", "vapt_kernels", "model", "img_size",
-    "batch", "prompts", "tasks", "dtype", "steps", "warmup", "mode", "provider", "status", "reason", "median_ms",
-    "p20_ms", "p80_ms", "img_per_s", "ratio_to_floor", "peak_mem_mb", "mem_method",
+    "global_pool", "batch", "prompts", "tasks", "dtype", "steps", "warmup", "mode", "provider", "status", "reason",
+    "median_ms", "p20_ms", "p80_ms", "img_per_s", "ratio_to_floor", "peak_mem_mb", "mem_method",
     "seed", "sweep", "samples", "timing",
 ]
 
@@ -153,6 +153,9 @@ class BenchConfig:
         steps: timed steps per provider and mode.
         warmup: untimed steps per provider and mode before them.
         img_size: image size (None: the model's).
+        global_pool: timm's pooling of the model (None: the model's); ``avg`` pools the tokens as
+            the official MAE model does, so the VAPT providers pool their last block's prompt
+            outputs too (``VAPTConfig.pooled_tokens``).
         providers: names from :data:`PROVIDERS` (a memory probe: any one of :data:`PROVIDER_TABLE`).
         modes: names from :data:`MODES`.
         memory: also measure peak memory.
@@ -169,6 +172,7 @@ class BenchConfig:
     steps: int
     warmup: int = 2
     img_size: Optional[int] = None
+    global_pool: Optional[str] = None
     providers: tuple[str, ...] = PROVIDERS
     modes: tuple[str, ...] = MODES
     memory: bool = True
@@ -237,6 +241,8 @@ def build_backbone(cfg: BenchConfig) -> nn.Module:
     kwargs = {"num_classes": NUM_CLASSES}
     if cfg.img_size:
         kwargs["img_size"] = cfg.img_size
+    if cfg.global_pool:
+        kwargs["global_pool"] = cfg.global_pool
     torch.manual_seed(cfg.seed)
     return timm.create_model(cfg.model, pretrained=False, **kwargs).to(cfg.device).eval()
 
@@ -569,7 +575,8 @@ def result_rows(cfg: BenchConfig, results: list[Result], env: dict[str, str], sw
         med = r.quantile_ms(0.5)
         rows.append({
             **env,
-            "model": cfg.model, "img_size": cfg.img_size or "", "batch": cfg.batch, "prompts": cfg.prompts,
+            "model": cfg.model, "img_size": cfg.img_size or "", "global_pool": cfg.global_pool or "",
+            "batch": cfg.batch, "prompts": cfg.prompts,
             "tasks": cfg.tasks,
             "dtype": cfg.dtype, "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "sweep": sweep or "",
             "mode": r.mode, "provider": r.provider, "status": r.status, "reason": r.reason,

@@ -65,7 +65,8 @@ def spread(row: dict, key: str) -> Optional[tuple[float, float, float]]:
 def _title(row: dict, width: float, skip: str = "") -> str:
     """The configuration of a run (without the swept parameter ``skip``), wrapped to leave the top
     right corner of a figure ``width`` inches wide to the legend."""
-    parts = [row["model"] + (f" at {row['img_size']} px" if row.get("img_size") else "")]
+    parts = [row["model"] + (f" at {row['img_size']} px" if row.get("img_size") else "")
+             + (f", {row['global_pool']} pooling" if row.get("global_pool") else "")]
     parts += [f"{k} {row[k]}" for k in ("batch", "prompts") if k != skip]
     if int(row.get("tasks") or 1) > 1:  # older CSVs have no tasks column
         parts.append(f"{row['tasks']} tasks")
