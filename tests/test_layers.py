@@ -19,7 +19,7 @@ FLOORS = {
     "prompt modules": ["modules"],
     "timm integration": ["timm"],
     "saved tasks": ["pretrained"],
-    "library tools": ["checkpoint", "multitask", "environment", "official"],
+    "library tools": ["checkpoint", "multitask", "environment", "official", "backbones"],
     "commands": ["train", "bench", "check"],
     "package": ["__init__"],
 }

@@ -249,22 +249,19 @@ class VAPTBlock(Block):
         Returns ``(B, T, d)``; with :attr:`appends_prompt_outputs`, ``(B, T + Np, d)``: the
         prompt rows' outputs after the tokens, as the official block computes them (their queries
         over the same keys, the residual, the MLP), for the pool to read (docs/design.md §1.6)."""
-        if self.appends_prompt_outputs:
-            a, a_p = self._attention(h, p, prompt_index, prompt_outputs=True)
-        else:
-            a, a_p = self._attention(h, p, prompt_index), None
-        x = x + self.drop_path1(self.ls1(a))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if a_p is None:
-            return x
+        if not self.appends_prompt_outputs:
+            x = x + self.drop_path1(self.ls1(self._attention(h, p, prompt_index)))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        a, a_p = self._attention(h, p, prompt_index, prompt_outputs=True)
         rows = p[prompt_index] if prompt_index is not None else p.expand(x.shape[0], -1, -1)
-        rows = rows + self.drop_path1(self.ls1(a_p))
-        rows = rows + self.drop_path2(self.ls2(self.mlp(self.norm2(rows))))
+        # The rest of the block is token-wise: tokens and prompt rows go through it as one sequence.
+        x = torch.cat((x, rows), dim=1) + self.drop_path1(self.ls1(torch.cat((a, a_p), dim=1)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         stash = getattr(_CALL, "prompt_outputs", None)
         if stash is not None:  # forward_intermediates: the tokens alone, the rows on the side
-            stash.append(rows)
-            return x
-        return torch.cat((x, rows), dim=1)
+            stash.append(x[:, -rows.shape[1] :])
+            return x[:, : -rows.shape[1]]
+        return x
 
     def patch_grid(self, x: torch.Tensor) -> Grid:
         """The patch grid ``(H, W)`` of the images the block input ``x`` was computed from, checked

@@ -14,7 +14,6 @@ CPU in float32). See the README's "Fine-tune" section.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -28,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import count_parameters, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
 from .files import OutputError, describe, write_atomic
+from .backbones import load_backbone
 from .pretrained import write_pretrained
 from .timm import apply_vapt, apply_vpt
 
@@ -472,7 +473,9 @@ def eval_loader(ds, args, d: Dist, per_rank: int):
 
 
 def create_model(args: argparse.Namespace, num_classes: int, weights: bool = True) -> nn.Module:
-    """The timm model; ``weights=False`` builds it without loading pretrained weights (for its data config)."""
+    """The timm model; ``weights=False`` builds it without loading pretrained weights (for its data
+    config). ``--pretrained-path`` goes through :func:`vapt_kernels.backbones.load_backbone`, which
+    recognises the paper's files and builds the model the paper fine-tunes on each."""
     import timm
 
     kwargs = dict(args.model_kwargs)
@@ -480,34 +483,32 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
         kwargs["img_size"] = args.img_size
     if args.pretrained_path:
         _check_pretrained_path(Path(args.pretrained_path))
-        # custom_load: timm's reader of Google's .npz checkpoints; any other file is a state dict
-        # (timm before 1.0.31 sends every file of a model whose config names that reader to it).
-        npz = Path(args.pretrained_path).suffix == ".npz"
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(args.pretrained_path), custom_load=npz)
-    pretrained = bool(args.pretrained or args.pretrained_path) and weights
     if ":" not in args.model and not timm.is_model(args.model.split(".")[0]):
         raise UsageError(f"--model {args.model}: timm has no such model (timm.list_models('vit_*') lists the ViTs)")
     try:
-        model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        if args.pretrained_path and weights:
+            model, report = load_backbone(args.pretrained_path, args.model, num_classes=num_classes, **kwargs)
+            if os.environ.get("RANK", "0") == "0":
+                print(report, flush=True)
+        else:
+            pretrained = args.pretrained and weights
+            model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
             raise UsageError(f"--model-kwargs: {args.model} does not take {str(error).split('argument')[-1].strip()} "
                              f"({error}); use the model class's constructor arguments") from None
         raise
+    except ValueError as error:
+        if args.pretrained_path and str(error).startswith("load_backbone: "):
+            raise UsageError(f"--pretrained-path {str(error).removeprefix('load_backbone: ')}") from None
+        raise
     except Exception as error:
-        if pretrained and not args.pretrained_path:
+        if args.pretrained and weights:
             raise UsageError(
                 f"--pretrained: could not get {args.model}'s weights ({type(error).__name__}: {error}); offline, "
                 f"download them elsewhere and pass the file with --pretrained-path FILE"
             ) from None
-        if pretrained:
-            raise UsageError(
-                f"--pretrained-path {args.pretrained_path}: timm could not load it into {args.model} "
-                f"({type(error).__name__}: {error}); is it a checkpoint of this model?"
-            ) from None
         raise
-    if pretrained and Path(args.pretrained_path).suffix != ".npz":
-        _check_backbone_weights(Path(args.pretrained_path), model, args.model)
     return model.float()
 
 
@@ -524,8 +525,8 @@ def _check_pretrained_path(path: Path) -> None:
         )
     if not path.is_file():
         raise UsageError(f"{flag}: no such file")
-    if path.suffix in (".npz", ".safetensors"):
-        return  # read by NumPy without pickle, or by safetensors
+    if not _is_pickle(path):
+        return  # an .npz or safetensors file: load_backbone reads it, without pickle
     raw = _read_weights_only(path, flag)
     if isinstance(raw, dict) and {"model", "args", "epoch", "rng"} <= set(raw):
         raise UsageError(
@@ -533,6 +534,16 @@ def _check_pretrained_path(path: Path) -> None:
             "backbone weights; continue its run with --resume, evaluate it with --eval-only --checkpoint, or pass "
             "backbone weights here (a timm state dict, an .npz, or the model.pth of a --method full run)"
         )
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file (a zip holding a pickle, or a bare pickle), not an
+    ``.npz`` (a zip of ``.npy`` arrays) or safetensors (a length, then a JSON header)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return not all(name.endswith(".npy") for name in archive.namelist())
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] != b"{"
 
 
 def _read_weights_only(path: Path, flag: str) -> Any:
@@ -553,31 +564,6 @@ def _read_weights_only(path: Path, flag: str) -> Any:
         raise UsageError(
             f"{flag}: not {what}: it cannot be read ({type(error).__name__}: {error}); truncated or another format?"
         ) from None
-
-
-def _check_backbone_weights(path: Path, model: nn.Module, name: str) -> None:
-    """Every backbone tensor of ``model`` was in the file: timm loads weights without the
-    classifier non-strictly, so a file of another model (or of prompts only) would otherwise
-    leave the backbone at its random initialisation, silently. The file's keys are taken as timm
-    takes them (its reader, then the model family's ``checkpoint_filter_fn`` where it has one)."""
-    from timm.models import load_state_dict
-
-    state = load_state_dict(str(path))
-    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if convert is not None:
-        with contextlib.suppress(Exception):  # timm itself loaded the file: its keys are as timm reads them
-            state = convert(state, model)
-    head = {id(p) for p in model.get_classifier().parameters()}
-    expected = [k for k, p in [*model.named_parameters(), *model.named_buffers()] if id(p) not in head]
-    expected = [k for k in expected if k in model.state_dict()]
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UsageError(
-            f"--pretrained-path {path}: it holds no weights for {len(missing)} of the {len(expected)} backbone tensors "
-            f"of {name} ({shown}); it is not a checkpoint of this model, whose backbone would stay at its random "
-            "initialisation. Pass the weights of --model's architecture"
-        )
 
 
 def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTConfig]) -> nn.Module:
