@@ -305,10 +305,12 @@ def test_the_model_must_have_a_linear_head():
         vk.MultiTaskVAPT(tiny_vit())
 
 
-def test_compile_and_export_with_task_indices():
+@pytest.mark.parametrize("vit", [{}, dict(global_pool="avg")], ids=["class-token", "pooling-prompt-outputs"])
+def test_compile_and_export_with_task_indices(vit):
     """The serving path: ``torch.compile(fullgraph=True)`` and ``torch.export`` with a LongTensor
     of task indices, equal to eager; an exported model still refuses an index out of range."""
-    models, mt = task_models(CONFIGS["per-channel-deep"], "auto", torch.float32)
+    models, mt = task_models(CONFIGS["per-channel-deep"], "auto", torch.float32, **vit)
+    assert mt.model.blocks[-1].appends_prompt_outputs == bool(vit)
     mt.eval()
     x = images(mt.model, batch=4).float()
     ids = torch.tensor([1, 0, 2, 1])
