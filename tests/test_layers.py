@@ -19,7 +19,7 @@ FLOORS = {
     "prompt modules": ["modules"],
     "timm integration": ["timm"],
     "saved tasks": ["pretrained"],
-    "library tools": ["checkpoint", "multitask", "environment", "official", "backbones"],
+    "library tools": ["checkpoint", "multitask", "environment", "official", "backbones", "paper_data"],
     "commands": ["train", "bench", "check"],
     "package": ["__init__"],
 }

@@ -233,7 +233,7 @@ def _load_state_dict(path: Path, fmt: str, state: Mapping[str, torch.Tensor], mo
         if fmt != "timm" and ours.startswith(("head.", "pre_logits.")):
             ignored[theirs] = _PRETRAINING_HEAD
         elif fmt == "mae" and ours.startswith("norm."):
-            ignored[theirs] = "MAE's fine-tuning pools by average and normalises the pooled features with a fresh fc_norm"
+            ignored[theirs] = "MAE's fine-tuning pools by average, then normalises with a fresh fc_norm"
         elif ours.startswith(("head.", "head_dist.")) and fmt == "timm":
             continue  # a timm file's own head: loaded below where it fits the model's
         else:

@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import count_parameters, load_trainable_state_dict, trainable_state_dict
 from .config import VAPTConfig
 from .files import OutputError, describe, write_atomic
+from . import paper_data
 from .backbones import load_backbone
 from .pretrained import write_pretrained
 from .timm import apply_vapt, apply_vpt
@@ -50,7 +51,7 @@ VPT_FIELDS = ("num_prompts", "prompt_dropout", "pooled_tokens")  # the VAPTConfi
 # Arguments that decide the numbers a run produces: --resume refuses a checkpoint whose run had
 # other values (output folders, workers, logging and the like may change).
 RECIPE_KEYS = (
-    "dataset", "train_split", "img_size", "crop_pct", "no_aug", "cache_data", "model", "model_kwargs",
+    "dataset", "task", "train_split", "img_size", "crop_pct", "no_aug", "cache_data", "model", "model_kwargs",
     "pretrained", "pretrained_path", "num_classes", "method", "backend", "lr", "lr_base", "batch_size",
     "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val", "skip_unreadable",
 ) + tuple(f.name for f in CONFIG_FIELDS)
@@ -110,6 +111,18 @@ def crop_fraction(text: str) -> float:
     return _checked(text, float, lambda v: 0 < v <= 1, "a fraction in (0, 1] (1.0 keeps the whole resized image)")
 
 
+def _task(text: str) -> str:
+    """``--task``: a known benchmark task, kept as its name (args.json and checkpoints hold plain values)."""
+    try:
+        return paper_data.parse_task(text).key
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def task_of(args: argparse.Namespace) -> Optional["paper_data.Task"]:
+    return paper_data.parse_task(args.task) if getattr(args, "task", None) else None
+
+
 def config_value(name: str, kind: type) -> Callable[[str], Any]:
     """The type of a ``VAPTConfig`` field's flag: the value converted, then checked by
     ``VAPTConfig`` itself (the one home of its ranges)."""
@@ -142,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="",
                    help="timm create_dataset name (torch/cifar100, hfds/...); empty = image folder")
     g.add_argument("--dataset-download", action="store_true", help="let torch/ datasets download")
+    g.add_argument("--task", type=_task, default=None,
+                   help="a benchmark task, vtab/<task> or fgvc/<data set>, under --data-dir in its shared layout "
+                        "(see the README): its splits, class count and transforms")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
     g.add_argument("--test-split", default=None, help="optional; scored with the best-on-val parameters at the end")
@@ -282,7 +298,23 @@ def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
 
 
 def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
-    """An image-folder dataset needs DATA_DIR/<split>/ for every split; say what is there if not."""
+    """An image-folder dataset needs DATA_DIR/<split>/ for every split; say what is there if not.
+    A benchmark task (``--task``) has its split files checked line by line instead."""
+    task = task_of(args)
+    if task is not None:
+        if args.dataset:
+            raise UsageError(f"--task {task.key} reads its own layout under --data-dir: drop --dataset")
+        if not args.data_dir:
+            raise UsageError(f"--task {task.key} needs --data-dir ROOT, the folder that holds its data")
+        if args.skip_unreadable:
+            raise UsageError(f"--skip-unreadable applies to image folders; --task {task.key} lists its images: "
+                             "fix or remove the damaged ones")  # fmt: skip
+        for split in splits:
+            try:
+                paper_data.open_split(task, Path(args.data_dir), split)
+            except paper_data.DataError as error:
+                raise UsageError(f"--data-dir {args.data_dir}: {error}") from None
+        return
     if args.dataset:
         return
     if not args.data_dir:
@@ -363,6 +395,12 @@ def unreadable_images(folder: str) -> tuple[tuple[str, str], ...]:
 def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
     from timm.data import create_transform, resolve_data_config
 
+    task = task_of(args)
+    if task is not None:  # the benchmark's own transforms, the backbone's normalisation
+        cfg = resolve_data_config({}, model=model)
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = args.img_size or (built[-1] if built else cfg["input_size"][-1])
+        return paper_data.task_transform(task, training and not args.no_aug, size, cfg["mean"], cfg["std"])
     overrides: dict[str, Any] = {}
     if args.img_size:
         overrides["input_size"] = (3, args.img_size, args.img_size)
@@ -396,6 +434,9 @@ def _cache(dataset) -> torch.utils.data.TensorDataset:
 def create_split(args: argparse.Namespace, split: str, transform, class_map=None):
     from timm.data import create_dataset
 
+    task = task_of(args)
+    if task is not None:
+        return paper_data.open_split(task, Path(args.data_dir), split, transform)
     kwargs = {}
     if class_map is not None and not args.dataset:
         kwargs["class_map"] = class_map
@@ -403,7 +444,7 @@ def create_split(args: argparse.Namespace, split: str, transform, class_map=None
         args.dataset, root=args.data_dir, split=split, download=args.dataset_download, transform=transform,
         is_training=False, batch_size=1, **kwargs,
     )
-    if args.skip_unreadable and not args.dataset:
+    if args.skip_unreadable and not args.dataset and not args.task:
         bad = {path for path, _ in unreadable_images(str(Path(args.data_dir) / split))}
         ds.reader.samples = [sample for sample in ds.reader.samples if sample[0] not in bad]
     return ds
@@ -1103,7 +1144,7 @@ def final_result(run: CheckedRun, trainer: Trainer, progress: Progress, d: Dist)
         "method": args.method, "model": args.model, "parameters": run.counts, "epochs": args.epochs,
         "best_epoch": best["epoch"], "best_val_top1": best["top1"], "final": rows[-1] if rows else None,
     }
-    if args.skip_unreadable and not args.dataset:
+    if args.skip_unreadable and not args.dataset and not args.task:
         splits = [s for s in (args.train_split, args.val_split, args.test_split) if s]
         result["skipped_unreadable"] = {
             split: [path for path, _ in unreadable_images(str(Path(args.data_dir) / split))] for split in splits
