@@ -195,6 +195,30 @@ def test_tuning_protocol(digits, tmp_path, capsys):
     assert "test top1" in capsys.readouterr().out
 
 
+def test_fast_search_tunes_the_weight_decay_first(digits, tmp_path):
+    """The official fast variant: every weight decay at lr-base 5, then every rate at the best
+    weight decay; the pair (5, best wd) runs once. Three grid runs, not four."""
+    out = tmp_path / "tune"
+    vapt_train("--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--warmup-epochs", 0,
+               "--batch-size", 16, "--lr-grid", 5, 0.8, "--wd-grid", 0.01, 0.0, "--fast-search", "--seeds", 1,
+               "--test-split", "test", "--output", out)  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    pairs = [(g["lr_base"], g["weight_decay"]) for g in result["grid"]]
+    first = max(result["grid"][:2], key=lambda g: g["val_top1"])["weight_decay"]
+    assert result["search"] == "fast" and pairs == [(5.0, 0.01), (5.0, 0.0), (0.8, first)]
+    second = [g for g in result["grid"] if g["weight_decay"] == first]
+    assert result["best"] == max(second, key=lambda g: (g["val_top1"], -g["lr_base"]))
+    assert sorted(p.name for p in out.glob("grid-*")) == sorted(f"grid-lr{lr:g}-wd{wd:g}" for lr, wd in pairs)
+
+
+def test_official_grid_is_the_official_protocols():
+    """--official-grid fills in the official lr and wd grids and seeds, each unless given."""
+    parse = train.build_parser().parse_args
+    lrs, wds, seeds = train.tuning_grid(parse(["--official-grid", "--wd-grid", "0"]))
+    assert lrs == [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05] and wds == [0.0] and seeds == [42, 44, 82, 100, 800]
+    assert train.tuning_grid(parse(["--lr-grid", "1", "--batch-size", "64"])) == ([1.0], [1e-4], [42])
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: a clear error, before anything is trained or written
 # ------------------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ RECIPE_KEYS = (
     "pretrained", "pretrained_path", "num_classes", "method", "backend", "lr", "lr_base", "batch_size",
     "weight_decay", "momentum", "epochs", "warmup_epochs", "amp", "seed", "train_on_val", "skip_unreadable",
 ) + tuple(f.name for f in CONFIG_FIELDS)
+# The official tuning protocol: learning rates per 256 images, weight decays, the final runs' seeds,
+# and the learning rate at which its fast variant tunes the weight decay first.
+OFFICIAL_LR_GRID = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+OFFICIAL_WD_GRID = (0.01, 0.001, 0.0001, 0.0)
+OFFICIAL_SEEDS = (42, 44, 82, 100, 800)
+FAST_SEARCH_LR = 5.0
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib")
 
 
@@ -222,7 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-grid", type=positive_float, nargs="+", default=None,
                    help="learning rates per 256 images (as --lr-base) to try")
     g.add_argument("--wd-grid", type=non_negative_float, nargs="+", default=None, help="weight decays to try")
-    g.add_argument("--seeds", type=seed_int, nargs="+", default=[42], help="seeds of the final train+val runs")
+    g.add_argument("--seeds", type=seed_int, nargs="+", default=None,
+                   help="seeds of the final train+val runs (default: 42)")
+    g.add_argument("--official-grid", action="store_true",
+                   help="the official protocol's grid: --lr-grid " + " ".join(f"{v:g}" for v in OFFICIAL_LR_GRID)
+                        + " --wd-grid " + " ".join(f"{v:g}" for v in OFFICIAL_WD_GRID) + " --seeds "
+                        + " ".join(map(str, OFFICIAL_SEEDS)) + " (each unless given)")
+    g.add_argument("--fast-search", action="store_true",
+                   help=f"the official fast variant: every --wd-grid value at lr-base {FAST_SEARCH_LR:g} first, then "
+                        "every --lr-grid value at the best weight decay (instead of every pair)")
     return p
 
 
@@ -1378,6 +1392,17 @@ def eval_only(args: argparse.Namespace, d: Dist) -> dict:
     return metrics
 
 
+def tuning_grid(args: argparse.Namespace) -> tuple[list[float], list[float], list[int]]:
+    """The learning rates (per 256 images, as ``--lr-base`` and the official grids are), weight
+    decays and final seeds that tuning runs: the flags'; where a flag gives none, the official
+    protocol's with ``--official-grid``, else the run's own rate and weight decay and seed 42."""
+    official = args.official_grid
+    lrs = args.lr_grid or (list(OFFICIAL_LR_GRID) if official else [learning_rate(args) * 256 / args.batch_size])
+    wds = args.wd_grid or (list(OFFICIAL_WD_GRID) if official else [args.weight_decay])
+    seeds = args.seeds or (list(OFFICIAL_SEEDS) if official else [42])
+    return lrs, wds, seeds
+
+
 def tune(args: argparse.Namespace, d: Dist) -> dict:
     """The VTAB protocol: every (lr, wd) trained on train, scored on val; the best retrained on
     train+val with each seed and scored on test; mean and std of test top-1."""
@@ -1389,12 +1414,10 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         raise UsageError(
             "--lr-grid gives the learning rates to try: drop --lr (or drop --lr-grid to tune --wd-grid at --lr)"
         )
-    # Grid rates are per 256 images, as --lr-base (and the official grids) are.
-    lrs = args.lr_grid or [learning_rate(args) * 256 / args.batch_size]
-    wds = args.wd_grid or [args.weight_decay]
+    lrs, wds, seeds = tuning_grid(args)
     # Each run has its own folder, named by its values as printed (%g) or its seed.
     for flag, values in (("--lr-grid", [f"{v:g}" for v in lrs]), ("--wd-grid", [f"{v:g}" for v in wds]),
-                         ("--seeds", [str(v) for v in args.seeds])):
+                         ("--seeds", [str(v) for v in seeds])):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise UsageError(f"{flag} gives {', '.join(twice)} more than once; give each value once")
@@ -1415,20 +1438,32 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         if pending.pop("clear", False) and d.main:
             clear_folder(out)
 
-    grid = []
-    for lr in lrs:
-        for wd in wds:
-            sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
-                                        "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
-            r = run(sub, d, quiet=True, before_write=clear_once)
-            grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
-            if d.main:
-                print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
-                      f"val top1 {r['best_val_top1']:.2f}", flush=True)
+    grid: list[dict] = []
+
+    def score(lr: float, wd: float) -> dict:
+        """The grid run at (lr, wd): trained on train, its best val top-1; each pair runs once."""
+        for g in grid:
+            if (g["lr_base"], g["weight_decay"]) == (lr, wd):
+                return g
+        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
+                                    "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
+        r = run(sub, d, quiet=True, before_write=clear_once)
+        grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
+        if d.main:
+            print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
+                  f"val top1 {r['best_val_top1']:.2f}", flush=True)
+        return grid[-1]
+
+    if args.fast_search:  # the weight decay at lr-base 5 first (ties: the grid order), then the rate at it
+        first = [score(FAST_SEARCH_LR, wd) for wd in wds]
+        wd_best = max(first, key=lambda g: g["val_top1"])["weight_decay"]
+        candidates = [score(lr, wd_best) for lr in lrs]
+    else:
+        candidates = [score(lr, wd) for lr in lrs for wd in wds]
     # Ties go to the smaller learning rate (as the official tuning does), then the grid order.
-    best = max(grid, key=lambda g: (g["val_top1"], -g["lr_base"]))
+    best = max(candidates, key=lambda g: (g["val_top1"], -g["lr_base"]))
     finals = []
-    for seed in args.seeds:
+    for seed in seeds:
         sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": best["lr_base"],
                                     "weight_decay": best["weight_decay"], "seed": seed, "train_on_val": True,
                                     "output": str(out / f"final-seed{seed}")})
@@ -1436,7 +1471,7 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
         # train+val leaves no held-out split to choose an epoch by: the test score is the last epoch's.
         finals.append({"seed": seed, "test_top1": r["test_last"]["top1"], "test_top5": r["test_last"]["top5"]})
     tops = np.array([f["test_top1"] for f in finals])
-    result = {"grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
+    result = {"search": "fast" if args.fast_search else "full", "grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
               "test_top1_std": float(tops.std(ddof=1)) if len(tops) > 1 else 0.0}
     if d.main:
         print("\n  lr_base   lr        wd        val top1")
@@ -1467,7 +1502,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         d = setup_distributed(args)
         if args.eval_only:
             eval_only(args, d)
-        elif args.lr_grid or args.wd_grid:
+        elif args.lr_grid or args.wd_grid or args.official_grid or args.fast_search:
             tune(args, d)
         else:
             run(args, d)
