@@ -108,7 +108,7 @@ def load_backbone(
     if not path.is_file():
         raise FileNotFoundError(f"load_backbone: {path}: no such file")
     kind, content = _read(path)
-    fmt, state = _recognise(kind, content)
+    fmt, state = _recognise(path, kind, content)
     chosen = _MODEL_KWARGS[fmt]
     clash = {k: v for k, v in model_kwargs.items() if k in chosen and chosen[k] != v}
     if clash:
@@ -131,6 +131,43 @@ def load_backbone(
 # ------------------------------------------------------------------------------------------------
 
 
+def _file_kind(path: Path) -> str:
+    """How a weights file is stored: ``"npz"`` (a zip of ``.npy`` arrays), ``"safetensors"`` (a
+    length, then a JSON header) or ``"torch"`` (anything else: ``torch.save``'s zip or pickle)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        return "npz" if names and all(name.endswith(".npy") for name in names) else "torch"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    return "torch"
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a file that
+    holds other objects is refused before any of its code could run.
+
+    Raises:
+        ValueError: saying why the file was not read (without its path: the caller names it).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message: a preamble, the offending object's line, a pointer to its documentation
+        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
+        raise ValueError(
+            f"it holds objects other than tensors and plain containers ({reason}); it is not read, since unpickling "
+            "them could run code from the file"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise ValueError(
+            f"it cannot be read ({type(error).__name__}: {error}); truncated or another format?"
+        ) from None
+
+
 def _read(path: Path) -> tuple[str, Any]:
     """``("npz", {name: array})``, ``("safetensors", {name: tensor})`` or ``("torch", object)``."""
     import numpy as np
@@ -138,18 +175,14 @@ def _read(path: Path) -> tuple[str, Any]:
     def bad(why: str) -> ValueError:
         return ValueError(f"load_backbone: {path}: {why}")
 
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        if names and all(name.endswith(".npy") for name in names):
-            try:
-                with np.load(path, allow_pickle=False) as arrays:
-                    return "npz", {name: arrays[name] for name in arrays.files}
-            except (ValueError, OSError, zipfile.BadZipFile) as error:
-                raise bad(f"an .npz archive that cannot be read ({error})") from None
-    elif len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+    kind = _file_kind(path)
+    if kind == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return "npz", {name: arrays[name] for name in arrays.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as error:
+            raise bad(f"an .npz archive that cannot be read ({error})") from None
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -158,28 +191,27 @@ def _read(path: Path) -> tuple[str, Any]:
         except (SafetensorError, OSError, ValueError) as error:
             raise bad(f"a damaged safetensors file ({error})") from None
     try:
-        return "torch", torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
-        raise bad(
-            f"it holds objects other than tensors and plain containers ({reason}); it is not read, since unpickling "
-            "them could run code from the file"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise bad(
-            f"not a weights file this reads (an .npz of Google's ViT, a PyTorch checkpoint or safetensors), or a "
-            f"truncated one ({type(error).__name__}: {error})"
-        ) from None
+        return "torch", load_weights_only(path)
+    except ValueError as error:
+        raise bad(str(error)) from None
 
 
-def _recognise(kind: str, content: Any) -> tuple[str, dict]:
-    """The format of what :func:`_read` read, and its state dict (for the npz: its arrays)."""
+def _recognise(path: Path, kind: str, content: Any) -> tuple[str, dict]:
+    """The format of what :func:`_read` read from ``path``, and its state dict (for the npz: its
+    arrays)."""
     if kind == "npz":
         if "embedding/kernel" in content and "Transformer/encoderblock_0/LayerNorm_0/scale" in content:
             return "google-npz", content
         raise ValueError(
-            "load_backbone: an .npz without Google's ViT arrays (embedding/kernel, Transformer/encoderblock_0/...)"
+            f"load_backbone: {path}: an .npz without Google's ViT arrays (embedding/kernel, "
+            "Transformer/encoderblock_0/...)"
+        )
+    if isinstance(content, Mapping) and {"model", "args", "epoch", "rng"} <= set(content):
+        raise ValueError(
+            f"load_backbone: {path}: a vapt-train checkpoint, which holds the trainable parameters only (prompts and "
+            "head), not backbone weights; continue its run with vapt-train --resume, evaluate it with --eval-only "
+            "--checkpoint, or pass backbone weights (a timm state dict, an .npz, or the model.pth of a --method full "
+            "run)"
         )
     entry = None
     if isinstance(content, Mapping):
@@ -192,7 +224,8 @@ def _recognise(kind: str, content: Any) -> tuple[str, dict]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(
-            "load_backbone: not a state dict (a mapping of names to tensors, plain or under 'model' or 'state_dict')"
+            f"load_backbone: {path}: not a state dict (a mapping of names to tensors, plain or under 'model' or "
+            "'state_dict')"
         )
     keys = list(state)
     if entry == "state_dict" and all(k.startswith("module.") for k in keys) and "module.blocks.0.norm1.weight" in state:

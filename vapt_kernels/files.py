@@ -9,7 +9,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 
 class OutputError(Exception):
@@ -32,6 +32,19 @@ def describe(error: OSError) -> str:
     return str(error) or type(error).__name__
 
 
+@contextlib.contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    """A failure with an :class:`OSError` behind it raised as :class:`OutputError`, naming ``path``
+    and the cause; any other error raised as it is."""
+    try:
+        yield
+    except BaseException as error:
+        os_error = cause(error)
+        if os_error is None:
+            raise
+        raise OutputError(f"cannot write {path}: {describe(os_error)}") from error
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Make what ``write(f)`` writes the content of ``path`` in one step: written to a temporary
     file in the same folder, flushed to disk, then renamed over ``path`` (through a symbolic link:
@@ -46,24 +59,20 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     target = Path(os.path.realpath(path))
     tmp = None
     try:
-        try:
-            mode = stat.S_IMODE(target.stat().st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-        tmp = None
-    except BaseException as error:
-        os_error = cause(error)
-        if os_error is None:
-            raise
-        raise OutputError(f"cannot write {path}: {describe(os_error)}") from error
+        with _reported(path):
+            try:
+                mode = stat.S_IMODE(target.stat().st_mode)
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+            tmp = None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -96,32 +105,28 @@ def replace_folder(path: Path, fill: Callable[[Path], None]) -> None:
     target = Path(os.path.abspath(path))
     tmp = old = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; a saved folder is not
-        fill(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _fsync(tmp)
-        if os.path.lexists(target):
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.rename(target, old)
-            try:
+        with _reported(path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; a saved folder is not
+            fill(tmp)
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    _fsync(file)
+            _fsync(tmp)
+            if os.path.lexists(target):
+                old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+                os.rmdir(old)
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(old, target)
+                    old = None
+                    raise
+            else:
                 os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                old = None
-                raise
-        else:
-            os.rename(tmp, target)
-        tmp = None
-    except BaseException as error:
-        os_error = cause(error)
-        if os_error is None:
-            raise
-        raise OutputError(f"cannot write {path}: {describe(os_error)}") from error
+            tmp = None
     finally:
         for leftover in (tmp, old):
             if leftover is not None:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .config import VAPTConfig
-from .files import replace_folder, write_atomic
+from .files import replace_folder
 from .modules import VAPTPrompts
 from .ops import resolve_backend
 from .state_dicts import string_keys, validate_then_copy
@@ -145,11 +145,11 @@ def write_pretrained(
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     text = json.dumps(description, indent=2, allow_nan=False) + "\n"
 
-    def fill(folder: Path) -> None:
+    def fill(folder: Path) -> None:  # a fresh folder, flushed to disk and renamed into place whole
         from safetensors.torch import save
 
-        write_atomic(folder / WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-        write_atomic(folder / CONFIG_FILE, lambda f: f.write(text.encode()))
+        (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
+        (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
 
     replace_folder(directory, fill)
     return directory

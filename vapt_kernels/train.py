@@ -21,13 +21,11 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import resource
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,7 +39,7 @@ from .checkpoint import count_parameters, load_trainable_state_dict, trainable_s
 from .config import VAPTConfig
 from .files import OutputError, describe, write_atomic
 from . import paper_data
-from .backbones import load_backbone
+from .backbones import load_backbone, load_weights_only
 from .pretrained import write_pretrained
 from .timm import apply_vapt, apply_vpt
 
@@ -568,8 +566,8 @@ def create_model(args: argparse.Namespace, num_classes: int, weights: bool = Tru
 
 
 def _check_pretrained_path(path: Path) -> None:
-    """``--pretrained-path`` names backbone weights: not a folder (a saved task), not a
-    ``vapt-train`` checkpoint (prompts and head only), and nothing ``weights_only`` reading refuses."""
+    """``--pretrained-path`` names a weights file, not a folder (a saved task); what the file
+    holds, :func:`vapt_kernels.backbones.load_backbone` checks as it reads it (once)."""
     from .pretrained import CONFIG_FILE
 
     flag = f"--pretrained-path {path}"
@@ -580,45 +578,15 @@ def _check_pretrained_path(path: Path) -> None:
         )
     if not path.is_file():
         raise UsageError(f"{flag}: no such file")
-    if not _is_pickle(path):
-        return  # an .npz or safetensors file: load_backbone reads it, without pickle
-    raw = _read_weights_only(path, flag)
-    if isinstance(raw, dict) and {"model", "args", "epoch", "rng"} <= set(raw):
-        raise UsageError(
-            f"{flag}: a vapt-train checkpoint, which holds the trainable parameters only (prompts and head), not "
-            "backbone weights; continue its run with --resume, evaluate it with --eval-only --checkpoint, or pass "
-            "backbone weights here (a timm state dict, an .npz, or the model.pth of a --method full run)"
-        )
-
-
-def _is_pickle(path: Path) -> bool:
-    """Whether ``path`` is a ``torch.save`` file (a zip holding a pickle, or a bare pickle), not an
-    ``.npz`` (a zip of ``.npy`` arrays) or safetensors (a length, then a JSON header)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return not all(name.endswith(".npy") for name in archive.namelist())
-    with open(path, "rb") as f:
-        return f.read(9)[8:9] != b"{"
 
 
 def _read_weights_only(path: Path, flag: str) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a file that
-    holds other objects is refused before any of its code could run."""
+    """:func:`vapt_kernels.backbones.load_weights_only`, a refusal naming ``flag`` and the file."""
     what = "a vapt-train checkpoint" if flag.startswith(("--resume", "--checkpoint")) else "a weights file"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        # torch's message: a preamble, the offending object's line, a pointer to its documentation
-        reason = lines[-2] if len(lines) >= 3 else " ".join(lines)
-        raise UsageError(
-            f"{flag}: not {what}: it holds objects other than tensors and plain containers ({reason}); it is not read, "
-            "since unpickling them could run code from the file"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise UsageError(
-            f"{flag}: not {what}: it cannot be read ({type(error).__name__}: {error}); truncated or another format?"
-        ) from None
+        return load_weights_only(path)
+    except ValueError as error:
+        raise UsageError(f"{flag}: not {what}: {error}") from None
 
 
 def prepare(model: nn.Module, args: argparse.Namespace, config: Optional[VAPTConfig]) -> nn.Module:
