@@ -186,8 +186,20 @@ def test_tasks_add_the_mixed_and_loop_providers(tmp_path, one_thread):
     expected = ["floor", "vapt-torch", "vapt-torch-mixed", "vapt-torch-loop"]
     assert [r["provider"] for r in rows] == expected
     assert all(r["status"] == "ok" and r["tasks"] == "3" and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    assert all(r["registered"] == "3" for r in rows)
     assert "| 3 tasks |" in out
     assert re.search(r"infer vapt-torch-mixed: \d\.\d{3}x vapt-torch loop \d+\.\d\dx slower", out), out
+
+
+def test_registered_tasks_sit_idle_in_the_mixed_providers_model():
+    """--registered R: the mixed provider's model holds R tasks, the batch the first K; the loop's
+    models one task each."""
+    cfg = harness.BenchConfig.for_device("cpu", model="vit_tiny_patch16_224", img_size=32, batch=3, tasks=3,
+                                         registered=7, providers=("vapt-torch",))
+    models = harness.build_providers(cfg, harness.build_backbone(cfg))
+    mixed, loop = models["vapt-torch-mixed"], models["vapt-torch-loop"]
+    assert len(mixed.models[0].tasks) == 7 and [len(m.tasks) for m in loop.models] == [1, 1, 1]
+    assert mixed.task.tolist() == [0, 1, 2]
 
 
 def test_mixed_and_loop_providers_compute_the_single_task_model():
@@ -435,6 +447,10 @@ def test_failed_writes_leave_the_files_as_they_were(failing, tmp_path, capsys, m
         (["--tasks", "16"], "--tasks 16 needs at least 16 images per batch (one task per image, in turn), but the default batch on cpu is 8"),
         (["--sweep", "batch", "--tasks", "4"], "--sweep batch runs batch 1, under --tasks 4"),
         (["--tasks", "2", "--providers", "floor"], "--tasks 2 adds the -mixed and -loop providers"),
+        (["--registered", "8"], "--registered and --sweep registered size the mixed-batch providers"),
+        (["--sweep", "registered"], "--registered and --sweep registered size the mixed-batch providers"),
+        (["--tasks", "4", "--registered", "3"], "--registered 3 is fewer than the --tasks 4 of the batch"),
+        (["--tasks", "4", "--sweep", "registered", "--registered", "8"], "--sweep registered runs registered 4, 64"),
         (["--img-size", "40"], "--img-size 40 is not a multiple of vit_tiny_patch16_224's patch size 16x16; use 32 or 48"),
         (["--img-size", "16"], "--img-size 16 gives vit_tiny_patch16_224 a patch grid smaller than VAPT's 2x2"),
         (["--model", "nonexistent"], "--model nonexistent: timm has no model of that name"),

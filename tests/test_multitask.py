@@ -287,6 +287,93 @@ def test_adding_and_removing_tasks_leaves_the_others_untouched():
         torch.testing.assert_close(mt(x, ["cars", "cars"]), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_task_absent_from_the_batch_is_untouched(optimizer):
+    """Absent means untouched: a task not in a training batch gets no gradient (None), so SGD with
+    momentum and weight decay and AdamW leave its parameters bitwise as they were and keep no state
+    for them, as if it were trained alone; the tasks in the batch are stepped."""
+    models, mt = task_models(CONFIGS["vapt"])
+    x = images(mt.model, batch=4)
+    mt.train()
+    params = list(mt.parameters())
+    step = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1) if optimizer == "sgd"
+            else torch.optim.AdamW(params, lr=0.1, weight_decay=0.1))  # fmt: skip
+
+    def train_on(names):
+        step.zero_grad()
+        F.cross_entropy(mt(x[: len(names)], names), torch.zeros(len(names), dtype=torch.long)).backward()
+        step.step()
+
+    birds = {k: v.clone() for k, v in mt.task_state_dict("birds").items()}
+    train_on(["cars", "pets", "cars", "pets"])
+    pets = {k: v.clone() for k, v in mt.task_state_dict("pets").items()}
+    assert any(not torch.equal(pets[k], v) for k, v in vk.trainable_state_dict(models["pets"]).items())
+    cars = {k: v.clone() for k, v in mt.task_state_dict("cars").items()}
+    train_on(["cars", "cars"])  # pets is absent now: its momentum and weight decay must not move it
+    for name, before in (("birds", birds), ("pets", pets)):
+        for key, value in mt.task_state_dict(name).items():
+            assert torch.equal(value, before[key]), f"{name} {key} moved while absent"
+    assert any(not torch.equal(cars[k], v) for k, v in mt.task_state_dict("cars").items())
+    assert not any(id(p) in map(id, step.state) for p in [*mt.prompts["birds"].parameters(), *mt.heads["birds"].parameters()])
+
+
+@pytest.mark.parametrize("registered", [1, 3, 200])
+@pytest.mark.parametrize("backend, device, dtype, tol", TRAINING_CASES)
+def test_many_registered_tasks_few_in_the_batch(backend, device, dtype, tol, registered):
+    """With 1, 3 or 200 tasks registered and 1 to 3 of them in the batch, every row equals its task's
+    own model, by name and by index, and only the tasks in the batch get a gradient."""
+    models, mt = task_models(CONFIGS["per-channel-deep"], backend, dtype, device)
+    names = list(CLASSES)[:registered]
+    for name in CLASSES:
+        if name not in names:
+            mt.remove_task(name)
+    for t in range(registered - len(names)):  # idle tasks: other values, fewer and more classes
+        state = vk.trainable_state_dict(models[names[t % len(names)]])
+        state = {k: torch.randn_like(v) for k, v in state.items()}
+        rows = 2 + t % 9
+        state["head.weight"] = torch.randn(rows, state["head.weight"].shape[1], dtype=dtype, device=device)
+        state["head.bias"] = torch.randn(rows, dtype=dtype, device=device)
+        mt.add_task(f"idle{t}", state)
+    assert len(mt.tasks) == registered and mt.max_classes == max(head.out_features for head in mt.heads.values())
+    mt.train()
+    for batch in ([names[0]], names[:2] * 2, [names[-1], names[0], names[-1]]):
+        x = images(mt.model, batch=len(batch)).to(device, dtype)
+        logits = mt(x, batch)
+        ids = torch.tensor([mt.tasks.index(n) for n in batch])
+        with torch.no_grad():
+            torch.testing.assert_close(mt(x, ids), logits, rtol=0, atol=0)
+        for i, name in enumerate(batch):
+            with torch.no_grad():
+                own = models[name](x[i : i + 1])[0]
+            assert_close_rel(logits[i, : own.shape[0]], own, tol, f"row {i} ({name}) of {registered} registered")
+            assert torch.isneginf(logits[i, own.shape[0] :]).all()
+        mt.zero_grad()
+        logits[torch.isfinite(logits)].sum().backward()
+        for name in mt.tasks:
+            got = [p.grad is not None for p in [*mt.prompts[name].parameters(), *mt.heads[name].parameters()]]
+            assert all(got) if name in batch else not any(got), f"{name}: gradients {got}, batch {batch}"
+
+
+def test_adding_and_removing_between_forwards_keeps_names_and_indices():
+    """Adds and removes interleaved with forwards: an index is always a position in ``tasks``, and
+    every row is its task's."""
+    models, mt = task_models(CONFIGS["vapt"])
+    x = images(mt.model, batch=3)
+    mt.eval()
+    for change in ("remove cars", "add cars", "remove pets", "remove birds", "add birds", "add pets"):
+        verb, name = change.split()
+        mt.remove_task(name) if verb == "remove" else mt.add_task(name, vk.trainable_state_dict(models[name]))
+        batch = [mt.tasks[i % len(mt.tasks)] for i in range(3)]
+        with torch.no_grad():
+            by_name = mt(x, batch)
+            torch.testing.assert_close(mt(x, torch.tensor([mt.tasks.index(n) for n in batch])), by_name, rtol=0, atol=0)
+            for i, task in enumerate(batch):
+                own = models[task](x[i : i + 1])[0]
+                assert_close_rel(by_name[i, : own.shape[0]], own, 1e-10, f"{task} after {change}")
+        assert by_name.shape[1] == max(CLASSES[n] for n in mt.tasks)
+    assert mt.tasks == ["cars", "birds", "pets"]
+
+
 def test_task_state_dict_loads_into_a_single_task_model():
     models, mt = task_models(CONFIGS["per-channel-deep"])
     model = copy.deepcopy(models["birds"])

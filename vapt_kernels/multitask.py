@@ -5,8 +5,12 @@ parameters (a ``VAPTPrompts``) and its classifier head. ``MultiTaskVAPT`` keeps 
 next to a single shared backbone and runs a batch whose images belong to different tasks in one
 pass: every image is computed exactly as the single-task model of its task would compute it.
 
-How a mixed batch runs (``task`` the batch's task index ``(B,)``, ``K`` tasks):
+How a mixed batch runs (``task`` the batch's task index ``(B,)``, ``K`` the tasks in the batch):
 
+* only the tasks in the batch are read: their parameters are stacked and folded, their heads
+  concatenated, so a forward costs what its tasks cost however many are registered, and a task
+  absent from a training batch gets no gradient (its ``grad`` stays None: the optimizers skip it);
+  a compiled or exported graph, which cannot read the batch's tasks on the host, takes them all;
 * adaptive blocks: the tasks' folded prompt matrices, LayerNorm affines and biases are stacked,
   ``(K, Np, N)`` / ``(K, d)``, and ``norm_and_project`` indexes them by ``task`` inside its kernels;
 * static prompts (VPT-deep, the first ``vpt_depth`` blocks of VAPT): their keys and values are
@@ -75,7 +79,15 @@ class MultiTaskVAPT(nn.Module):
         self.model = model
         self.prompts = nn.ModuleDict()  # task name -> VAPTPrompts
         self.heads = nn.ModuleDict()  # task name -> nn.Linear
-        self._index_classes()
+        # The task order (indices), each task's position in it (rebuilt after a removal, when
+        # first needed), and how many tasks have each class count (for the padded width).
+        self._order: list[str] = []
+        self._positions: Optional[dict[str, int]] = {}
+        self._class_count_tally: dict[int, int] = {}
+        # Each task's class count, by index, on the model's device (read per forward without a
+        # host copy); its length doubles as tasks are added, so an add is O(1) amortized.
+        device = model.head.weight.device
+        self.register_buffer("class_counts", torch.zeros(4, dtype=torch.long, device=device), persistent=False)
         self.train(model.training)
 
     @property
@@ -84,8 +96,13 @@ class MultiTaskVAPT(nn.Module):
 
     @property
     def tasks(self) -> list[str]:
-        """The task names, in the order they were added."""
-        return list(self.prompts)
+        """The task names, in the order they were added (a task's index is its position here)."""
+        return list(self._order)
+
+    @property
+    def max_classes(self) -> int:
+        """The width of the logits: the most classes of any task."""
+        return max(self._class_count_tally, default=0)
 
     # --------------------------------------------------------------------------------------------
     # tasks
@@ -157,9 +174,18 @@ class MultiTaskVAPT(nn.Module):
         validate_then_copy(caller, state, present, problems, hint, "state dict")
         prompts.train(self.training)
         head.train(self.training)
+        index = len(self._order)
+        if index == len(self.class_counts):
+            grown = torch.zeros(2 * index, dtype=torch.long, device=self.class_counts.device)
+            grown[:index] = self.class_counts
+            self.class_counts = grown
+        self.class_counts[index] = classes
         self.prompts[name] = prompts
         self.heads[name] = head
-        self._index_classes()
+        self._order.append(name)
+        if self._positions is not None:
+            self._positions[name] = index
+        self._class_count_tally[classes] = self._class_count_tally.get(classes, 0) + 1
 
     def _read_task_folder(self, path, caller: str) -> dict[str, torch.Tensor]:
         """The parameters of a saved folder, once its configuration and backbone are the model's."""
@@ -181,9 +207,17 @@ class MultiTaskVAPT(nn.Module):
     def remove_task(self, name: str) -> None:
         """Remove a task; the other tasks' parameters are untouched."""
         self._check_name(name, "MultiTaskVAPT.remove_task")
+        index = self._order.index(name)
+        count = self.heads[name].out_features
         del self.prompts[name]
         del self.heads[name]
-        self._index_classes()
+        del self._order[index]
+        self._positions = None  # the later tasks moved up one place
+        self._class_count_tally[count] -= 1
+        if not self._class_count_tally[count]:
+            del self._class_count_tally[count]
+        end = len(self._order)
+        self.class_counts[index:end] = self.class_counts[index + 1 : end + 1].clone()
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Copies of task ``name``'s parameters, keyed as :func:`vapt_kernels.trainable_state_dict`
@@ -194,14 +228,10 @@ class MultiTaskVAPT(nn.Module):
         state.update({f"head.{k}": p.detach().clone() for k, p in self.heads[name].named_parameters()})
         return state
 
-    def _index_classes(self) -> None:
-        """Where each task's classes start among all the tasks' classes, and how many it has: buffers
-        on the model's device, so that a forward on the GPU never copies them from the host."""
-        classes = [head.out_features for head in self.heads.values()]
-        starts = [sum(classes[:t]) for t in range(len(classes))]
-        device = self.model.head.weight.device
-        self.register_buffer("class_starts", torch.tensor(starts, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("class_counts", torch.tensor(classes, dtype=torch.long, device=device), persistent=False)
+    def _position(self) -> dict[str, int]:
+        if self._positions is None:
+            self._positions = {name: i for i, name in enumerate(self._order)}
+        return self._positions
 
     def _check_name(self, name: str, caller: str) -> None:
         if name not in self.prompts:
@@ -231,7 +261,7 @@ class MultiTaskVAPT(nn.Module):
                     f"{tasks.dtype} {tuple(tasks.shape)}"
                 )
             index = tasks.to(device=device, dtype=torch.long)
-            check_task_range(index, len(self.prompts), f"{caller}: task")
+            check_task_range(index, len(self._order), f"{caller}: task")
             return index
         if isinstance(tasks, str) or not isinstance(tasks, Sequence):
             raise TypeError(
@@ -240,10 +270,10 @@ class MultiTaskVAPT(nn.Module):
             )
         if len(tasks) != batch:
             raise ValueError(f"{caller}: got {len(tasks)} task names for a batch of {batch} images; give one per image")
-        position = {name: i for i, name in enumerate(self.prompts)}
+        position = self._position()
         unknown = sorted({repr(t) for t in tasks if not isinstance(t, str) or t not in position})
         if unknown:
-            raise KeyError(f"{caller}: unknown task(s) {', '.join(unknown)}; the tasks are: {', '.join(self.prompts)}")
+            raise KeyError(f"{caller}: unknown task(s) {', '.join(unknown)}; the tasks are: {', '.join(self._order)}")
         return torch.tensor([position[t] for t in tasks], dtype=torch.long, device=device)
 
     def forward(self, images: torch.Tensor, tasks: Tasks) -> torch.Tensor:
@@ -259,27 +289,49 @@ class MultiTaskVAPT(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"MultiTaskVAPT: images must be (B, C, H, W), got shape {tuple(images.shape)}")
         task = self.task_index(tasks, images.shape[0], images.device)
+        present, local = self._present(tasks, task)
         model = self.model
         x = embed_tokens(model, images)
-        prompts = _TaskPrompts(list(self.prompts.values()), task)
+        prompts = _TaskPrompts([self.prompts[self._order[t]] for t in present], local)
         for block in model.blocks:
             grid, num_prefix = block.patch_grid(x), block.num_prefix_tokens
             h, p, p_index = prompts.block(block.vapt_index, x, block.norm1, num_prefix, grid, block.backend)
             x = block.forward_prompted(x, h, p, p_index)
         features = model.forward_head(model.norm(x), pre_logits=True)
-        return self._logits(features, task)
+        return self._logits(features, present, local)
 
-    def _logits(self, features: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """Every task's head as one product over the concatenated classes, each image keeping its
-        own task's columns, padded with ``-inf`` to the most classes."""
-        heads = list(self.heads.values())
+    def _present(self, tasks: Tasks, task: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The indices of the tasks in the batch (sorted) and each image's place among them: a
+        forward stacks and folds those tasks' parameters only, so its cost grows with the tasks in
+        the batch, not the tasks registered, and a task absent from a training batch gets no
+        gradient (``grad`` stays None, so the optimizers skip it: no weight decay, no momentum).
+        A compiled or exported graph cannot read the batch's tasks on the host: it takes every
+        task, each image its own."""
+        if torch.compiler.is_compiling():
+            return list(range(len(self._order))), task
+        if isinstance(tasks, torch.Tensor):
+            present = torch.unique(task)  # sorted; the one host read of a forward given indices
+            return present.tolist(), torch.searchsorted(present, task)
+        position = self._position()
+        present = sorted({position[name] for name in tasks})
+        place = {t: i for i, t in enumerate(present)}
+        return present, torch.tensor([place[position[name]] for name in tasks], dtype=torch.long, device=task.device)
+
+    def _logits(self, features: torch.Tensor, present: list[int], local: torch.Tensor) -> torch.Tensor:
+        """The heads of the tasks in the batch as one product over their concatenated classes,
+        each image keeping its own task's columns, padded with ``-inf`` to :attr:`max_classes`."""
+        heads = [self.heads[self._order[t]] for t in present]
         weight = torch.cat([head.weight for head in heads])
         bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
-        every = F.linear(features, weight, bias)  # (B, sum C_t)
-        counts = self.class_counts[task, None]  # (B, 1)
-        cols = torch.arange(max(head.out_features for head in heads), device=features.device)
-        own = torch.gather(every, 1, self.class_starts[task, None] + torch.minimum(cols, counts - 1))
-        return own.masked_fill(cols >= counts, float("-inf"))
+        every = F.linear(features, weight, bias)  # (B, sum of the present tasks' classes)
+        counts = self.class_counts[: len(self._order)]
+        if len(present) < len(self._order):
+            counts = counts[torch.tensor(present, device=counts.device)]
+        starts = torch.cumsum(counts, 0) - counts
+        mine = counts[local, None]  # (B, 1)
+        cols = torch.arange(self.max_classes, device=features.device)
+        own = torch.gather(every, 1, starts[local, None] + torch.minimum(cols, mine - 1))
+        return own.masked_fill(cols >= mine, float("-inf"))
 
 
 class _TaskPrompts:

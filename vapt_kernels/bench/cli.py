@@ -34,7 +34,7 @@ from vapt_kernels.timm import apply_vapt, apply_vpt
 
 from . import harness, plot
 
-SWEEPS = {"prompts": (1, 10, 50, 100), "batch": (1, 8, 32)}
+SWEEPS = {"prompts": (1, 10, 50, 100), "batch": (1, 8, 32), "registered": (4, 64, 1024, 4096)}
 
 
 def _integer(text: str, minimum: int) -> int:
@@ -60,7 +60,14 @@ def _check_tasks(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     ``-loop`` providers) and at least ``K`` images in every batch (image ``i`` belongs to task
     ``i % K``, :class:`harness.MixedBatch`)."""
     if args.tasks == 1:
+        if args.registered is not None or args.sweep == "registered":
+            p.error("--registered and --sweep registered size the mixed-batch providers, which --tasks K > 1 adds; "
+                    "give --tasks")
         return
+    if args.registered is not None and args.registered < args.tasks:
+        p.error(f"--registered {args.registered} is fewer than the --tasks {args.tasks} of the batch; give "
+                f"--registered {args.tasks} or more")
+
     if not any(harness.PROVIDER_TABLE[n].kind == "fast" for n in args.providers):
         fast = ", ".join(n for n in harness.PROVIDERS if harness.PROVIDER_TABLE[n].kind == "fast")
         p.error(f"--tasks {args.tasks} adds the -mixed and -loop providers of the fast backends in --providers, "
@@ -168,8 +175,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tasks", type=_positive, default=1,
                    help="K > 1: add vapt-<backend>-mixed (one batch mixing K tasks, vapt_kernels.MultiTaskVAPT) and "
                    "vapt-<backend>-loop (one call per task on its images) for every fast backend (default: 1)")
+    p.add_argument("--registered", type=_positive, default=None,
+                   help="R >= K: tasks registered in the -mixed providers' model, K in the batch and R - K idle "
+                   "(default: K)")
     p.add_argument("--sweep", choices=list(SWEEPS),
-                   help="repeat over prompt counts (1, 10, 50, 100) or batch sizes (1, 8, 32)")
+                   help="repeat over prompt counts (1, 10, 50, 100), batch sizes (1, 8, 32) or registered tasks (K, 64, "
+                   "1024, 4096 with --tasks K)")
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile the floor, vapt-official and the last available fast backend")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -326,10 +337,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.device, model=args.model, batch=args.batch, prompts=args.prompts, dtype=args.dtype, steps=args.steps,
         warmup=args.warmup, img_size=args.img_size, global_pool=args.global_pool, providers=args.providers,
         modes=args.modes,
-        memory=not args.no_memory, compile=args.compile, tasks=args.tasks,
+        memory=not args.no_memory, compile=args.compile, tasks=args.tasks, registered=args.registered,
     )
     env = harness.row_environment(args.device)
-    configs = [replace(base, **{args.sweep: value}) for value in SWEEPS[args.sweep]] if args.sweep else [base]
+    values = SWEEPS.get(args.sweep, ())
+    if args.sweep == "registered":  # from the K tasks of the batch alone
+        values = sorted({args.tasks, *(v for v in values if v > args.tasks)})
+    configs = [replace(base, **{args.sweep: value}) for value in values] if args.sweep else [base]
     out = args.out
     summary = {
         "timestamp": env["timestamp"], "git_commit": env["git_commit"], "device": env["device"], "timing": env["timing"],
@@ -340,6 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: dict[str, None] = {}
     for cfg in configs:
         tasks = f" | {cfg.tasks} tasks" if cfg.tasks > 1 else ""
+        if (cfg.registered or cfg.tasks) > cfg.tasks:
+            tasks += f" of {cfg.registered} registered"
         print(f"{cfg.model} | batch {cfg.batch} | {cfg.prompts} prompts{tasks} | {cfg.dtype} | {env['device']} | "
               f"{cfg.steps} timed steps after {cfg.warmup} warm-up, interleaved ({env['timing']})", flush=True)
         rows = harness.result_rows(cfg, harness.measure(cfg), env, args.sweep)

@@ -89,7 +89,8 @@ ROUND_STEPS = {"cpu": 3, "cuda": 10}
 NUM_CLASSES = 100
 CSV_FIELDS = [
     "timestamp", "git_commit", "device", "torch", "triton", "timm", "vapt_kernels", "model", "img_size",
-    "global_pool", "batch", "prompts", "tasks", "dtype", "steps", "warmup", "mode", "provider", "status", "reason",
+    "global_pool", "batch", "prompts", "tasks", "registered", "dtype", "steps", "warmup", "mode", "provider", "status",
+    "reason",
     "median_ms", "p20_ms", "p80_ms", "img_per_s", "ratio_to_floor", "peak_mem_mb", "mem_method",
     "seed", "sweep", "samples", "timing",
 ]
@@ -162,6 +163,8 @@ class BenchConfig:
         compile: add ``torch.compile`` providers.
         seed: seed of the backbone, prompt and input initialisation.
         tasks: ``K``; above 1, add the mixed-batch and loop providers of every fast backend.
+        registered: tasks registered in the mixed-batch providers' model, ``K`` of them in the
+            batch and the rest idle (None: ``K``): what a forward costs as tasks are added.
     """
 
     model: str
@@ -179,6 +182,7 @@ class BenchConfig:
     compile: bool = False
     seed: int = 0
     tasks: int = 1
+    registered: Optional[int] = None
 
     @classmethod
     def for_device(cls, device: str, **overrides) -> "BenchConfig":
@@ -326,10 +330,14 @@ def build_providers(cfg: BenchConfig, base: nn.Module) -> dict[str, Union[nn.Mod
                 many[backend] = set_backend(copy.deepcopy(shared_vapt()), backend)
             groups = [range(cfg.tasks)] if provider.kind == "mixed" else [[t] for t in range(cfg.tasks)]
             task_models = []
+            state = trainable_state_dict(shared_vapt())
             for group in groups:
                 mt = MultiTaskVAPT(many[backend])
                 for t in group:
-                    mt.add_task(f"task{t}", trainable_state_dict(shared_vapt()))
+                    mt.add_task(f"task{t}", state)
+                if provider.kind == "mixed":
+                    for t in range(cfg.tasks, cfg.registered or cfg.tasks):
+                        mt.add_task(f"idle{t}", state)
                 task_models.append(mt)
             models[name] = MixedBatch(task_models, cfg.batch, cfg.tasks)
     if cfg.compile:
@@ -577,7 +585,7 @@ def result_rows(cfg: BenchConfig, results: list[Result], env: dict[str, str], sw
             **env,
             "model": cfg.model, "img_size": cfg.img_size or "", "global_pool": cfg.global_pool or "",
             "batch": cfg.batch, "prompts": cfg.prompts,
-            "tasks": cfg.tasks,
+            "tasks": cfg.tasks, "registered": cfg.registered or cfg.tasks,
             "dtype": cfg.dtype, "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "sweep": sweep or "",
             "mode": r.mode, "provider": r.provider, "status": r.status, "reason": r.reason,
             "median_ms": _round(med), "p20_ms": _round(r.quantile_ms(0.2)), "p80_ms": _round(r.quantile_ms(0.8)),

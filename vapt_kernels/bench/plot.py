@@ -69,7 +69,9 @@ def _title(row: dict, width: float, skip: str = "") -> str:
              + (f", {row['global_pool']} pooling" if row.get("global_pool") else "")]
     parts += [f"{k} {row[k]}" for k in ("batch", "prompts") if k != skip]
     if int(row.get("tasks") or 1) > 1:  # older CSVs have no tasks column
-        parts.append(f"{row['tasks']} tasks")
+        registered = int(row.get("registered") or row["tasks"])
+        idle = registered > int(row["tasks"]) and skip != "registered"
+        parts.append(f"{row['tasks']} tasks" + (f" of {registered} registered" if idle else ""))
     parts += [row["dtype"], row["device"], f"run {row['timestamp']}"]
     title = ", ".join(parts) + (f" (commit {row['git_commit']})" if row.get("git_commit") else "")
     return textwrap.fill(title, int(14 * (width - 2.6)))  # 9-point text: 15 to 16 characters an inch
@@ -202,7 +204,8 @@ def draw(csv_path: Path, run: Optional[str] = None, out_dir: Optional[Path] = No
     out_dir = Path(out_dir or Path(csv_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing = _not_measured(of_run)
-    last = [r for r in ok if all(r[k] == ok[-1][k] for k in ("batch", "prompts"))]  # a sweep's last point
+    swept = ("batch", "prompts", "registered")
+    last = [r for r in ok if all(r.get(k) == ok[-1].get(k) for k in swept)]  # a sweep's last point
     figures = {"throughput.png": _throughput(last, missing)}
     sweep = ok[0]["sweep"]
     if sweep:
