@@ -21,6 +21,7 @@ FLOORS = {
     "saved tasks": ["pretrained"],
     "library tools": ["checkpoint", "multitask", "environment", "official", "backbones", "paper_data"],
     "commands": ["train", "bench", "check"],
+    "suite runner": ["suite"],
     "package": ["__init__"],
 }
 

@@ -92,6 +92,10 @@ BAD_VTAB = {
     ),
     "an absent image": (lambda f: (f / "images/0003.png").unlink(), "train800.txt:4: "),
     "an empty list": (lambda f: (f / "test.txt").write_text(""), "test.txt lists no images"),
+    "an image that cannot be decoded": (
+        lambda f: (f / "images/0011.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated"),
+        "1 listed image(s) of vtab/dtd's split 'val' cannot be decoded: ",
+    ),
 }
 
 
@@ -103,7 +107,10 @@ def test_bad_vtab_data_is_refused_naming_file_and_line(tmp_path, capsys, case):
     code = train.main(["--task", "vtab/dtd", "--data-dir", str(tmp_path / "data"), *TINY, "--epochs", "1",
                        "--test-split", "test", "--output", str(tmp_path / "out")])  # fmt: skip
     assert code == 2 and not (tmp_path / "out").exists()
-    assert why in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert why in error
+    if "decoded" in case:  # the list and line, the image, PIL's reason
+        assert "val200.txt:2: " in error and "images/0011.png (OSError: " in error
 
 
 def test_bad_fgvc_data_and_flags_are_refused(tmp_path, capsys):

@@ -128,7 +128,7 @@ def test_resume_is_exact(digits, tmp_path, capsys):
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name, buf in a["optimizer"]["momentum_buffer"].items():
         assert torch.equal(buf, b["optimizer"]["momentum_buffer"][name]), name
-    timing = ("img_per_s", "peak_mem_mib")
+    timing = ("img_per_s", "peak_mem_mib", "epoch_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert a["scheduler"] == b["scheduler"] and strip(a["summary"]) == strip(b["summary"])
     assert [r["epoch"] for r in b["summary"]] == [1, 2, 3]
@@ -193,6 +193,26 @@ def test_tuning_protocol(digits, tmp_path, capsys):
     final = load(out / "final-seed1" / "last.pt")
     assert final["args"]["train_on_val"] and final["args"]["lr_base"] == result["best"]["lr_base"]
     assert "test top1" in capsys.readouterr().out
+
+
+def test_a_diverged_grid_run_is_left_out_and_a_tuning_continues(digits, tmp_path, capsys):
+    """A grid run that diverges is recorded and left out of the choice (the tuning goes on);
+    --resume OUTPUT continues a tuning: its finished runs are kept, not run again."""
+    out = tmp_path / "tune"
+    argv = ["--data-dir", digits / "small", *TINY, "--no-aug", "--cache-data", "--epochs", 1, "--warmup-epochs", 0,
+            "--batch-size", 16, "--lr-grid", 0.8, 1e7, "--wd-grid", 0.0, "--seeds", 1, "--test-split", "test",
+            "--output", out]  # fmt: skip
+    vapt_train(*argv)
+    result = json.loads((out / "result.json").read_text())
+    assert [g["val_top1"] is None for g in result["grid"]] == [False, True] and result["grid"][1]["diverged"]
+    assert result["best"]["lr_base"] == 0.8 and "diverged, left out of the choice" in capsys.readouterr().out
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    (out / "result.json").unlink()
+    vapt_train(*argv, "--resume", out)
+    assert json.loads((out / "result.json").read_text())["final"] == result["final"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before  # nothing trained again
+    assert train.main([str(a) for a in argv] + ["--resume", str(out / "grid-lr0.8-wd0")]) == 2
+    assert "a tuning continues in its own folder: pass --resume" in capsys.readouterr().err
 
 
 def test_fast_search_tunes_the_weight_decay_first(digits, tmp_path):

@@ -59,7 +59,10 @@ OFFICIAL_LR_GRID = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 OFFICIAL_WD_GRID = (0.01, 0.001, 0.0001, 0.0)
 OFFICIAL_SEEDS = (42, 44, 82, 100, 800)
 FAST_SEARCH_LR = 5.0
-SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib")
+SUMMARY_COLUMNS = (
+    "epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "img_per_s", "peak_mem_mib", "epoch_s",
+)
+FINAL_TRAIN = ("train+val", "train")  # what the final runs of a tuning train on (--final-train)
 
 
 class UsageError(Exception):
@@ -170,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=non_negative_int, default=4, help="data loader processes per training process")
     g.add_argument("--no-aug", action="store_true", help="eval transforms for training too")
     g.add_argument("--cache-data", action="store_true",
-                   help="decode and transform every split once and keep the tensors in memory (needs --no-aug)")
+                   help="decode and transform every split once and keep the tensors on the run's device (GPU memory on "
+                        "a GPU; needs --no-aug)")
     g.add_argument("--skip-unreadable", action="store_true",
                    help="leave out images that cannot be decoded (counted in result.json) instead of stopping")
 
@@ -232,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the official protocol's grid: --lr-grid " + " ".join(f"{v:g}" for v in OFFICIAL_LR_GRID)
                         + " --wd-grid " + " ".join(f"{v:g}" for v in OFFICIAL_WD_GRID) + " --seeds "
                         + " ".join(map(str, OFFICIAL_SEEDS)) + " (each unless given)")
+    g.add_argument("--final-train", choices=FINAL_TRAIN, default=None,
+                   help="what the final runs train on: train+val (their last epoch scored on test) or train (the "
+                        "epoch best on val scored); default: the benchmark's protocol, train for fgvc/ tasks, "
+                        "train+val otherwise")
     g.add_argument("--fast-search", action="store_true",
                    help=f"the official fast variant: every --wd-grid value at lr-base {FAST_SEARCH_LR:g} first, then "
                         "every --lr-grid value at the best weight decay (instead of every pair)")
@@ -323,9 +331,16 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
                              "fix or remove the damaged ones")  # fmt: skip
         for split in splits:
             try:
-                paper_data.open_split(task, Path(args.data_dir), split)
+                samples = paper_data.listed_images(task, Path(args.data_dir), split)
             except paper_data.DataError as error:
                 raise UsageError(f"--data-dir {args.data_dir}: {error}") from None
+            # A listed image that cannot be decoded would stop the run mid-epoch: found here first.
+            bad = dict(undecodable_images(tuple(str(path) for _, path, _ in samples)))
+            if bad:
+                listed = [f"{where}: {path} ({bad[str(path)]})" for where, path, _ in samples if str(path) in bad]
+                shown = "; ".join(listed[:5]) + (" ..." if len(listed) > 5 else "")
+                raise UsageError(f"--data-dir {args.data_dir}: {len(bad)} listed image(s) of {task.key}'s split "
+                                 f"'{split}' cannot be decoded: {shown}; replace them, or remove their lines")
         return
     if args.dataset:
         return
@@ -379,29 +394,18 @@ def check_folder_splits(args: argparse.Namespace, splits: list[str]) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def undecodable_images(paths: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """:func:`vapt_kernels.paper_data.undecodable`, cached: the tuning protocol checks the same
+    splits once per run."""
+    return tuple(paper_data.undecodable(list(paths)))
+
+
 def unreadable_images(folder: str) -> tuple[tuple[str, str], ...]:
     """Every image of an image-folder split that PIL cannot decode, as ``(path, why)``, in the
-    order timm's reader lists them. JPEGs are decoded at 1/8 scale (the whole compressed stream
-    is still read, so a truncated file fails), on a thread per core (PIL decodes without the GIL).
-    Cached per folder: the tuning protocol checks the same splits once per run."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
+    order timm's reader lists them."""
     from timm.data.readers.reader_image_folder import find_images_and_targets
 
-    def problem(path: str) -> Optional[str]:
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for a bad file
-            return f"{type(error).__name__}: {error}"
-        return None
-
-    paths = [path for path, _ in find_images_and_targets(folder)[0]]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        found = list(pool.map(problem, paths))
-    return tuple((path, why) for path, why in zip(paths, found) if why is not None)
+    return undecodable_images(tuple(path for path, _ in find_images_and_targets(folder)[0]))
 
 
 def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
@@ -424,8 +428,31 @@ def make_transform(args: argparse.Namespace, model: nn.Module, training: bool):
     return create_transform(**cfg, is_training=training and not args.no_aug)
 
 
+class CachedSplit(torch.utils.data.Dataset):
+    """A split decoded and transformed once (``--cache-data``), kept as two tensors on the run's
+    device, images ``(n, 3, h, w)`` and labels ``(n,)``: on a GPU the images never cross the bus
+    again and a batch is one gather (``__getitems__``, which the DataLoader calls with a batch's
+    indices), so the run is bound by the model, not the loader."""
+
+    def __init__(self, dataset, device: torch.device):
+        xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+        self.images = torch.stack(xs).to(device)
+        self.labels = torch.as_tensor(ys).to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        at = torch.as_tensor(indices, device=self.labels.device)
+        return [self.images[at], self.labels[at]]
+
+
 class _Indexed(torch.utils.data.Dataset):
-    """``base[indices[i]]`` with a validity flag: the padded tail of an evaluation shard counts 0."""
+    """``base[indices[i]]`` with a validity flag: the padded tail of an evaluation shard counts 0.
+    Batches come from ``__getitems__`` (one gather from a :class:`CachedSplit`)."""
 
     def __init__(self, base, indices: list[int], valid: int):
         self.base, self.indices, self.valid = base, indices, valid
@@ -437,10 +464,24 @@ class _Indexed(torch.utils.data.Dataset):
         x, y = self.base[self.indices[i]]
         return x, y, int(i < self.valid)
 
+    def __getitems__(self, positions: list[int]) -> list[torch.Tensor]:
+        if not isinstance(self.base, CachedSplit):
+            return torch.utils.data.default_collate([self[i] for i in positions])
+        x, y = self.base.__getitems__([self.indices[i] for i in positions])
+        return [x, y, torch.as_tensor([int(i < self.valid) for i in positions], device=y.device)]
 
-def _cache(dataset) -> torch.utils.data.TensorDataset:
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.utils.data.TensorDataset(torch.stack(xs), torch.as_tensor(ys))
+
+def _loader_options(ds, args, d: Dist) -> dict:
+    """A cached split is read in the main process (its tensors may live on the GPU) and batched by
+    its own ``__getitems__``; any other split is decoded by ``--workers`` processes."""
+    if isinstance(ds, CachedSplit) or isinstance(getattr(ds, "base", None), CachedSplit):
+        return {"num_workers": 0, "collate_fn": _as_batch}
+    return {"num_workers": args.workers, "pin_memory": d.device.type == "cuda",
+            "collate_fn": _as_batch if isinstance(ds, _Indexed) else None}  # fmt: skip
+
+
+def _as_batch(batch):
+    return batch  # already collated by the dataset's __getitems__
 
 
 def create_split(args: argparse.Namespace, split: str, transform, class_map=None):
@@ -473,8 +514,9 @@ def class_to_idx(ds) -> Optional[dict]:
     return None
 
 
-def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool) -> dict[str, Any]:
-    """The train, val (and test) datasets with their transforms, classes checked."""
+def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool, device: torch.device) -> dict[str, Any]:
+    """The train, val (and test) datasets with their transforms, classes checked; with
+    ``--cache-data`` each one a :class:`CachedSplit` on ``device``."""
     train_tf, eval_tf = make_transform(args, model, True), make_transform(args, model, False)
     train = create_split(args, args.train_split, train_tf)
     classes = class_to_idx(train)
@@ -489,7 +531,7 @@ def load_data(args: argparse.Namespace, model: nn.Module, want_test: bool) -> di
     if args.cache_data:
         for key in ("train", "val", "test"):
             if key in out:
-                out[key] = _cache(out[key])
+                out[key] = CachedSplit(out[key], device)
     for key in ("train", "val", "test"):
         if key in out and len(out[key]) == 0:
             raise UsageError(f"the {key} split is empty")
@@ -502,9 +544,8 @@ def train_loader(ds, args, d: Dist, per_rank: int):
     # The permutation depends on seed and epoch only (set_epoch), so every world size and a resumed
     # run see the same global batches; drop_last keeps every global batch full and equal.
     sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True)
-    pin = d.device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers, pin_memory=pin, drop_last=True,
+        ds, batch_size=per_rank, sampler=sampler, drop_last=True, **_loader_options(ds, args, d)
     )  # workers restart each epoch, seeded from the main RNG: a resumed run draws the same augmentations
     return loader, sampler
 
@@ -516,8 +557,7 @@ def eval_loader(ds, args, d: Dist, per_rank: int):
     mine = list(range(d.rank, n, d.world))
     size = -(-n // d.world)
     shard = _Indexed(ds, mine + [0] * (size - len(mine)), len(mine))
-    return torch.utils.data.DataLoader(shard, batch_size=per_rank, shuffle=False, num_workers=args.workers,
-                                       pin_memory=d.device.type == "cuda")
+    return torch.utils.data.DataLoader(shard, batch_size=per_rank, shuffle=False, **_loader_options(shard, args, d))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -973,7 +1013,7 @@ def build_run(
     torch.manual_seed(args.seed)  # the same initial prompts and head in every process
     probe = create_model(args, num_classes=args.num_classes or 1, weights=False)
     if data is None:
-        data = load_data(args, probe, args.test_split is not None)
+        data = load_data(args, probe, args.test_split is not None, d.device)
     num_classes = args.num_classes or (len(data["classes"]) if data["classes"] else None)
     if num_classes is None:
         raise UsageError(f"--dataset {args.dataset}: cannot tell its class count; pass --num-classes")
@@ -1080,6 +1120,7 @@ def train_epochs(run: CheckedRun, trainer: Trainer, progress: Progress, out: Pat
         improved = metrics["top1"] > progress.best["top1"]
         if improved:
             progress.best = {"top1": metrics["top1"], "epoch": epoch, "state": model_state(model, args)}
+        row["epoch_s"] = time.perf_counter() - t0  # training, evaluation and the best state, not the files
         save_epoch(run, trainer, progress, improved, out, d)
         if d.main and not quiet:
             print(
@@ -1122,9 +1163,13 @@ def final_result(run: CheckedRun, trainer: Trainer, progress: Progress, d: Dist)
     row and, with a test split, the test scores of the last and of the best-on-val parameters
     (which are loaded back for it)."""
     args, rows, best = run.args, progress.rows, progress.best
+    images = len(trainer.loader) * args.batch_size  # trained per epoch
     result = {
         "method": args.method, "model": args.model, "parameters": run.counts, "epochs": args.epochs,
         "best_epoch": best["epoch"], "best_val_top1": best["top1"], "final": rows[-1] if rows else None,
+        # the epochs' time (over every session of a resumed run) and the training throughput over them
+        "wall_s": sum(r.get("epoch_s", 0.0) for r in rows), "train_images": images * len(rows),
+        "train_s": sum(images / r["img_per_s"] for r in rows),
     }
     if args.skip_unreadable and not args.dataset and not args.task:
         splits = [s for s in (args.train_split, args.val_split, args.test_split) if s]
@@ -1360,6 +1405,10 @@ def eval_only(args: argparse.Namespace, d: Dist) -> dict:
     return metrics
 
 
+def tuning_requested(args: argparse.Namespace) -> bool:
+    return bool(args.lr_grid or args.wd_grid or args.official_grid or args.fast_search or args.final_train)
+
+
 def tuning_grid(args: argparse.Namespace) -> tuple[list[float], list[float], list[int]]:
     """The learning rates (per 256 images, as ``--lr-base`` and the official grids are), weight
     decays and final seeds that tuning runs: the flags'; where a flag gives none, the official
@@ -1371,9 +1420,24 @@ def tuning_grid(args: argparse.Namespace) -> tuple[list[float], list[float], lis
     return lrs, wds, seeds
 
 
-def tune(args: argparse.Namespace, d: Dist) -> dict:
-    """The VTAB protocol: every (lr, wd) trained on train, scored on val; the best retrained on
-    train+val with each seed and scored on test; mean and std of test top-1."""
+def final_train(args: argparse.Namespace) -> str:
+    """What the final runs of a tuning train on: ``--final-train``, else the benchmark's protocol.
+    The official code trains them on train+val for VTAB and on the train split for FGVC (VPT's
+    ``train.py``, which the VAPT code keeps: its ``get_loaders`` takes train+val for VTAB data sets
+    only), where val then picks the epoch scored on test (the README's "Benchmarks")."""
+    if args.final_train:
+        return args.final_train
+    task = task_of(args)
+    return "train" if task is not None and task.suite == "fgvc" else "train+val"
+
+
+def check_tuning(args: argparse.Namespace) -> bool:
+    """Check a tuning's flags, output folder and data before anything runs; returns whether it
+    continues the tuning already in ``--output`` (``--resume`` given that folder). Writes nothing.
+
+    Raises:
+        UsageError: the first problem found.
+    """
     if not args.test_split:
         raise UsageError("tuning scores the final runs on a test split: pass --test-split (never used for the choice)")
     if not args.output:
@@ -1391,13 +1455,64 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
             raise UsageError(f"{flag} gives {', '.join(twice)} more than once; give each value once")
     # Checked here, not only in the final runs, which come after the whole grid has trained.
     vapt_config(args)
-    if args.resume:
-        raise UsageError(
-            "--resume continues one run; tuning starts its runs afresh (resume a run in its grid-*/ or final-seed*/ "
-            "folder)"
-        )
-    check_output(args)
+    lr_checks = [argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr}) for lr in lrs]
+    for sub in lr_checks:
+        if not 0 < learning_rate(sub) < math.inf:
+            raise UsageError(f"--lr-grid {sub.lr_base:g} x --batch-size {args.batch_size} / 256 is not a finite "
+                             "learning rate > 0; give smaller rates")  # fmt: skip
+    continuing = bool(args.resume)
+    if continuing:
+        if Path(args.resume).resolve() != Path(args.output).resolve():
+            raise UsageError(
+                f"--resume {args.resume}: a tuning continues in its own folder: pass --resume {args.output} (its "
+                "--output), or resume one run in its grid-*/ or final-seed*/ folder without the tuning flags"
+            )
+        if args.overwrite:
+            raise UsageError("--overwrite deletes --output, --resume continues the tuning in it: give one of them")
+    else:
+        check_output(args)
     check_folder_splits(args, [args.train_split, args.val_split, args.test_split])
+    return continuing
+
+
+def run_or_reuse(sub: argparse.Namespace, d: Dist, continuing: bool, before_write=None) -> dict:
+    """One run of a tuning. When the tuning continues, a run whose folder holds its ``result.json``
+    is taken as it is (after checking that its settings are ``sub``'s), one that holds ``last.pt``
+    resumes from it, and one that wrote only its ``args.json`` starts again."""
+    out = Path(sub.output)
+    if continuing and out.is_dir():
+        if (out / "result.json").is_file():
+            def recipe(values: dict) -> dict:  # as args.json holds them
+                return json.loads(json.dumps({k: values.get(k) for k in RECIPE_KEYS}, default=str))
+
+            try:
+                saved = json.loads((out / "args.json").read_text(encoding="utf-8"))
+                result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise UsageError(f"{out}: cannot read the finished run's args.json/result.json ({error}); delete "
+                                 "the folder to run it again") from None  # fmt: skip
+            there, here = recipe(saved), recipe(vars(sub))
+            differ = [k for k in RECIPE_KEYS if there[k] != here[k]]
+            if differ:
+                listed = "; ".join(f"--{k.replace('_', '-')} {there[k]!r} there, {here[k]!r} here" for k in differ)
+                raise UsageError(f"{out} holds a run with other settings ({listed}); continue with the same flags, "
+                                 "or delete that folder")  # fmt: skip
+            return result
+        if (out / "last.pt").is_file():
+            sub.resume = str(out / "last.pt")
+        elif {p.name for p in out.iterdir()} <= {"args.json"}:
+            sub.overwrite = True  # stopped before its first epoch ended
+    return run(sub, d, quiet=True, before_write=before_write)
+
+
+def tune(args: argparse.Namespace, d: Dist) -> dict:
+    """The tuning protocol: every (lr, wd) trained on train, scored on val (a run that diverges is
+    left out of the choice); the best retrained with each seed on train+val (its last epoch scored
+    on test) or on train (the epoch best on val scored on test), as :func:`final_train` says; mean
+    and std of test top-1. With ``--resume`` set to ``--output``, finished runs are kept and an
+    interrupted one resumes."""
+    continuing = check_tuning(args)
+    lrs, wds, seeds = tuning_grid(args)
     out = Path(args.output)
     pending = {"clear": args.overwrite and out.is_dir()}
 
@@ -1407,46 +1522,77 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
             clear_folder(out)
 
     grid: list[dict] = []
+    runs: list[dict] = []
 
     def score(lr: float, wd: float) -> dict:
         """The grid run at (lr, wd): trained on train, its best val top-1; each pair runs once."""
         for g in grid:
             if (g["lr_base"], g["weight_decay"]) == (lr, wd):
                 return g
-        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd,
+        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": lr, "weight_decay": wd, "resume": None,
                                     "test_split": None, "output": str(out / f"grid-lr{lr:g}-wd{wd:g}")})
-        r = run(sub, d, quiet=True, before_write=clear_once)
-        grid.append({"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": r["best_val_top1"]})
-        if d.main:
-            print(f"grid lr_base {lr:g} (lr {learning_rate(sub):.4g}) wd {wd:g}: "
-                  f"val top1 {r['best_val_top1']:.2f}", flush=True)
-        return grid[-1]
+        entry = {"lr_base": lr, "lr": learning_rate(sub), "weight_decay": wd, "val_top1": None}
+        try:
+            r = run_or_reuse(sub, d, continuing, before_write=clear_once)
+        except NonFiniteLoss as error:
+            entry["diverged"] = str(error).split(":")[0]
+            if d.main:
+                print(f"grid lr_base {lr:g} (lr {entry['lr']:.4g}) wd {wd:g}: diverged, left out of the choice",
+                      flush=True)  # fmt: skip
+        else:
+            entry["val_top1"] = r["best_val_top1"]
+            runs.append(r)
+            if d.main:
+                print(f"grid lr_base {lr:g} (lr {entry['lr']:.4g}) wd {wd:g}: val top1 {r['best_val_top1']:.2f}",
+                      flush=True)  # fmt: skip
+        grid.append(entry)
+        return entry
 
     if args.fast_search:  # the weight decay at lr-base 5 first (ties: the grid order), then the rate at it
         first = [score(FAST_SEARCH_LR, wd) for wd in wds]
-        wd_best = max(first, key=lambda g: g["val_top1"])["weight_decay"]
+        finite = [g for g in first if g["val_top1"] is not None] or first
+        wd_best = max(finite, key=lambda g: g["val_top1"] or 0.0)["weight_decay"]
         candidates = [score(lr, wd_best) for lr in lrs]
     else:
         candidates = [score(lr, wd) for lr in lrs for wd in wds]
+    candidates = [g for g in candidates if g["val_top1"] is not None]
+    if not candidates:
+        raise NonFiniteLoss("every grid run diverged: give smaller learning rates (--lr-grid)")
     # Ties go to the smaller learning rate (as the official tuning does), then the grid order.
     best = max(candidates, key=lambda g: (g["val_top1"], -g["lr_base"]))
+    on = final_train(args)
     finals = []
     for seed in seeds:
-        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": best["lr_base"],
-                                    "weight_decay": best["weight_decay"], "seed": seed, "train_on_val": True,
-                                    "output": str(out / f"final-seed{seed}")})
-        r = run(sub, d, quiet=True)
+        sub = argparse.Namespace(**{**vars(args), "lr": None, "lr_base": best["lr_base"], "resume": None,
+                                    "weight_decay": best["weight_decay"], "seed": seed,
+                                    "train_on_val": on == "train+val", "output": str(out / f"final-seed{seed}")})
+        r = run_or_reuse(sub, d, continuing)
+        runs.append(r)
         # train+val leaves no held-out split to choose an epoch by: the test score is the last epoch's.
-        finals.append({"seed": seed, "test_top1": r["test_last"]["top1"], "test_top5": r["test_last"]["top5"]})
+        scored = r["test_last"] if on == "train+val" else r["test"]
+        finals.append({"seed": seed, "test_top1": scored["top1"], "test_top5": scored["top5"],
+                       "test_top1_last": r["test_last"]["top1"], "best_val_epoch": r["best_epoch"]})
     tops = np.array([f["test_top1"] for f in finals])
-    result = {"search": "fast" if args.fast_search else "full", "grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
-              "test_top1_std": float(tops.std(ddof=1)) if len(tops) > 1 else 0.0}
+    result = {
+        "task": args.task, "method": args.method, "model": args.model,
+        "search": "fast" if args.fast_search else "full", "final_train": on,
+        "final_epoch": "last" if on == "train+val" else "best on val",
+        "grid": grid, "best": best, "final": finals, "test_top1_mean": float(tops.mean()),
+        "test_top1_std": float(tops.std(ddof=1)) if len(tops) > 1 else 0.0,
+        "parameters": runs[-1]["parameters"],
+        # every run's epochs, grid and final, over every session that worked on them
+        "wall_s": sum(r.get("wall_s", 0.0) for r in runs),
+        "train_img_per_s": sum(r.get("train_images", 0) for r in runs) / max(sum(r.get("train_s", 0.0) for r in runs),
+                                                                            1e-9),
+    }
     if d.main:
         print("\n  lr_base   lr        wd        val top1")
         for g in grid:
             mark = "  <- best" if g is best else ""
-            print(f"  {g['lr_base']:<9g} {g['lr']:<9.4g} {g['weight_decay']:<9g} {g['val_top1']:.2f}{mark}")
-        print("\n  seed   test top1   test top5  (trained on train+val)")
+            shown = "diverged" if g["val_top1"] is None else f"{g['val_top1']:.2f}"
+            print(f"  {g['lr_base']:<9g} {g['lr']:<9.4g} {g['weight_decay']:<9g} {shown}{mark}")
+        epoch = "last epoch" if on == "train+val" else "epoch best on val"
+        print(f"\n  seed   test top1   test top5  (trained on {on}, {epoch})")
         for f in finals:
             print(f"  {f['seed']:<6} {f['test_top1']:<11.2f} {f['test_top5']:.2f}")
         mean, std = result["test_top1_mean"], result["test_top1_std"]
@@ -1460,35 +1606,41 @@ def tune(args: argparse.Namespace, d: Dist) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run_command(prog: str, parser: argparse.ArgumentParser, argv: Optional[list[str]], body) -> int:
+    """A command's exit status: ``body(args, d)``'s after parsing ``argv`` and joining the
+    processes; a bad input is reported (by the main process) with status 2, a diverged run with 3,
+    an output that cannot be written with 1."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a bad flag, already reported (2)
         return stop.code if isinstance(stop.code, int) else 2
     d = None
     try:
         d = setup_distributed(args)
-        if args.eval_only:
-            eval_only(args, d)
-        elif args.lr_grid or args.wd_grid or args.official_grid or args.fast_search:
-            tune(args, d)
-        else:
-            run(args, d)
-        return 0
-    except UsageError as error:
+        return body(args, d)
+    except (UsageError, NonFiniteLoss) as error:
         if d is None or d.main:
-            print(f"vapt-train: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as error:
-        if d is None or d.main:
-            print(f"vapt-train: error: {error}", file=sys.stderr)
-        return 3
+            print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 3
     except OutputError as error:
-        print(f"vapt-train: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    def body(args: argparse.Namespace, d: Dist) -> int:
+        if args.eval_only:
+            eval_only(args, d)
+        elif tuning_requested(args):
+            tune(args, d)
+        else:
+            run(args, d)
+        return 0
+
+    return run_command("vapt-train", build_parser(), argv, body)
 
 
 if __name__ == "__main__":
