@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paper_data, train
-from .files import OutputError, write_atomic
+from .files import OutputError, describe, write_atomic
 
 SUITES = {
     "vtab1k": [f"vtab/{name}" for name in paper_data.VTAB_TASKS],
@@ -321,7 +321,7 @@ def run_suite(args: argparse.Namespace, d: train.Dist) -> int:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise OutputError(f"cannot create the suite folder {out}: {error}") from None
+            raise OutputError(f"cannot create the suite folder {out}: {describe(error)}") from None
         record = {"format": FORMAT, "settings": settings(args)}
         train.write_text_atomic(out / "suite.json", json.dumps(record, indent=2) + "\n")
     diverged = {}
