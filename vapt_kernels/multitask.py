@@ -289,7 +289,7 @@ class MultiTaskVAPT(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"MultiTaskVAPT: images must be (B, C, H, W), got shape {tuple(images.shape)}")
         task = self.task_index(tasks, images.shape[0], images.device)
-        present, local = self._present(tasks, task)
+        present, index, local = self._present(tasks, task)
         model = self.model
         x = embed_tokens(model, images)
         prompts = _TaskPrompts([self.prompts[self._order[t]] for t in present], local)
@@ -298,35 +298,37 @@ class MultiTaskVAPT(nn.Module):
             h, p, p_index = prompts.block(block.vapt_index, x, block.norm1, num_prefix, grid, block.backend)
             x = block.forward_prompted(x, h, p, p_index)
         features = model.forward_head(model.norm(x), pre_logits=True)
-        return self._logits(features, present, local)
+        return self._logits(features, present, index, local)
 
-    def _present(self, tasks: Tasks, task: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The indices of the tasks in the batch (sorted) and each image's place among them: a
+    def _present(self, tasks: Tasks, task: torch.Tensor) -> tuple[list[int], Optional[torch.Tensor], torch.Tensor]:
+        """The indices of the tasks in the batch (sorted; as a list, and as a tensor on the batch's
+        device, None when they are all the tasks) and each image's place among them: a
         forward stacks and folds those tasks' parameters only, so its cost grows with the tasks in
         the batch, not the tasks registered, and a task absent from a training batch gets no
         gradient (``grad`` stays None, so the optimizers skip it: no weight decay, no momentum).
         A compiled or exported graph cannot read the batch's tasks on the host: it takes every
         task, each image its own."""
         if torch.compiler.is_compiling():
-            return list(range(len(self._order))), task
+            return list(range(len(self._order))), None, task
         if isinstance(tasks, torch.Tensor):
-            present = torch.unique(task)  # sorted; the one host read of a forward given indices
-            return present.tolist(), torch.searchsorted(present, task)
+            index = torch.unique(task)  # sorted; the one host read of a forward given indices
+            return index.tolist(), index, torch.searchsorted(index, task)
         position = self._position()
         present = sorted({position[name] for name in tasks})
         place = {t: i for i, t in enumerate(present)}
-        return present, torch.tensor([place[position[name]] for name in tasks], dtype=torch.long, device=task.device)
+        local = torch.tensor([place[position[name]] for name in tasks], dtype=torch.long, device=task.device)
+        return present, torch.tensor(present, dtype=torch.long, device=task.device), local
 
-    def _logits(self, features: torch.Tensor, present: list[int], local: torch.Tensor) -> torch.Tensor:
+    def _logits(
+        self, features: torch.Tensor, present: list[int], index: Optional[torch.Tensor], local: torch.Tensor
+    ) -> torch.Tensor:
         """The heads of the tasks in the batch as one product over their concatenated classes,
         each image keeping its own task's columns, padded with ``-inf`` to :attr:`max_classes`."""
         heads = [self.heads[self._order[t]] for t in present]
         weight = torch.cat([head.weight for head in heads])
         bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
         every = F.linear(features, weight, bias)  # (B, sum of the present tasks' classes)
-        counts = self.class_counts[: len(self._order)]
-        if len(present) < len(self._order):
-            counts = counts[torch.tensor(present, device=counts.device)]
+        counts = self.class_counts[: len(self._order)] if index is None else self.class_counts[index]
         starts = torch.cumsum(counts, 0) - counts
         mine = counts[local, None]  # (B, 1)
         cols = torch.arange(self.max_classes, device=features.device)

@@ -242,10 +242,8 @@ def check_suite_folder(args: argparse.Namespace) -> bool:
             raise ValueError(f"format {saved.get('format')!r}, expected {FORMAT!r}")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise train.UsageError(f"{record}: not a readable suite record ({error}); choose another --output") from None
-    here = settings(args)
-    differ = [k for k in SETTINGS if there.get(k) != here[k]]
-    if differ:
-        listed = "; ".join(f"--{k.replace('_', '-')} {there.get(k)!r} there, {here[k]!r} here" for k in differ)
+    listed = train.setting_differences(there, settings(args), SETTINGS)
+    if listed:
         raise train.UsageError(
             f"--output {out} holds a suite run with other settings ({listed}); continue it with the same flags, "
             "choose another --output, or add --overwrite to delete it first"

@@ -953,10 +953,8 @@ def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
     check_folder_splits(args, [s for s in (args.train_split, args.val_split, args.test_split) if s])
     resume = _load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume is not None:
-        differ = [k for k in RECIPE_KEYS if resume["args"].get(k) != vars(args).get(k)]
-        if differ:
-            there, here = resume["args"], vars(args)
-            listed = "; ".join(f"--{k.replace('_', '-')} {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
+        listed = setting_differences(resume["args"], vars(args), RECIPE_KEYS)
+        if listed:
             raise UsageError(
                 f"--resume {args.resume}: that run had other settings: {listed}; "
                 "resume with the same flags (or start a new run)"
@@ -966,6 +964,13 @@ def check_args(args: argparse.Namespace, d: Dist) -> Optional[dict]:
                 f"--resume {args.resume}: its parameters hold NaN/Inf values; resume from an earlier checkpoint"
             )
     return resume
+
+
+def setting_differences(there: dict, here: dict, keys) -> str:
+    """The settings among ``keys`` whose values differ between what a file recorded (``there``)
+    and this command's (``here``), as ``--flag X there, Y here; ...``; "" when none does."""
+    differ = [k for k in keys if there.get(k) != here.get(k)]
+    return "; ".join(f"--{k.replace('_', '-')} {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -1491,10 +1496,8 @@ def run_or_reuse(sub: argparse.Namespace, d: Dist, continuing: bool, before_writ
             except (OSError, ValueError) as error:
                 raise UsageError(f"{out}: cannot read the finished run's args.json/result.json ({error}); delete "
                                  "the folder to run it again") from None  # fmt: skip
-            there, here = recipe(saved), recipe(vars(sub))
-            differ = [k for k in RECIPE_KEYS if there[k] != here[k]]
-            if differ:
-                listed = "; ".join(f"--{k.replace('_', '-')} {there[k]!r} there, {here[k]!r} here" for k in differ)
+            listed = setting_differences(recipe(saved), recipe(vars(sub)), RECIPE_KEYS)
+            if listed:
                 raise UsageError(f"{out} holds a run with other settings ({listed}); continue with the same flags, "
                                  "or delete that folder")  # fmt: skip
             return result
