@@ -59,6 +59,10 @@ def task_models(
     return models, mt
 
 
+def task_parameters(mt: vk.MultiTaskVAPT, name: str) -> list[torch.Tensor]:
+    return [d[name] for d in (mt.prompts, mt.head_weights, mt.head_biases) if name in d]
+
+
 def assert_rows_equal_their_models(logits, models, x, names, tol: float) -> None:
     assert logits.shape == (len(names), max(CLASSES.values()))
     for i, name in enumerate(names):
@@ -276,13 +280,13 @@ def test_bad_task_arguments_are_refused():
 def test_adding_and_removing_tasks_leaves_the_others_untouched():
     models, mt = task_models(CONFIGS["vapt"])
     x = images(mt.model, batch=2)
-    cars = {n: p for n, p in mt.named_parameters() if ".cars." in n}
+    cars = {n: p for n, p in mt.named_parameters() if n.endswith(".cars")}
     with torch.no_grad():
         before = mt(x, ["cars", "cars"])
     mt.remove_task("pets")
     mt.add_task("pets-again", vk.trainable_state_dict(models["pets"]))
     assert mt.tasks == ["cars", "birds", "pets-again"]
-    assert {n: p for n, p in mt.named_parameters() if ".cars." in n} == cars
+    assert {n: p for n, p in mt.named_parameters() if n.endswith(".cars")} == cars
     with torch.no_grad():
         torch.testing.assert_close(mt(x, ["cars", "cars"]), before, rtol=0, atol=0)
 
@@ -314,7 +318,7 @@ def test_a_task_absent_from_the_batch_is_untouched(optimizer):
         for key, value in mt.task_state_dict(name).items():
             assert torch.equal(value, before[key]), f"{name} {key} moved while absent"
     assert any(not torch.equal(cars[k], v) for k, v in mt.task_state_dict("cars").items())
-    assert not any(id(p) in map(id, step.state) for p in [*mt.prompts["birds"].parameters(), *mt.heads["birds"].parameters()])
+    assert not any(id(p) in map(id, step.state) for p in task_parameters(mt, "birds"))
 
 
 @pytest.mark.parametrize("registered", [1, 3, 200])
@@ -334,14 +338,13 @@ def test_many_registered_tasks_few_in_the_batch(backend, device, dtype, tol, reg
         state["head.weight"] = torch.randn(rows, state["head.weight"].shape[1], dtype=dtype, device=device)
         state["head.bias"] = torch.randn(rows, dtype=dtype, device=device)
         mt.add_task(f"idle{t}", state)
-    assert len(mt.tasks) == registered and mt.max_classes == max(head.out_features for head in mt.heads.values())
+    assert len(mt.tasks) == registered and mt.max_classes == max(w.shape[0] for w in mt.head_weights.values())
     mt.train()
     for batch in ([names[0]], names[:2] * 2, [names[-1], names[0], names[-1]]):
         x = images(mt.model, batch=len(batch)).to(device, dtype)
         logits = mt(x, batch)
         ids = torch.tensor([mt.tasks.index(n) for n in batch])
-        with torch.no_grad():
-            torch.testing.assert_close(mt(x, ids), logits, rtol=0, atol=0)
+        torch.testing.assert_close(mt(x, ids).detach(), logits.detach(), rtol=0, atol=0)
         for i, name in enumerate(batch):
             with torch.no_grad():
                 own = models[name](x[i : i + 1])[0]
@@ -350,7 +353,7 @@ def test_many_registered_tasks_few_in_the_batch(backend, device, dtype, tol, reg
         mt.zero_grad()
         logits[torch.isfinite(logits)].sum().backward()
         for name in mt.tasks:
-            got = [p.grad is not None for p in [*mt.prompts[name].parameters(), *mt.heads[name].parameters()]]
+            got = [p.grad is not None for p in task_parameters(mt, name)]
             assert all(got) if name in batch else not any(got), f"{name}: gradients {got}, batch {batch}"
 
 
@@ -409,3 +412,227 @@ def test_compile_and_export_with_task_indices(vit):
         torch.testing.assert_close(exported(x, ids), eager)
         with pytest.raises(RuntimeError, match="task indices must lie in"):
             exported(x, torch.tensor([1, 0, 3, 1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# the task table, the serving cache, the state dict
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_serves_from_the_table(mt: vk.MultiTaskVAPT, x: torch.Tensor) -> None:
+    """What a compiled or exported graph computes without gradients (each image reading its task's
+    rows of the table) equals the eager forward: the tasks' parameters are the table's rows."""
+    ids = torch.arange(x.shape[0]) % len(mt.tasks)
+    with torch.no_grad():
+        torch.testing.assert_close(mt._serve_traced(x, mt.task_index(ids, x.shape[0], x.device)), mt(x, ids),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_adding_and_removing_many_tasks_keeps_every_other_task_bitwise():
+    """Adds and removes enough to grow the table and to reclaim removed tasks' rows more than once:
+    every task keeps its values bitwise, its parameters stay the same objects and views of its rows."""
+    models, mt = task_models(CONFIGS["per-channel-deep"])
+    x = images(mt.model, batch=4)
+    states = {name: vk.trainable_state_dict(models[name]) for name in CLASSES}
+    shapes = {k: v.shape for k, v in states["pets"].items()}
+    generator = torch.Generator().manual_seed(3)
+    for t in range(40):
+        name = f"extra{t}"
+        state = {k: torch.randn(shape, generator=generator, dtype=torch.float64) for k, shape in shapes.items()}
+        rows = 1 + t % 6
+        state["head.weight"], state["head.bias"] = torch.randn(rows, 24, dtype=torch.float64), torch.randn(rows, dtype=torch.float64)
+        mt.add_task(name, state)
+        states[name] = state
+        if t % 3 != 2:  # remove two of every three: the removed rows are reclaimed as they pile up
+            victim = mt.tasks[(7 * t) % len(mt.tasks)]
+            mt.remove_task(victim)
+            del states[victim]
+    kept = {name: task_parameters(mt, name) for name in mt.tasks}
+    mt.add_task("last", states[mt.tasks[0]])
+    assert all(a is b for name in kept for a, b in zip(kept[name], task_parameters(mt, name)))
+    assert set(mt.tasks) == set(states) | {"last"} and len(mt.tasks) == len(states) + 1
+    for name, state in states.items():
+        for key, value in mt.task_state_dict(name).items():
+            assert torch.equal(value, state[key]), f"{name} {key}"
+    assert mt.max_classes == max(v["head.weight"].shape[0] for v in states.values())
+    assert_serves_from_the_table(mt, x)
+
+
+@pytest.mark.parametrize("route", ["to", "deepcopy", "pickle", "load-assign"])
+def test_every_route_that_copies_parameters_keeps_them_rows_of_the_table(route, tmp_path):
+    """``.to()`` converts, ``copy.deepcopy`` and pickling copy, ``load_state_dict(assign=True)``
+    replaces each parameter on its own: the table is rebuilt from them, so what a compiled graph
+    reads is what the parameters hold."""
+    models, mt = task_models(CONFIGS["vapt"])
+    x = images(mt.model, batch=3)
+    if route == "to":
+        mt = mt.float().double()
+    elif route == "deepcopy":
+        mt = copy.deepcopy(mt)
+    elif route == "pickle":
+        torch.save(mt, tmp_path / "mt.pt")
+        mt = torch.load(tmp_path / "mt.pt", weights_only=False)
+    else:
+        state = {k: v.clone() + 1 if k.startswith(("prompts.", "head_")) else v for k, v in mt.state_dict().items()}
+        mt.load_state_dict(state, assign=True)
+        assert torch.equal(mt.prompts["cars"], state["prompts.cars"])
+    assert_serves_from_the_table(mt, x)
+    for name in CLASSES:
+        own = models[name](x[:1])[0]
+        if route != "load-assign":
+            with torch.no_grad():
+                assert_close_rel(mt(x[:1], [name])[0, : own.shape[0]], own, 1e-6 if route == "to" else 1e-10, name)
+    with torch.no_grad():  # what a step writes into the parameters, the table holds
+        for name in CLASSES:
+            mt.prompts[name].add_(0.5)
+            mt.head_weights[name].mul_(2.0)
+    assert_serves_from_the_table(mt, x)
+
+
+def test_state_dict_round_trips_every_task_into_a_model_with_other_or_no_tasks(tmp_path):
+    """``state_dict()`` holds every task's values and the task list; loading it gives a model with
+    other tasks, or none, exactly the saved tasks in the saved order (through a weights-only file)."""
+    models, mt = task_models(CONFIGS["per-channel-deep"])
+    mt.remove_task("pets")  # an order that is not the order of CLASSES
+    mt.add_task("pets", vk.trainable_state_dict(models["pets"]))
+    torch.save(mt.state_dict(), tmp_path / "mt.pt")
+    x = images(mt.model, batch=3)
+    with torch.no_grad():
+        expected = mt(x, ["pets", "birds", "cars"])
+    _, other = task_models(CONFIGS["per-channel-deep"])
+    other.remove_task("cars")
+    other.add_task("dogs", vk.trainable_state_dict(models["cars"]))
+    empty = vk.MultiTaskVAPT(copy.deepcopy(other.model))
+    for target in (other, empty):
+        result = target.load_state_dict(torch.load(tmp_path / "mt.pt", weights_only=True))
+        assert not result.missing_keys and not result.unexpected_keys
+        assert target.tasks == ["cars", "birds", "pets"] == mt.tasks
+        with torch.no_grad():
+            torch.testing.assert_close(target(x, ["pets", "birds", "cars"]), expected, rtol=0, atol=0)
+        assert_serves_from_the_table(target, x)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("nan", "prompts.birds: holds 1 NaN"),
+        ("shape", "head_weights.cars: state dict (7, 23) vs model (7, 24)"),
+        ("missing", "missing keys: head_biases.pets"),
+        ("names", "_extra_state must be {'tasks': [distinct task names]}"),
+    ],
+)
+def test_a_bad_state_dict_changes_nothing(damage, words):
+    _, mt = task_models(CONFIGS["vapt"])
+    state = mt.state_dict()
+    if damage == "nan":
+        state["prompts.birds"] = state["prompts.birds"].clone()
+        state["prompts.birds"][5] = torch.nan
+    elif damage == "shape":
+        state["head_weights.cars"] = state["head_weights.cars"][:, :23]
+    elif damage == "missing":
+        del state["head_biases.pets"]
+    else:
+        state["_extra_state"] = {"tasks": ["cars", "cars"]}
+    other = vk.MultiTaskVAPT(copy.deepcopy(mt.model))
+    other.add_task("dogs", mt.task_state_dict("cars"))
+    before = {k: v.clone() for k, v in other.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError) as error:
+        other.load_state_dict(state)
+    assert words in str(error.value)
+    assert other.tasks == ["dogs"]
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    "config, vit",
+    [("vapt", {}), ("per-channel-deep", {}), ("vpt-deep", {}), ("vapt", dict(global_pool="avg"))],
+    ids=["vapt", "per-channel-deep", "vpt-deep", "pooling-prompt-outputs"],
+)
+def test_the_serving_cache_is_never_stale(config, vit):
+    """Serving (eval, no gradients) keeps each task's folded matrices and static prompt
+    projections; every way a task's parameters or the backbone can change (an optimizer step,
+    ``load_state_dict``, an in-place edit, a conversion, a removal and a new task of that name, an
+    edit of the backbone, another image size) gives the values an uncached forward computes. An
+    edit through ``.data`` is not seen until ``clear_cache()``."""
+    models, mt = task_models(CONFIGS[config], dynamic_img_size=True, **vit)
+    x, wide = images(mt.model, batch=4), images(mt.model, batch=4, size=(32, 48))
+    batch = ["cars", "pets", "cars", "birds"]
+
+    def served(inputs: torch.Tensor = x) -> torch.Tensor:
+        mt.eval()
+        with torch.no_grad():
+            logits = mt(inputs, batch)
+        with torch.enable_grad():  # the training path folds afresh
+            uncached = mt(inputs, batch).detach()
+        padding = torch.isneginf(uncached)
+        assert torch.equal(torch.isneginf(logits), padding)
+        assert_close_rel(logits[~padding], uncached[~padding], 1e-12, "cached against uncached")
+        return logits
+
+    first = served()
+    torch.testing.assert_close(served(), first, rtol=0, atol=0)  # from the cache
+    served(wide)  # another patch grid: folded for it
+    served()
+
+    def sgd_step():
+        mt.train()
+        step = torch.optim.SGD(mt.parameters(), lr=0.5)
+        F.cross_entropy(mt(x, batch), torch.zeros(4, dtype=torch.long)).backward()
+        step.step()
+
+    def reload():
+        state = {k: v + 0.25 if k.startswith("prompts.") else v for k, v in mt.state_dict().items()}
+        mt.load_state_dict(state)
+
+    def edit():
+        with torch.no_grad():
+            mt.prompts["cars"].mul_(1.5)
+
+    def replace():
+        state = mt.task_state_dict("cars")
+        mt.remove_task("cars")
+        mt.add_task("cars", {k: v * 2 for k, v in state.items()})
+
+    def backbone():
+        with torch.no_grad():
+            for block in mt.model.blocks:
+                block.norm1.weight.mul_(1.25)
+                block.attn.qkv.weight.mul_(0.75)
+
+    changes = {"step": sgd_step, "load": reload, "edit": edit, "to": lambda: mt.float().double(), "replace": replace,
+               "backbone": backbone}  # fmt: skip
+    for what, change in changes.items():
+        before = served()
+        change()
+        after = served()
+        assert not torch.equal(before, after), f"{what} changed nothing"
+    with torch.no_grad():
+        mt.prompts["cars"].data.mul_(3.0)  # invisible to the version counter
+    mt.clear_cache()
+    served()
+
+
+def test_compiled_serving_is_not_traced_again_as_tasks_are_added_and_removed():
+    """A compiled serving graph reads the table per image: adding and removing tasks does not trace
+    it again until the table is rebuilt (when full, or when removed tasks' rows are reclaimed)."""
+    from torch._dynamo.testing import CompileCounter
+
+    models, mt = task_models(CONFIGS["vapt"], "torch", torch.float32)
+    mt.eval()
+    x = images(mt.model, batch=4).float()
+    counter = CompileCounter()
+    compiled = torch.compile(mt, backend=counter, fullgraph=True)
+    state = vk.trainable_state_dict(models["birds"])
+    torch._dynamo.reset()
+    traces, tables = [], []
+    with torch.no_grad():
+        for registered in range(3, 40):
+            ids = torch.tensor([0, len(mt.tasks) - 1, 1, 2])
+            torch.testing.assert_close(compiled(x, ids), mt(x, ids))
+            traces.append(counter.frame_count)
+            tables.append(id(mt._table))
+            mt.add_task(f"t{registered}", state)
+            if registered % 4 == 0:  # a removal now and then: the rows left are reclaimed later
+                mt.remove_task(f"t{registered - 1}")
+    rebuilds = len(set(tables)) - 1  # 4 here: the table grows from 4 rows to hold 31 tasks, and reclaims
+    assert rebuilds <= 4 and traces[-1] <= 1 + rebuilds, (traces, rebuilds)

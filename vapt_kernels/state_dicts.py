@@ -33,6 +33,23 @@ def string_keys(caller: str, state_dict: Mapping[str, torch.Tensor], problems: l
     return keys
 
 
+def plain_values(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every ``state_dict[key]`` (``key`` in ``shapes``) is a dense tensor of a real
+    floating dtype and the shape ``shapes[key]``, not on the meta device, all on one device: what
+    :func:`validate_then_copy` asks of a value besides finiteness, as a quick test (the check
+    itself names what is wrong)."""
+    devices = set()
+    for key, shape in shapes.items():
+        value = state_dict.get(key)
+        if (
+            not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_meta
+            or value.dtype not in _FLOAT_DTYPES or tuple(value.shape) != shape
+        ):  # fmt: skip
+            return False
+        devices.add(value.device)
+    return len(devices) <= 1
+
+
 def _loadable(value: object, param: nn.Parameter | None) -> torch.Tensor | str:
     """``value`` converted to the dtype and device of ``param``, or what is wrong with it (a str).
 

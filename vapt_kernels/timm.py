@@ -15,7 +15,7 @@ shaped images at once.
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -184,6 +184,17 @@ def _fixed_grid(patch_embed: nn.Module) -> Optional[Grid]:
 # ------------------------------------------------------------------------------------------------
 
 
+class PromptProjections(NamedTuple):
+    """What a block's attention takes from prompt rows ``p (R, Np, d)``
+    (:meth:`VAPTBlock.prompt_projections`): their keys and values ``(R, H, Np, D)``; when the
+    block pools its prompt outputs, their queries ``(R, H, Np, D)`` and ``norm1(p)``, else None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: Optional[torch.Tensor] = None
+    normed: Optional[torch.Tensor] = None
+
+
 class VAPTBlock(Block):
     """A timm ``Block`` with VAPT prompts entering its attention as a key/value prefix.
 
@@ -240,19 +251,27 @@ class VAPTBlock(Block):
         return self.forward_prompted(x, h, p)
 
     def forward_prompted(
-        self, x: torch.Tensor, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        p: torch.Tensor,
+        prompt_index: Optional[torch.Tensor] = None,
+        projections: Optional["PromptProjections"] = None,
     ) -> torch.Tensor:
         """The block on ``x`` given ``h = norm1(x)`` and the prompt rows ``p``: ``(B or 1, Np, d)``,
         or ``(K, Np, d)`` with ``prompt_index (B,)`` naming each image's row (per-task static
-        prompts, whose keys and values are then computed once per task).
+        prompts, whose keys and values are then computed once per task). ``projections``: what
+        :meth:`prompt_projections` gives for ``p``, when the caller kept it (a served task's
+        static prompts).
 
         Returns ``(B, T, d)``; with :attr:`appends_prompt_outputs`, ``(B, T + Np, d)``: the
         prompt rows' outputs after the tokens, as the official block computes them (their queries
         over the same keys, the residual, the MLP), for the pool to read (docs/design.md §1.6)."""
+        projections = projections or self.prompt_projections(p)
         if not self.appends_prompt_outputs:
-            x = x + self.drop_path1(self.ls1(self._attention(h, p, prompt_index)))
+            x = x + self.drop_path1(self.ls1(self._attention(h, projections, prompt_index)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        a, a_p = self._attention(h, p, prompt_index, prompt_outputs=True)
+        a, a_p = self._attention(h, projections, prompt_index)
         rows = p[prompt_index] if prompt_index is not None else p.expand(x.shape[0], -1, -1)
         # The rest of the block is token-wise: tokens and prompt rows go through it as one sequence.
         x = torch.cat((x, rows), dim=1) + self.drop_path1(self.ls1(torch.cat((a, a_p), dim=1)))
@@ -285,37 +304,45 @@ class VAPTBlock(Block):
             )
         return grid
 
-    def _attention(
-        self, h: torch.Tensor, p: torch.Tensor, prompt_index: Optional[torch.Tensor], prompt_outputs: bool = False
-    ):
-        """timm ``Attention.forward`` on ``h`` with the prompt keys/values of ``p`` (each image's
-        row ``prompt_index[b]`` when given) as a prefix; with ``prompt_outputs``, also the
-        attention output of the prompt rows themselves, ``(B, Np, d)``, as a pair."""
+    def prompt_projections(self, p: torch.Tensor) -> "PromptProjections":
+        """What the block's attention takes from the prompt rows ``p (R, Np, d)``: their keys and
+        values ``(R, H, Np, D)`` (the K/V rows of the block's own QKV projection of ``norm1(p)``),
+        and, when the block pools its prompt outputs, their queries and ``norm1(p)``. They depend
+        on the rows and the frozen block alone: a served task's are computed once."""
+        attn = self.attn
+        heads, head_dim = attn.num_heads, attn.head_dim
+        queries = self.appends_prompt_outputs
+        h_p = self.norm1(p)
+        skip = 0 if queries else heads * head_dim
+        weight = attn.qkv.weight[skip:]
+        bias = attn.qkv.bias[skip:] if attn.qkv.bias is not None else None
+        qkv_p = F.linear(h_p, weight, bias).reshape(*p.shape[:2], 3 if queries else 2, heads, head_dim)
+        qkv_p = qkv_p.permute(2, 0, 3, 1, 4)
+        k_p, v_p = attn.k_norm(qkv_p[-2]), qkv_p[-1]
+        if not queries:
+            return PromptProjections(k_p, v_p)
+        return PromptProjections(k_p, v_p, attn.q_norm(qkv_p[0]), h_p)
+
+    def _attention(self, h: torch.Tensor, prompt: "PromptProjections", prompt_index: Optional[torch.Tensor]):
+        """timm ``Attention.forward`` on ``h`` with the prompt keys/values (each image's row
+        ``prompt_index[b]`` when given) as a prefix; when the block pools its prompt outputs,
+        also the attention output of the prompt rows themselves, ``(B, Np, d)``, as a pair."""
         attn = self.attn
         B, T, _ = h.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        attn_dim = heads * head_dim
         qkv = attn.qkv(h).reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        # Prompt rows only need keys and values (the K/V rows of the block's own QKV projection),
-        # unless their outputs are pooled: then their queries too.
-        h_p = self.norm1(p)
-        skip = 0 if prompt_outputs else attn_dim
-        weight = attn.qkv.weight[skip:]
-        bias = attn.qkv.bias[skip:] if attn.qkv.bias is not None else None
-        qkv_p = F.linear(h_p, weight, bias).reshape(*p.shape[:2], 3 if prompt_outputs else 2, heads, head_dim)
-        qkv_p = qkv_p.permute(2, 0, 3, 1, 4)
-        k_p, v_p = attn.k_norm(qkv_p[-2]), qkv_p[-1]
+        k_p, v_p = prompt.keys, prompt.values
         if prompt_index is not None:
             k_p, v_p = k_p[prompt_index], v_p[prompt_index]
         o = ops.prefix_attention(q, k, v, k_p, v_p, attn.scale, backend=self.backend)
         out = self._attention_output(o, h)
-        if not prompt_outputs:
+        if prompt.queries is None:
             return out
         # The Np prompt queries over the same keys, [k_p ; k]: few rows, so one composite
         # attention serves every backend (autograd gives its backward).
-        q_p = attn.q_norm(qkv_p[0])
+        q_p, h_p = prompt.queries, prompt.normed
         if prompt_index is not None:
             q_p, h_p = q_p[prompt_index], h_p[prompt_index]
         k_p, v_p, q_p = (t.expand(B, -1, -1, -1) for t in (k_p, v_p, q_p))
