@@ -636,3 +636,21 @@ def test_compiled_serving_is_not_traced_again_as_tasks_are_added_and_removed():
                 mt.remove_task(f"t{registered - 1}")
     rebuilds = len(set(tables)) - 1  # 4 here: the table grows from 4 rows to hold 31 tasks, and reclaims
     assert rebuilds <= 4 and traces[-1] <= 1 + rebuilds, (traces, rebuilds)
+
+
+def test_functional_call_computes_with_the_parameters_it_is_given():
+    """``torch.func.functional_call`` swaps a task's parameters for the call: the training path and
+    the serving path (whose cache sees other tensors) both compute with the given ones."""
+    _, mt = task_models(CONFIGS["per-channel-deep"])
+    other = vk.MultiTaskVAPT(copy.deepcopy(mt.model))
+    for name in mt.tasks:
+        other.add_task(name, {k: v * 1.5 for k, v in mt.task_state_dict(name).items()})
+    given = {k: v for k, v in other.named_parameters() if k.startswith(("prompts.", "head_"))}
+    x = images(mt.model, batch=3)
+    batch = ["cars", "birds", "cars"]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(torch.func.functional_call(mt, given, (x, batch)), other(x, batch),
+                                       rtol=1e-12, atol=1e-12)  # fmt: skip
+    with torch.no_grad():
+        assert_serves_from_the_table(mt, x)  # its own values again
