@@ -61,7 +61,7 @@ class MultiTaskVAPT(nn.Module):
     A task's parameters are three: ``prompts[name]`` (its prompt parameters flattened, ``(P,)``),
     ``head_weights[name]`` ``(C_t, d)`` and ``head_biases[name]`` ``(C_t,)`` (when the model's head
     has a bias). Each is a view of its task's rows in the task table, which holds every task's
-    values in three tensors (see :class:`_TaskTable`).
+    values in three tensors, one per kind (docs/design.md §2.4).
 
     Example::
 
