@@ -241,9 +241,14 @@ def _expected_values(_, shape: Shape, dtype: torch.dtype, device: str, seed: int
     cotangents = [c.to(dtype) for c in cotangents]
     plain_outs = plain_grads = None
     if dtype in LOW:
-        plain_outs, plain_grads, _ = vjp(lambda a: oracle(shape, a), args, cotangents)
-        plain_outs = tuple(o.detach() for o in plain_outs)
+        plain_outs, plain_grads = plain_values(shape, args, cotangents)
     return Expected(cotangents, tuple(o.detach() for o in outs), grads, plain_outs, plain_grads)
+
+
+def plain_values(shape: Shape, args: Args, cotangents: list) -> tuple[tuple, dict]:
+    """The outputs and gradients of the plain formulation computed in the inputs' dtype."""
+    plain_outs, plain_grads, _ = vjp(lambda a: oracle(shape, a), args, cotangents)
+    return tuple(o.detach() for o in plain_outs), plain_grads
 
 
 def skip_outside_contract(shape: Shape, args: Args, backend: str) -> None:
@@ -356,15 +361,27 @@ def assert_matches_reference(shape: Shape, backend: str, device: str, dtype: tor
     expected = expected_values(shape, dtype, device, seed)
     outs, grads, _ = vjp(lambda a: call(shape, backend, a), args, expected.cotangents)
     tol = TOL[dtype]
-    for name, out, exact in zip(shape.outputs, outs, expected.outs):
-        assert_close_rel(out.double(), exact, tol, f"{shape.op} {name}")
+    plain = functools.cache(lambda: plain_values(shape, args, expected.cotangents))
+
+    def judge(value: torch.Tensor, exact: torch.Tensor, plain_value, what: str) -> None:
+        """Within ``tol`` of the float64 answer, or within twice the error of the plain formulation
+        computed in ``dtype`` (the rule of 16-bit dtypes), which only exceeds ``tol / 2`` where
+        rounding alone spoils the answer: a residue of cancelling terms (see the strategies below)."""
+        if max_rel_err(value.double(), exact) < tol:
+            return
+        plain_error = max_rel_err(plain_value().double(), exact)
+        assert_close_rel(value.double(), exact, max(tol, 2 * plain_error),
+                         f"{what} (the plain formulation in {dtype}: {plain_error:.2e} off)")  # fmt: skip
+
+    for i, (name, out, exact) in enumerate(zip(shape.outputs, outs, expected.outs)):
+        judge(out, exact, lambda i=i: plain()[0][i], f"{shape.op} {name}")
     if backend in OTHER_PATH_WITHOUT_GRAD:
         with torch.no_grad():
-            for name, out, exact in zip(shape.outputs, call(shape, backend, args), expected.outs):
-                assert_close_rel(out.double(), exact, tol, f"{shape.op} {name} (no grad mode)")
+            for i, (name, out, exact) in enumerate(zip(shape.outputs, call(shape, backend, args), expected.outs)):
+                judge(out, exact, lambda i=i: plain()[0][i], f"{shape.op} {name} (no grad mode)")
     assert grads.keys() == expected.grads.keys()
     for name, exact in expected.grads.items():
-        assert_close_rel(grads[name].double(), exact, tol, f"{shape.op} d{name}")
+        judge(grads[name], exact, lambda name=name: plain()[1][name], f"{shape.op} d{name}")
     if backend in ops.KERNEL_BACKENDS and shape.op == "prefix_attention":
         out = outs[0]
         assert out.stride(-1) == 1 and out.transpose(1, 2).is_contiguous(), "out is laid out as (B, T, H, D)"
@@ -379,7 +396,12 @@ def test_matches_reference(backend, device, dtype, shape):
 # single head, prompt and channel it is one number, the residue of terms up to ~800 times larger
 # (measured on drawn cases), and float32 rounding alone then exceeds 1e-5 of it on every backend,
 # the plain formulation included. From 8 channels the largest element of the gradient, which the
-# relative error is measured against, is not such a residue. float64 takes every head dim.
+# relative error is measured against, is rarely such a residue: with one query and one prompt
+# (two keys) every score gradient is the difference of two products, and every element of dq, dk
+# and dk_prefix a multiple of it (drawn once: dk_prefix 1.44e-5 off on torch and the plain
+# formulation, 2.44e-5 on native; dq 8.7e-6 on the plain formulation, 1.35e-5 on native).
+# assert_matches_reference holds such draws to twice the plain formulation's own error. float64
+# takes every head dim.
 def attention_shapes_strategy(dtype: torch.dtype):
     min_D = 1 if dtype == torch.float64 else 8
     return st.builds(
