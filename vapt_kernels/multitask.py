@@ -28,6 +28,7 @@ Dropout draws its masks per image exactly as the single-task model does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -191,14 +192,11 @@ class MultiTaskVAPT(nn.Module):
         self._register(name, rows)
 
     def _check_new_name(self, name: object, caller: str) -> None:
-        if not isinstance(name, str) or not name or "." in name or not name.isprintable():
-            raise ValueError(
-                f"{caller}: a task name must be a non-empty printable string without '.', got {name!r}"
-            )
-        if name in self._rows:
+        if isinstance(name, str) and name in self._rows:
             raise ValueError(f"{caller}: there is already a task {name!r}; remove_task({name!r}) first to replace it")
-        if _reserved(name):
-            raise ValueError(f"{caller}: {name!r} is reserved (an attribute of nn.ParameterDict); choose another name")
+        problem = _name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{caller}: {problem}")
 
     def _shapes(self, classes: int) -> dict[str, tuple[int, ...]]:
         """The shape of each value of a task of ``classes`` classes, keyed as
@@ -216,14 +214,12 @@ class MultiTaskVAPT(nn.Module):
         add's cost). False when something is wrong: the value-by-value check then names it."""
         if not plain_values(state, shapes):
             return False
-        table = self._table
-        row, weight = table.prompts[rows.prompt], table.weight[rows.classes]
+        row, weight, bias = self._table.windows(rows)
         with torch.no_grad():
             row.copy_(torch.cat([state[f"vapt.{k}"].reshape(-1) for k in self._layout.slots]))
             weight.copy_(state["head.weight"])
             total = row.sum() + weight.sum()
-            if table.bias is not None:
-                bias = table.bias[rows.classes]
+            if bias is not None:
                 bias.copy_(state["head.bias"])
                 total += bias.sum()
         # A NaN or an infinity makes the sum non-finite; so may a sum of large finite values,
@@ -233,21 +229,22 @@ class MultiTaskVAPT(nn.Module):
     def _views(self, rows: "_Rows") -> dict[str, torch.Tensor]:
         """The task's values as views of its rows in the table, keyed as
         :func:`vapt_kernels.trainable_state_dict` keys a single-task model's."""
-        table = self._table
-        views = {f"vapt.{k}": v for k, v in self._layout.views(table.prompts[rows.prompt]).items()}
-        views["head.weight"] = table.weight[rows.classes]
-        if table.bias is not None:
-            views["head.bias"] = table.bias[rows.classes]
+        row, weight, bias = self._table.windows(rows)
+        views = {f"vapt.{k}": v for k, v in self._layout.views(row).items()}
+        views["head.weight"] = weight
+        if bias is not None:
+            views["head.bias"] = bias
         return views
 
     def _register(self, name: str, rows: "_Rows") -> None:
         """Make ``name`` a task whose values lie in ``rows`` of the table: its parameters, its
         index (the next), its rows by index."""
-        table, index = self._table, len(self._order)
-        self.prompts[name] = _window(table.prompts[rows.prompt])
-        self.head_weights[name] = _window(table.weight[rows.classes])
-        if table.bias is not None:
-            self.head_biases[name] = _window(table.bias[rows.classes])
+        index = len(self._order)
+        row, weight, bias = self._table.windows(rows)
+        self.prompts[name] = _window(row)
+        self.head_weights[name] = _window(weight)
+        if bias is not None:
+            self.head_biases[name] = _window(bias)
         self.task_rows[index] = torch.tensor(rows.index_entry(), dtype=torch.long)
         self.num_tasks.fill_(index + 1)
         self._order.append(name)
@@ -358,10 +355,11 @@ class MultiTaskVAPT(nn.Module):
             table.prompt_end, table.class_end = i + 1, table.class_end + counts[i]
             self._rows[name] = rows
             entries.append(rows.index_entry())
-            self.prompts[name].data = table.prompts[i]
-            self.head_weights[name].data = table.weight[rows.classes]
-            if table.bias is not None:
-                self.head_biases[name].data = table.bias[rows.classes]
+            row, weight, bias = table.windows(rows)
+            self.prompts[name].data = row
+            self.head_weights[name].data = weight
+            if bias is not None:
+                self.head_biases[name].data = bias
         spans = torch.zeros(len(table.prompts), 3, dtype=torch.long)
         spans[: len(entries)] = torch.tensor(entries, dtype=torch.long).reshape(-1, 3)
         self.task_rows = spans.to(self.task_rows.device)
@@ -438,17 +436,18 @@ class MultiTaskVAPT(nn.Module):
             else:
                 counts.append(weight.shape[0])
         table = _TaskTable.like(self._table, self._table.prompts, 2 * len(names), 2 * sum(counts))
-        targets, offset = {}, 0
-        for i, name in enumerate(names):
-            if "." in name or not name or not name.isprintable() or _reserved(name):
-                problems.append(f"{name!r}: not a usable task name (a printable string without '.', not an "
-                                "attribute of nn.ParameterDict)")
-            rows = _Rows(i, offset, counts[i])
-            offset += counts[i]
-            targets[f"{prefix}prompts.{name}"] = table.prompts[i]
-            targets[f"{prefix}head_weights.{name}"] = table.weight[rows.classes]
-            if table.bias is not None:
-                targets[f"{prefix}head_biases.{name}"] = table.bias[rows.classes]
+        starts = [0, *itertools.accumulate(counts)]
+        spans = [_Rows(i, starts[i], count) for i, count in enumerate(counts)]
+        targets = {}
+        for name, rows in zip(names, spans):
+            problem = _name_problem(name)
+            if problem is not None:
+                problems.append(problem)
+            row, weight, bias = table.windows(rows)
+            targets[f"{prefix}prompts.{name}"] = row
+            targets[f"{prefix}head_weights.{name}"] = weight
+            if bias is not None:
+                targets[f"{prefix}head_biases.{name}"] = bias
         missing = [k for k in targets if k not in state_dict]
         if missing:
             problems.append(f"missing keys: {', '.join(missing)}")
@@ -458,11 +457,9 @@ class MultiTaskVAPT(nn.Module):
         self._clear()
         self._table = table
         self.task_rows = torch.zeros(len(table.prompts), 3, dtype=torch.long, device=self.task_rows.device)
-        offset = 0
-        for i, name in enumerate(names):
-            self._register(name, _Rows(i, offset, counts[i]))
-            offset += counts[i]
-        table.prompt_end, table.class_end = len(names), offset
+        for name, rows in zip(names, spans):
+            self._register(name, rows)
+        table.prompt_end, table.class_end = len(names), starts[-1]
 
     # --------------------------------------------------------------------------------------------
     # forward
@@ -667,10 +664,15 @@ def _bytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _reserved(name: str) -> bool:
-    """Whether ``name`` is an attribute of every ``nn.ParameterDict`` (``training``, ``keys``,
-    ``update``, ...), which a task of that name would shadow."""
-    return hasattr(_EMPTY_PARAMETER_DICT, name)
+def _name_problem(name: object) -> Optional[str]:
+    """What makes ``name`` unusable as a task name, or None: it must be a non-empty printable
+    string without ``.``, and not an attribute of every ``nn.ParameterDict`` (``training``,
+    ``keys``, ``update``, ...), which a task of that name would shadow."""
+    if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+        return f"a task name must be a non-empty printable string without '.', got {name!r}"
+    if hasattr(_EMPTY_PARAMETER_DICT, name):
+        return f"{name!r} is reserved (an attribute of nn.ParameterDict); choose another name"
+    return None
 
 
 _EMPTY_PARAMETER_DICT = nn.ParameterDict()
@@ -719,6 +721,12 @@ class _TaskTable:
         self.prompts, self.weight, self.bias = prompts, weight, bias
         self.prompt_end = self.class_end = 0
         self.unused_prompts = self.unused_classes = 0
+
+    def windows(self, rows: "_Rows") -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """A task's rows as views: its prompt row ``(P,)``, head weights ``(C_t, d)`` and biases
+        ``(C_t,)`` (None without a bias)."""
+        bias = None if self.bias is None else self.bias[rows.classes]
+        return self.prompts[rows.prompt], self.weight[rows.classes], bias
 
     @classmethod
     def like(cls, old: "_TaskTable", like: torch.Tensor, prompt_rows: int, class_rows: int) -> "_TaskTable":
