@@ -490,3 +490,33 @@ def test_charts_that_cannot_be_written_do_not_fail_the_run(tmp_path, capsys, fak
     assert cli.main([*FAKE, "--out", str(out_dir)]) == 0
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"charts not drawn: cannot write {out_dir / 'throughput.png'}: [Errno 21] Is a directory")
+
+
+def test_result_rows_name_the_commit_and_say_when_the_code_is_not_it(tmp_path, tmp_path_factory):
+    """``git_commit`` (each row's ``git_commit``): the checkout's short commit; ``-dirty`` when a
+    tracked file of the package or of ``csrc/`` differs from it, whatever else differs (results
+    files) or is untracked; ``unknown`` outside a checkout."""
+    from vapt_kernels.environment import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "csrc").mkdir()
+    for name in ("pkg/ops.py", "csrc/op.cpp", "results.csv"):
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    package = tmp_path / "pkg"
+    (tmp_path / "results.csv").write_text("1\n")
+    (package / "new.py").write_text("untracked\n")
+    assert git_commit(package) == commit
+    for name in ("pkg/ops.py", "csrc/op.cpp"):
+        (tmp_path / name).write_text("1\n")
+        assert git_commit(package) == f"{commit}-dirty", name
+        git("checkout", "--", name)
+    assert git_commit(tmp_path_factory.mktemp("not_a_checkout")) == "unknown"

@@ -80,12 +80,20 @@ def device_name(device: str) -> str:
     return f"{cpu_name()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
-def git_commit() -> str:
-    """The short commit of the checkout this package runs from, or ``unknown``."""
+def git_commit(directory: Path = PACKAGE_DIR) -> str:
+    """The short commit of the checkout ``directory`` (the package) runs from, with ``-dirty``
+    when a tracked file of the package or of the checkout's ``csrc/`` differs from that commit
+    (a result row then says that the code it timed is not the commit's); ``unknown`` outside a
+    checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=directory, check=True
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=PACKAGE_DIR,
-        )
-        return out.stdout.strip() or "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(top)csrc")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return f"{commit}-dirty" if changed else commit
