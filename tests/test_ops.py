@@ -644,6 +644,19 @@ def test_nan_query_row(backend, device, dtype, grad):
     assert_close_rel(out[others].double(), exact[others], TOL[dtype], "the other rows")
 
 
+
+def test_sdpa_formulation_keeps_the_autocast_dtype():
+    """The ``torch`` backend's GPU formulation (concatenation + SDPA, run here on CPU tensors):
+    under autocast its output has SDPA's dtype, even for float32 inputs, and a NaN query row still
+    gives a NaN output row."""
+    shape = Attention(2, 9, 2, 16, 3, "broadcast")
+    args = shape.inputs(torch.float32, "cpu", requires_grad=False)
+    args["q"][1, 0, 4, 2] = math.nan
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = composite.prefix_attention(**args)
+    assert out.dtype == torch.bfloat16
+    assert out[1, 0, 4].isnan().all() and out.isnan().sum() == out.shape[-1]
+
 EMPTY_BATCH = {
     "attn": Attention(0, 7, 2, 16, 3, "broadcast"),
     "project-shared": Project(0, 1, 6, 8, 3),

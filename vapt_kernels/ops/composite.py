@@ -344,4 +344,6 @@ def prefix_attention(q, k, v, k_prefix, v_prefix, scale):
     holding a NaN gets a NaN output row, as on every backend.
     """
     out = F.scaled_dot_product_attention(q, with_prefix(k_prefix, k), with_prefix(v_prefix, v), scale=scale)
-    return out + _query_row_nans(q)  # not in place: SDPA saved out
+    # Not in place: SDPA saved out. In out's dtype: under autocast SDPA computes in the autocast
+    # dtype while q may be float32, and the addend must not promote the output.
+    return out + _query_row_nans(q).to(out.dtype)
