@@ -651,7 +651,6 @@ def test_nan_query_row(backend, device, dtype, grad, value, num_prompts):
         assert_close_rel(out[others].double(), exact[others], TOL[dtype], "the other rows")
 
 
-
 def test_sdpa_formulation_keeps_the_autocast_dtype():
     """The ``torch`` backend's GPU formulation (concatenation + SDPA, run here on CPU tensors):
     under autocast its output has SDPA's dtype, even for float32 inputs, and a NaN query row still
@@ -663,6 +662,7 @@ def test_sdpa_formulation_keeps_the_autocast_dtype():
         out = composite.prefix_attention(**args)
     assert out.dtype == torch.bfloat16
     assert out[1, 0, 4].isnan().all() and out.isnan().sum() == out.shape[-1]
+
 
 EMPTY_BATCH = {
     "attn": Attention(0, 7, 2, 16, 3, "broadcast"),
